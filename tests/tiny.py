@@ -1,0 +1,68 @@
+"""Tiny random causal LMs and a real (trained-on-the-spot) byte-level BPE tokenizer, all offline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+_CORPUS = [
+    "Human: How do I bake bread? Assistant: Mix flour, water, salt and yeast, then knead and bake.",
+    "The quick brown fox jumps over the lazy dog. I'm sorry, I can't help with that request.",
+    "What is the capital of France? Paris is the capital of France. Thank you for asking!",
+    "Please write a poem about the sea. Waves roll in and out, the gulls cry overhead.",
+    "0123456789 +-*/=()[]{}<>.,;:!?'\"\n\t hello world user assistant system",
+]
+
+
+def build_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_model(vocab_size: int, seed: int = 0, layers: int = 2):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        eos_token_id=2,
+    )
+    return LlamaForCausalLM(config)
+
+
+def save_tiny(path: Path, seed: int = 0) -> Path:
+    tok = build_tokenizer()
+    model = build_model(len(tok), seed=seed)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
