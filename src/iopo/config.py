@@ -62,7 +62,11 @@ class DataConfig(_Part):
     max_prompt_length: int = Field(256, gt=0, description="Prompt tokens; prompts are cut at the start (left).")
     max_train_samples: int | None = Field(None, gt=0)
     max_eval_samples: int | None = Field(None, gt=0)
-    skip_invalid: bool = Field(False, description="Count bad rows, write them to rejects.jsonl and go on.")
+    skip_invalid: bool | None = Field(
+        None,
+        description="Count bad rows, write them to rejects.jsonl and go on; unset = true for the embedded data "
+        "(its 4 known empty replies are reported), false for yours (the first bad row stops the run).",
+    )
 
     @model_validator(mode="after")
     def _prompt_fits(self) -> DataConfig:

@@ -1,0 +1,5 @@
+import sys
+
+from iopo.cli import main
+
+sys.exit(main())

@@ -1,0 +1,162 @@
+"""Checkpoints: both players' weights (or adapters), optimizer and scheduler states, RNG states, data position and
+the resolved config, written atomically (temp dir + rename) so a crash never leaves a half checkpoint behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from iopo.config import ConfigError, TrainConfig, dump_config
+
+CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
+STATE_FILE = "trainer_state.json"
+
+# Settings that may differ between a run and its resumption without changing what is computed.
+RESUME_FREE_KEYS = {
+    "resume",
+    "overwrite",
+    "progress_bar",
+    "tensorboard",
+    "save_steps",
+    "save_total_limit",
+    "logging_steps",
+    "eval_batch_size",
+    "eval_at_end",
+    "export",
+    "merge_lora",
+}
+
+
+def checkpoint_root(run_dir: Path) -> Path:
+    return run_dir / "checkpoints"
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Finished checkpoints of a run, oldest first (temp folders of interrupted writes are ignored)."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def resolve_resume(cfg: TrainConfig) -> Path | None:
+    """The checkpoint to resume from, or None for a fresh start; refuses to overwrite finished work silently."""
+    run_dir = cfg.run_dir
+    if isinstance(cfg.resume, str) and cfg.resume.lower() not in ("true", "false"):
+        path = Path(cfg.resume)
+        if not (path / STATE_FILE).is_file():
+            raise ConfigError(f"resume={cfg.resume}: not a checkpoint folder (no {STATE_FILE})")
+        return path
+    want = cfg.resume is True or (isinstance(cfg.resume, str) and cfg.resume.lower() == "true")
+    existing = list_checkpoints(run_dir)
+    if want and existing:
+        return existing[-1]
+    started = existing or (run_dir / "metrics.jsonl").exists()
+    if started and not (cfg.overwrite or want):  # want without checkpoints: nothing finished to lose
+        what = f"checkpoints ({existing[-1].name})" if existing else "an earlier run (metrics.jsonl)"
+        raise ConfigError(
+            f"{run_dir} already holds {what}; "
+            "pass resume=true to continue it, overwrite=true to start over, or another output_dir"
+        )
+    return None
+
+
+RUN_ARTIFACTS = (
+    "checkpoints",
+    "metrics.jsonl",
+    "tensorboard",
+    "eval.json",
+    "eval_reference_logps.pt",
+    "rejects.jsonl",
+    "final",
+)
+
+
+def prepare_run_dir(run_dir: Path, resume_step: int | None) -> None:
+    """Fresh start: clear an earlier run's artifacts (allowed by overwrite=true, checked in resolve_resume).
+    Resume: drop the metrics logged after the checkpoint, which the resumed run logs again."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if resume_step is None:
+        for name in RUN_ARTIFACTS:
+            path = run_dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+        return
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file():
+        kept = [
+            line
+            for line in metrics.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= resume_step
+        ]
+        metrics.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+def check_resume_config(saved: dict, cfg: TrainConfig) -> None:
+    now = cfg.model_dump(mode="json")
+    diffs = []
+    for key in sorted(set(saved) | set(now)):
+        if key in RESUME_FREE_KEYS or saved.get(key) == now.get(key):
+            continue
+        if isinstance(saved.get(key), dict) and isinstance(now.get(key), dict):
+            for sub in sorted(set(saved[key]) | set(now[key])):
+                if saved[key].get(sub) != now[key].get(sub):
+                    diffs.append(f"{key}.{sub} (checkpoint {saved[key].get(sub)!r}, now {now[key].get(sub)!r})")
+        else:
+            diffs.append(f"{key} (checkpoint {saved.get(key)!r}, now {now.get(key)!r})")
+    if diffs:
+        raise ConfigError("cannot resume with changed settings: " + "; ".join(diffs))
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def begin_write(run_dir: Path, step: int) -> tuple[Path, Path]:
+    """(temp folder to fill, final folder). The temp folder is renamed into place by `finish_write`."""
+    root = checkpoint_root(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:07d}"
+    tmp = root / f".tmp-step-{step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp, final
+
+
+def write_common(tmp: Path, cfg: TrainConfig, state: dict) -> None:
+    (tmp / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+    (tmp / STATE_FILE).write_text(json.dumps(state, indent=2), encoding="utf-8")
+
+
+def finish_write(tmp: Path, final: Path, keep: int | None) -> None:
+    if final.exists():  # re-saving the same step (e.g. the end of a resumed run that saved it already)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    if keep:
+        for old in list_checkpoints(final.parent.parent)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def read_state(path: Path) -> dict:
+    return json.loads((path / STATE_FILE).read_text(encoding="utf-8"))

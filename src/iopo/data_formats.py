@@ -1,0 +1,488 @@
+"""Reading preference rows (JSON, JSON Lines, gzip, parquet, `datasets`) and parsing each into a PreferencePair.
+
+Formats follow TRL's (https://huggingface.co/docs/trl/dataset_formats), plus Anthropic hh-rlhf transcripts and
+LLaMA-Factory sharegpt rows. `format="auto"` picks one per file from the first usable row; every row is then parsed
+with it. A bad row raises DataError naming file, row and field, or with `skip_invalid` becomes a reject record:
+nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import re
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+FORMATS = ("standard", "conversational", "implicit", "hh", "sharegpt")
+COLUMN_FIELDS = ("prompt", "chosen", "rejected", "conversations")
+FILE_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz", ".parquet")
+_ROLES = {"system": "system", "user": "user", "assistant": "assistant", "human": "user", "gpt": "assistant"}
+_HH_ASSISTANT = "\n\nAssistant:"
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+_RECORD = "(record)"  # the field named when the whole row is unusable (not JSON, not an object)
+
+
+class DataError(ValueError):
+    """Unusable data. One line: "<file>: row <n>: field '<field>': <reason>" for a row, "<file>: <reason>" else."""
+
+    def __init__(self, message: str, *, source: str | None = None, row: int | None = None, field: str | None = None):
+        super().__init__(message)
+        self.source, self.row, self.field = source, row, field
+
+    @classmethod
+    def at(cls, source: str, row: int, field: str, reason: str) -> DataError:
+        return cls(f"{source}: row {row}: field '{field}': {reason}", source=source, row=row, field=field)
+
+
+@dataclass
+class PreferencePair:
+    """One preference. `prompt` is raw text (then chosen/rejected are completion text) or chat messages (then
+    chosen/rejected are lists of assistant messages), messages being {"role", "content"} with role in
+    system/user/assistant."""
+
+    prompt: str | list[dict]
+    chosen: str | list[dict]
+    rejected: str | list[dict]
+    source: str  # "<file>:<row>"
+
+
+class _RowError(Exception):
+    def __init__(self, field: str, reason: str):
+        super().__init__(reason)
+        self.field, self.reason = field, reason
+
+
+_MISSING = object()
+
+
+# --- reading -----------------------------------------------------------------------------------------------------
+
+
+def read_rows(path: str, name: str | None, split: str) -> tuple[str, list[tuple[Any, tuple[str, str] | None]]]:
+    """(label, [(record, error)]) where error is (field, reason) for a row that could not even be parsed."""
+    given = str(path)
+    p = Path(given).expanduser()
+    lower = p.name.lower()
+    if p.is_file():
+        if lower.endswith(FILE_SUFFIXES[:-1]):
+            return given, _read_json_file(p, given)
+        if lower.endswith(".parquet"):
+            return given, _read_parquet(p, given)
+        raise DataError(
+            f"{given}: unknown file type '{p.suffix}'; use .json, .jsonl, .json.gz, .jsonl.gz or .parquet",
+            source=given,
+        )
+    if p.is_dir():
+        return _read_datasets(given, name, split)
+    if lower.endswith(FILE_SUFFIXES) or p.is_absolute() or given.startswith((".", "~")):
+        raise DataError(f"{given}: no such file", source=given)
+    return _read_datasets(given, name, split)  # a `datasets` (Hub) name
+
+
+def _read_json_file(path: Path, label: str) -> list[tuple[Any, tuple[str, str] | None]]:
+    try:
+        raw = path.read_bytes()
+        if path.name.lower().endswith(".gz"):
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{label}: cannot read: {e}", source=label) from None
+    raw = raw.removeprefix(b"\xef\xbb\xbf")
+    # Undecodable bytes become lone surrogates (\udc80-\udcff) so the JSON still parses and the check of each
+    # text field names the row and field, the same way as a "\ud800" escape does.
+    if path.name.lower().endswith((".json", ".json.gz")):
+        text = raw.decode("utf-8", "surrogateescape")
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError as e:
+            if text.lstrip().startswith("["):
+                raise DataError(
+                    f"{label}: not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}", source=label
+                ) from None
+            whole = None  # JSON Lines in a .json file
+        if isinstance(whole, list):
+            return [(record, None) for record in whole]
+        if isinstance(whole, dict) and len(text.strip().splitlines()) > 1:
+            raise DataError(
+                f"{label}: the file is one JSON object; expected an array of rows or JSON Lines", source=label
+            )
+    rows = []
+    for number, line in enumerate(raw.split(b"\n"), start=1):
+        if not line.strip():
+            continue
+        text = line.decode("utf-8", "surrogateescape")
+        try:
+            rows.append((json.loads(text), None))
+        except json.JSONDecodeError as e:
+            rows.append((text, (_RECORD, f"not valid JSON (line {number}, column {e.colno}): {e.msg}")))
+    return rows
+
+
+def _read_parquet(path: Path, label: str) -> list[tuple[Any, None]]:
+    import pyarrow.parquet as pq
+
+    try:
+        return [(record, None) for record in pq.read_table(path).to_pylist()]
+    except Exception as e:  # pyarrow raises several types for a damaged file
+        raise DataError(f"{label}: cannot read parquet: {_one_line(e)}", source=label) from None
+
+
+def _read_datasets(path: str, name: str | None, split: str) -> tuple[str, list[tuple[Any, None]]]:
+    import datasets
+
+    label = f"{path}[{split}]" if name is None else f"{path}[{name}/{split}]"
+    folder = Path(path).expanduser()
+    try:
+        if folder.is_dir() and any((folder / f).is_file() for f in ("state.json", "dataset_dict.json")):
+            label = path
+            loaded = datasets.load_from_disk(str(folder))  # a Dataset.save_to_disk folder
+            if isinstance(loaded, datasets.DatasetDict):
+                label = f"{path}[{split}]"
+                if split not in loaded:
+                    raise DataError(f"{label}: no split '{split}'; splits: {', '.join(loaded)}", source=label)
+                loaded = loaded[split]
+        else:
+            loaded = datasets.load_dataset(path, name, split=split)
+    except DataError:
+        raise
+    except Exception as e:  # network, missing config, bad split: datasets raises many types
+        raise DataError(f"{label}: cannot load with datasets: {_one_line(e)}", source=label) from None
+    return label, [(record, None) for record in loaded]
+
+
+def _one_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"
+
+
+# --- field access ------------------------------------------------------------------------------------------------
+
+
+def get_path(record: Any, dotted: str) -> Any:
+    """record["a"]["b"][0] for "a.b.0"; _MISSING where any step is absent."""
+    node = record
+    for key in dotted.split("."):
+        if isinstance(node, dict) and key in node:
+            node = node[key]
+        elif isinstance(node, list) and key.lstrip("-").isdigit() and -len(node) <= int(key) < len(node):
+            node = node[int(key)]
+        else:
+            return _MISSING
+    return node
+
+
+def _apply_columns(record: dict, columns: dict[str, str]) -> dict:
+    if not columns:
+        return record
+    mapped = dict(record)
+    for ours, theirs in columns.items():
+        value = get_path(record, theirs)
+        if value is _MISSING:
+            mapped.pop(ours, None)
+        else:
+            mapped[ours] = value
+    return mapped
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    return {str: "string", list: "list", dict: "object"}.get(type(value), type(value).__name__)
+
+
+def _has_surrogate(text: str) -> bool:
+    if text.isascii():
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _required(record: dict, key: str) -> Any:
+    value = record.get(key)
+    if value is None:
+        raise _RowError(key, "missing")
+    return value
+
+
+def _text(value: Any, field: str) -> str:
+    if not isinstance(value, str):
+        raise _RowError(field, f"expected a string, got {_kind(value)}")
+    if _has_surrogate(value):
+        raise _RowError(field, "undecodable text (invalid UTF-8 or a lone surrogate)")
+    return value
+
+
+def _content(value: Any, field: str) -> str:
+    """A message's content: a string, or text parts [{"type": "text", "text"|"value": str}] joined."""
+    if isinstance(value, list):
+        texts = []
+        for i, part in enumerate(value):
+            if isinstance(part, str):
+                texts.append(_text(part, f"{field}[{i}]"))
+                continue
+            if not isinstance(part, dict):
+                raise _RowError(f"{field}[{i}]", f"expected a content part object, got {_kind(part)}")
+            if part.get("type", "text") != "text":
+                raise _RowError(f"{field}[{i}].type", f"only text content is supported, got {part.get('type')!r}")
+            key = "text" if part.get("text") is not None else "value"
+            texts.append(_text(part.get(key), f"{field}[{i}].{key}"))
+        return "".join(texts)
+    return _text(value, field)
+
+
+def _message(value: Any, field: str) -> dict:
+    """{role|from, content|value, ...} -> {"role": system|user|assistant, "content": str}; extra keys ignored."""
+    if not isinstance(value, dict):
+        raise _RowError(field, f"expected a message object, got {_kind(value)}")
+    role_key = "role" if "role" in value else "from"
+    role = value.get(role_key)
+    if role is None:
+        raise _RowError(f"{field}.role", "missing")
+    if not isinstance(role, str) or role.lower() not in _ROLES:
+        raise _RowError(f"{field}.{role_key}", f"unknown role {role!r}; expected system, user or assistant")
+    content_key = "content" if "content" in value else "value"
+    content = value.get(content_key)
+    if content is None:
+        raise _RowError(f"{field}.content", "missing")
+    return {"role": _ROLES[role.lower()], "content": _content(content, f"{field}.{content_key}")}
+
+
+def _messages(value: Any, field: str, *, single_ok: bool = False) -> list[dict]:
+    if single_ok and isinstance(value, dict):
+        return [_message(value, field)]
+    if not isinstance(value, list):
+        raise _RowError(field, f"expected a list of messages, got {_kind(value)}")
+    if not value:
+        raise _RowError(field, "empty message list")
+    return [_message(m, f"{field}[{i}]") for i, m in enumerate(value)]
+
+
+def _check_completion(messages: list[dict], field: str, start: int = 0) -> None:
+    """A completion is assistant turn(s) with something in them; `start` is its index in the row's list."""
+    if messages[0]["role"] != "assistant":
+        raise _RowError(
+            f"{field}[{start}].role", f"the completion must start with an assistant message, got {messages[0]['role']!r}"
+        )
+    for i, message in enumerate(messages, start=start):
+        if not message["content"].strip():
+            raise _RowError(f"{field}[{i}].content", "empty completion")
+
+
+def _check_text_pair(prompt: str, chosen: str, rejected: str) -> None:
+    if not prompt.strip():
+        raise _RowError("prompt", "empty prompt")
+    for field, text in (("chosen", chosen), ("rejected", rejected)):
+        if not text.strip():
+            raise _RowError(field, "empty completion")
+    if chosen == rejected:
+        raise _RowError("rejected", "same as chosen")
+
+
+# --- formats: record -> (prompt, chosen, rejected) ---------------------------------------------------------------
+
+
+def _standard(record: dict) -> tuple:
+    prompt, chosen, rejected = (_text(_required(record, k), k) for k in ("prompt", "chosen", "rejected"))
+    _check_text_pair(prompt, chosen, rejected)
+    return prompt, chosen, rejected
+
+
+def _conversational(record: dict) -> tuple:
+    prompt = _messages(_required(record, "prompt"), "prompt")
+    chosen = _messages(_required(record, "chosen"), "chosen", single_ok=True)
+    rejected = _messages(_required(record, "rejected"), "rejected", single_ok=True)
+    _check_completion(chosen, "chosen")
+    _check_completion(rejected, "rejected")
+    if chosen == rejected:
+        raise _RowError("rejected", "same as chosen")
+    return prompt, chosen, rejected
+
+
+def _sharegpt(record: dict) -> tuple:
+    prompt = _messages(_required(record, "conversations"), "conversations")
+    system = record.get("system")
+    if isinstance(system, str) and system.strip() and prompt[0]["role"] != "system":
+        prompt.insert(0, {"role": "system", "content": _text(system, "system")})
+    chosen = _messages(_required(record, "chosen"), "chosen", single_ok=True)
+    rejected = _messages(_required(record, "rejected"), "rejected", single_ok=True)
+    _check_completion(chosen, "chosen")
+    _check_completion(rejected, "rejected")
+    if chosen == rejected:
+        raise _RowError("rejected", "same as chosen")
+    return prompt, chosen, rejected
+
+
+def _implicit(record: dict) -> tuple:
+    """chosen/rejected are whole conversations; the prompt is their longest common prefix (TRL extract_prompt)."""
+    chosen, rejected = _required(record, "chosen"), _required(record, "rejected")
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        return _implicit_text(_text(chosen, "chosen"), _text(rejected, "rejected"))
+    chosen, rejected = _messages(chosen, "chosen"), _messages(rejected, "rejected")
+    if chosen == rejected:
+        raise _RowError("rejected", "same as chosen")
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    if shared == 0:
+        raise _RowError("chosen", "chosen and rejected share no prompt messages")
+    for field, messages in (("chosen", chosen), ("rejected", rejected)):
+        if len(messages) == shared:
+            raise _RowError(field, "no completion after the prompt shared with the other conversation")
+        _check_completion(messages[shared:], field, start=shared)
+    return chosen[:shared], chosen[shared:], rejected[shared:]
+
+
+def _implicit_text(chosen: str, rejected: str) -> tuple:
+    cut = len(os.path.commonprefix([chosen, rejected]))
+    if cut and chosen[cut - 1] == " ":  # TRL: the completion keeps its leading space
+        cut -= 1
+    if cut == 0:
+        raise _RowError("chosen", "chosen and rejected share no prompt text")
+    prompt, chosen, rejected = chosen[:cut], chosen[cut:], rejected[cut:]
+    _check_text_pair(prompt, chosen, rejected)
+    return prompt, chosen, rejected
+
+
+def looks_like_hh(text: str) -> bool:
+    return _HH_ASSISTANT in text and text.lstrip().startswith("Human:")
+
+
+def _hh(record: dict) -> tuple:
+    """"\\n\\nHuman: …\\n\\nAssistant: …" transcripts: the prompt is the longest common prefix cut back to its last
+    "\\n\\nAssistant:" (robust where a reply itself contains role markers); history turns become messages."""
+    chosen, rejected = (_text(_required(record, k), k) for k in ("chosen", "rejected"))
+    chosen, rejected = ("\n\n" + t.lstrip() if t.lstrip().startswith("Human:") else t for t in (chosen, rejected))
+    cut = os.path.commonprefix([chosen, rejected]).rfind(_HH_ASSISTANT)
+    if cut < 0:
+        raise _RowError("chosen", "chosen and rejected share no '\\n\\nHuman: … \\n\\nAssistant:' history")
+    parts = _HH_TURN.split(chosen[:cut])
+    if parts[0].strip() or len(parts) < 3:
+        raise _RowError("chosen", "the transcript does not start with '\\n\\nHuman:'")
+    prompt: list[dict] = []
+    for speaker, content in zip(parts[1::2], parts[2::2], strict=True):
+        role = "user" if speaker == "Human" else "assistant"
+        if prompt and prompt[-1]["role"] == role:  # a few rows have two Assistant turns in a row: merge them
+            prompt[-1]["content"] += "\n\n" + content.strip()
+        else:
+            prompt.append({"role": role, "content": content.strip()})
+    replies = []
+    for field, text in (("chosen", chosen), ("rejected", rejected)):
+        reply = text[cut + len(_HH_ASSISTANT) :].strip()
+        if not reply:
+            raise _RowError(field, "empty completion")
+        replies.append([{"role": "assistant", "content": reply}])
+    if replies[0] == replies[1]:
+        raise _RowError("rejected", "same as chosen")
+    return prompt, replies[0], replies[1]
+
+
+PARSERS: dict[str, Callable[[dict], tuple]] = {
+    "standard": _standard,
+    "conversational": _conversational,
+    "implicit": _implicit,
+    "hh": _hh,
+    "sharegpt": _sharegpt,
+}
+
+
+def detect_format(record: dict) -> str | None:
+    """The format a (column-mapped) row is in, from its keys and value types; None if it does not tell."""
+    prompt, chosen, rejected = record.get("prompt"), record.get("chosen"), record.get("rejected")
+    if record.get("conversations") is not None and prompt is None:
+        return "sharegpt"
+    if isinstance(prompt, list):
+        return "conversational"
+    # Full conversations win over a string prompt column (capybara-dpo and orpo-dpo-mix copy the first user turn
+    # into "prompt" but keep the whole multi-turn history only in chosen/rejected).
+    if isinstance(chosen, list) or isinstance(rejected, list):
+        return "implicit"
+    if isinstance(prompt, str):
+        return "standard"
+    text = chosen if isinstance(chosen, str) else rejected
+    if isinstance(text, str):
+        return "hh" if looks_like_hh(text) else "implicit"
+    return None
+
+
+# --- the loader --------------------------------------------------------------------------------------------------
+
+
+def _jsonable(value: Any) -> Any:
+    """The row as JSON can store it: lone surrogates -> U+FFFD, unknown types -> str."""
+    if isinstance(value, str):
+        return "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in value) if _has_surrogate(value) else value
+    if isinstance(value, dict):
+        return {str(_jsonable(k)): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    return str(value)
+
+
+def _their_field(field: str, columns: dict[str, str]) -> str:
+    """Name a field as the user's file does: 'chosen[2].content' -> 'chosen_messages[2].content'."""
+    base = re.match(r"[a-z]+", field)
+    if base and base.group(0) in columns:
+        return columns[base.group(0)] + field[base.end() :]
+    return field
+
+
+def load_rows(
+    path: str,
+    *,
+    name: str | None = None,
+    split: str = "train",
+    format: str = "auto",
+    columns: dict[str, str] | None = None,
+    skip_invalid: bool = False,
+) -> tuple[list[PreferencePair], list[dict], str | None]:
+    """load_pairs plus the format used (None when no row told)."""
+    columns = dict(columns or {})
+    label = str(path)
+    for ours, theirs in columns.items():
+        if ours not in COLUMN_FIELDS or not isinstance(theirs, str) or not theirs:
+            raise DataError(f"{label}: columns: cannot map {ours!r} to {theirs!r}; map {', '.join(COLUMN_FIELDS)}")
+    if format != "auto" and format not in PARSERS:
+        raise DataError(f"{label}: unknown format {format!r}; use auto or one of {', '.join(FORMATS)}")
+    label, rows = read_rows(label, name, split)
+    mapped = [_apply_columns(r, columns) if e is None and isinstance(r, dict) else None for r, e in rows]
+
+    if format == "auto":
+        format = next((f for f in map(detect_format, filter(None, mapped)) if f), None)
+        if format is None and any(mapped):
+            keys = sorted(next(r for r in mapped if r))
+            raise DataError(
+                f"{label}: cannot tell the format from the keys {keys}; expected prompt/chosen/rejected, "
+                "chosen/rejected or conversations/chosen/rejected (set data.columns or data.format)",
+                source=label,
+            )
+
+    pairs: list[PreferencePair] = []
+    rejects: list[dict] = []
+    for row, ((record, error), record_mapped) in enumerate(zip(rows, mapped, strict=True)):
+        try:
+            if error is not None:
+                raise _RowError(*error)
+            if not isinstance(record, dict):
+                raise _RowError(_RECORD, f"expected a JSON object, got {_kind(record)}")
+            prompt, chosen, rejected = PARSERS[format](record_mapped)
+        except _RowError as e:
+            field = _their_field(e.field, columns)
+            if not skip_invalid:
+                raise DataError.at(label, row, field, e.reason) from None
+            rejects.append({"source": label, "row": row, "field": field, "reason": e.reason, "record": _jsonable(record)})
+            continue
+        pairs.append(PreferencePair(prompt, chosen, rejected, f"{label}:{row}"))
+    return pairs, rejects, format

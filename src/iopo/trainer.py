@@ -1,0 +1,498 @@
+"""The training loop: IOPO's two-player game (Alg. 1) and the frozen-reference baselines, on accelerate.
+
+Read top to bottom: set-up (data, players, schedule, resume) -> the optimizer-step loop -> checkpoint, export,
+evaluation. In IOPO's phases one player is the AGENT (trained) and the other the ENV (frozen, the reference);
+a baseline is the same loop with a single player, the policy, against a frozen copy of the starting model.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import math
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from iopo import checkpoint as ckpt
+from iopo.config import TrainConfig, dump_config
+from iopo.data import TokenizedPair, collate_pairs, load_training_data
+from iopo.evaluate import dataset_logps, format_table, offline_metrics
+from iopo.logprobs import SequenceLogProbs, sequence_logps
+from iopo.losses import LOSSES
+from iopo.models import adapter_parameters, add_lora_adapters, load_model, load_tokenizer
+
+BASE = "<base>"  # the LoRA reference: the shared base with every adapter disabled
+
+
+@dataclass
+class Player:
+    """A trainable (or frozen) policy: its forward module, LoRA adapter name, parameters and optimizer state."""
+
+    name: str
+    module: torch.nn.Module  # prepared SequenceLogProbs; shared by both players under LoRA
+    adapter: str | None = None  # LoRA adapter name, BASE for the disabled-adapter reference, None for full weights
+    params: list = field(default_factory=list)
+    optimizer: object = None
+    scheduler: object = None
+
+
+# ---------------------------------------------------------------- schedule
+
+
+def iopo_schedule(n_iter: int, n_mu: int, n_nu: int) -> list[tuple[str, int]]:
+    """Alg. 1: for each of n_iter rounds, n_mu protagonist steps then n_nu adversary steps.
+
+    Returns one (agent name, round index) per optimizer step.
+    """
+    one_round = ["protagonist"] * n_mu + ["adversary"] * n_nu
+    return [(agent, i) for i in range(n_iter) for agent in one_round]
+
+
+def build_schedule(cfg: TrainConfig, n_train: int, global_batch: int) -> list[tuple[str, int]]:
+    """The agent of every optimizer step, from max_steps / num_epochs (baselines) or n_iter (IOPO)."""
+    steps_per_epoch = max(1, math.ceil(n_train / (global_batch * cfg.optim.gradient_accumulation_steps)))
+    wanted = cfg.optim.max_steps or max(1, math.ceil(cfg.optim.num_epochs * steps_per_epoch))
+    if cfg.method != "iopo":
+        return [("policy", 0)] * wanted
+    n_iter = cfg.iopo.n_iter or max(1, math.ceil(wanted / (cfg.iopo.n_mu + cfg.iopo.n_nu)))
+    return iopo_schedule(n_iter, cfg.iopo.n_mu, cfg.iopo.n_nu)
+
+
+def micro_batch_indices(position: int, global_batch: int, n: int, seed: int) -> list[int]:
+    """Pair indices of micro-batch number `position` in an endless stream of seeded per-epoch permutations.
+
+    Depends only on its arguments, so a resumed run reads exactly the batches the uninterrupted run would have.
+    """
+    out = []
+    for k in range(position * global_batch, (position + 1) * global_batch):
+        epoch, offset = divmod(k, n)
+        out.append(_permutation(n, seed + epoch)[offset])
+    return out
+
+
+@functools.lru_cache(maxsize=4)
+def _permutation(n: int, seed: int) -> list[int]:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+# ---------------------------------------------------------------- players
+
+
+def _loss_options(cfg: TrainConfig) -> dict:
+    """The keyword options of the chosen loss, picked from the config by name."""
+    beta = {"beta": cfg.loss.beta}
+    return {
+        "dpo": {**beta, "label_smoothing": cfg.loss.label_smoothing},
+        "ipo": {**beta, "average": cfg.loss.ipo_average},
+        "hinge": beta,
+        "kto_pair": beta,
+        "sft": {},
+        "iopo": {**beta, "epsilon": cfg.iopo.epsilon, "is_clip": cfg.iopo.is_clip, "is_logp": cfg.iopo.is_logp},
+    }[cfg.method]
+
+
+def _optimizer(params, cfg: TrainConfig):
+    o = cfg.optim
+    return torch.optim.AdamW(
+        params, lr=o.learning_rate, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_epsilon, weight_decay=o.weight_decay
+    )
+
+
+def _scheduler(optimizer, cfg: TrainConfig, n_steps: int):
+    from transformers import get_scheduler
+
+    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.optim.lr_scheduler]
+    warmup = math.ceil(cfg.optim.warmup_ratio * n_steps)
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=max(n_steps, 1))
+
+
+def build_players(cfg: TrainConfig, accelerator, names: list[str], resume_dir: Path | None):
+    """The trained players and, for the reference-based baselines, the frozen reference player."""
+    needs_reference = cfg.method not in ("iopo", "sft")
+    chunk = cfg.logps_chunk_tokens
+    if cfg.model.lora:
+        peft_model = add_lora_adapters(load_model(cfg.model), cfg.model, names)
+        if resume_dir is not None:
+            from peft.utils import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            for name in names:
+                state = load_file(resume_dir / name / "adapter_model.safetensors")
+                set_peft_model_state_dict(peft_model, state, adapter_name=name)
+        params = {name: adapter_parameters(peft_model, name) for name in names}
+        for p in (p for ps in params.values() for p in ps):
+            p.requires_grad_(True)  # both adapters stay trainable: DDP must see the same parameter set always
+        module = accelerator.prepare_model(SequenceLogProbs(peft_model, chunk))
+        players = {n: Player(n, module, adapter=n, params=params[n]) for n in names}
+        reference = Player("reference", module, adapter=BASE) if needs_reference else None
+    else:
+        start = load_model(cfg.model)
+        reference = None
+        if needs_reference:
+            frozen = copy.deepcopy(start).eval().requires_grad_(False)
+            ref_module = accelerator.prepare_model(SequenceLogProbs(frozen, chunk), evaluation_mode=True)
+            reference = Player("reference", ref_module)
+        players = {}
+        for i, name in enumerate(names):
+            if resume_dir is not None:
+                model = load_model(cfg.model.model_copy(update={"name_or_path": str(resume_dir / name)}))
+            else:
+                model = start if i == 0 else copy.deepcopy(start)  # both players start from the same model
+            module = accelerator.prepare_model(SequenceLogProbs(model, chunk))
+            players[name] = Player(name, module, params=[p for p in module.parameters() if p.requires_grad])
+    return players, reference
+
+
+@contextmanager
+def acting(player: Player, all_players: dict[str, Player]):
+    """Make `player` the one the shared module computes: select its LoRA adapter (or disable all for BASE)."""
+    if player.adapter is None:
+        yield
+        return
+    peft_model = _unwrap(player.module).model
+    if player.adapter == BASE:
+        with peft_model.disable_adapter():
+            yield
+        return
+    peft_model.set_adapter(player.adapter)
+    # peft freezes the inactive adapters; keep every player's adapter trainable so DDP's view never changes.
+    for p in (p for pl in all_players.values() for p in pl.params):
+        p.requires_grad_(True)
+    yield
+
+
+def _unwrap(module):
+    return getattr(module, "module", module)
+
+
+def player_logps(player: Player, batch: dict, players: dict[str, Player], grad: bool) -> dict[str, torch.Tensor]:
+    """One concatenated chosen+rejected forward of `player`; the env/reference runs without autograd."""
+    with acting(player, players), torch.set_grad_enabled(grad):
+        if grad:
+            return sequence_logps(player.module, batch)
+        was_training = player.module.training
+        player.module.eval()
+        try:
+            return sequence_logps(player.module, batch)
+        finally:
+            player.module.train(was_training)
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train with cfg.method, checkpoint, export the protagonist/policy and evaluate it. Returns eval results."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, set_seed
+
+    # Under LoRA IOPO one DDP module holds both adapters and only the agent's gets gradients in a phase.
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.model.lora and cfg.method == "iopo")
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, kwargs_handlers=[ddp])
+    log = _printer(accelerator)
+    set_seed(cfg.seed)
+    run_dir = cfg.run_dir
+    resume_dir = ckpt.resolve_resume(cfg)
+    if resume_dir is not None:
+        saved = yaml.safe_load((resume_dir / "config.yaml").read_text(encoding="utf-8"))
+        ckpt.check_resume_config(saved, cfg)
+    if accelerator.is_main_process:
+        ckpt.prepare_run_dir(run_dir, ckpt.read_state(resume_dir)["step"] if resume_dir else None)
+        (run_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+    accelerator.wait_for_everyone()
+    started = time.time()
+
+    # --- data
+    with accelerator.main_process_first():  # the first call converts the embedded model into the cache
+        tokenizer = load_tokenizer(cfg.model)
+    train_pairs, test_pairs, report = load_training_data(
+        cfg.data, tokenizer, run_dir if accelerator.is_main_process else None
+    )
+    log(f"[iopo] data: {json.dumps(report)}")
+    if not train_pairs:
+        raise ValueError("no training pairs left after loading; check data.path and the rejects file")
+
+    # --- players, schedule, optimizers
+    names = ["protagonist", "adversary"] if cfg.method == "iopo" else ["policy"]
+    players, reference = build_players(cfg, accelerator, names, resume_dir)
+    micro = cfg.optim.batch_size
+    global_batch = micro * accelerator.num_processes
+    schedule = build_schedule(cfg, len(train_pairs), global_batch)
+    for player in players.values():
+        own_steps = sum(agent == player.name for agent, _ in schedule)
+        player.optimizer = accelerator.prepare_optimizer(_optimizer(player.params, cfg))
+        player.scheduler = _scheduler(player.optimizer, cfg, own_steps)
+    loss_fn = functools.partial(LOSSES[cfg.method], **_loss_options(cfg))
+    log(
+        f"[iopo] method={cfg.method} players={names} lora={cfg.model.lora} steps={len(schedule)} "
+        f"global_batch={global_batch}x{cfg.optim.gradient_accumulation_steps} processes={accelerator.num_processes} "
+        f"trainable/player={sum(p.numel() for p in players[names[0]].params):,}"
+    )
+
+    # --- resume
+    step, position = 0, 0
+    if resume_dir is not None:
+        state = ckpt.read_state(resume_dir)
+        if state["global_batch"] != global_batch:
+            raise ValueError(
+                f"checkpoint was written with {state['global_batch']} pairs per micro-batch over all processes, "
+                f"now {global_batch}: keep batch_size x processes equal to resume"
+            )
+        step, position = state["step"], state["micro_batches"]
+        for player in players.values():
+            player.optimizer.load_state_dict(torch.load(resume_dir / f"{player.name}.optimizer.pt", weights_only=False))
+            player.scheduler.load_state_dict(torch.load(resume_dir / f"{player.name}.scheduler.pt", weights_only=False))
+        rng_file = resume_dir / f"rng_state_{accelerator.process_index}.pt"
+        if rng_file.is_file():
+            ckpt.set_rng_state(torch.load(rng_file, weights_only=False))
+        log(f"[iopo] resumed from {resume_dir} at step {step}/{len(schedule)}")
+
+    # --- reference log-probs of the test split, from the starting model, once (so no third copy is kept)
+    final_player = players[names[0]]
+    ref_file = run_dir / "eval_reference_logps.pt"
+    eval_ref = None
+    if cfg.eval_at_end and test_pairs:
+        if ref_file.is_file():
+            eval_ref = torch.load(ref_file, weights_only=True)
+        if eval_ref is None or eval_ref["chosen_logps"].numel() != len(test_pairs):
+            if step > 0:
+                raise ValueError(f"{ref_file} is missing or stale; cannot recover the starting model's log-probs")
+            eval_ref = _test_logps(final_player, players, test_pairs, cfg, tokenizer, accelerator)
+            if accelerator.is_main_process:
+                torch.save(eval_ref, ref_file)
+
+    writer = _tensorboard(cfg, run_dir, accelerator)
+    metrics_file = run_dir / "metrics.jsonl"
+    bar = _progress(cfg, accelerator, len(schedule), step)
+
+    def save(at_step: int) -> None:
+        _save_checkpoint(cfg, accelerator, players, at_step, position, len(schedule), global_batch)
+
+    # --- the optimizer-step loop
+    try:
+        while step < len(schedule):
+            agent_name, round_index = schedule[step]
+            agent = players[agent_name]
+            env = reference if cfg.method != "iopo" else players[_other(agent_name)]
+            # The adversary="reversed" ablation: the adversary's action prefers y_l over y_w (Sec. 4.1).
+            reverse = cfg.method == "iopo" and cfg.iopo.adversary == "reversed" and agent_name == "adversary"
+            step_loss = functools.partial(loss_fn, reverse_preference=reverse) if cfg.method == "iopo" else loss_fn
+
+            agent.optimizer.zero_grad(set_to_none=True)
+            sums: dict[str, float] = {}
+            n_micro = cfg.optim.gradient_accumulation_steps
+            for k in range(n_micro):
+                indices = micro_batch_indices(position, global_batch, len(train_pairs), cfg.seed)
+                position += 1
+                mine = indices[accelerator.process_index * micro : (accelerator.process_index + 1) * micro]
+                batch = collate_pairs([train_pairs[i] for i in mine], tokenizer.pad_token_id)
+                batch = {key: value.to(accelerator.device) for key, value in batch.items()}
+                sync = nullcontext() if k == n_micro - 1 else accelerator.no_sync(agent.module)
+                with sync:
+                    with accelerator.autocast():
+                        env_out = player_logps(env, batch, players, grad=False) if env is not None else {}
+                        agent_out = player_logps(agent, batch, players, grad=True)
+                    loss, metrics = step_loss(
+                        agent_out["chosen_logps"],
+                        agent_out["rejected_logps"],
+                        env_out.get("chosen_logps"),
+                        env_out.get("rejected_logps"),
+                        agent_out["chosen_lengths"],
+                        agent_out["rejected_lengths"],
+                    )
+                    accelerator.backward(loss / n_micro)
+                for key, value in {"loss": loss.detach(), **metrics}.items():
+                    sums[key] = _combine(key, sums.get(key), float(value), n_micro)
+            grad_norm = _clip(accelerator, agent.params, cfg.optim.max_grad_norm)
+            agent.optimizer.step()
+            agent.scheduler.step()
+            step += 1
+
+            if step % cfg.logging_steps == 0 or step == len(schedule):
+                record = _reduce(accelerator, sums)
+                record.update(
+                    step=step,
+                    agent=agent_name,
+                    round=round_index,
+                    grad_norm=grad_norm,
+                    learning_rate=agent.scheduler.get_last_lr()[0],
+                    epoch=position * global_batch / len(train_pairs),
+                )
+                _log_metrics(accelerator, record, metrics_file, writer)
+            if bar is not None:
+                bar.set_postfix(loss=f"{sums['loss']:.4f}", phase=f"{agent_name}@{round_index}")
+                bar.update(1)
+            if cfg.save_steps and step % cfg.save_steps == 0 and step < len(schedule):
+                save(step)
+    except KeyboardInterrupt:
+        if accelerator.num_processes == 1 and step > 0:
+            log(f"\n[iopo] interrupted: saving step {step} so resume=true continues from it")
+            save(step)
+        raise
+    if bar is not None:
+        bar.close()
+    save(step)
+    if writer is not None:
+        writer.close()
+
+    # --- export and evaluation
+    if cfg.export:
+        export_dir = _export(cfg, accelerator, final_player, tokenizer, run_dir)
+        log(f"[iopo] exported {final_player.name} to {export_dir}")
+    results: dict = {}
+    if eval_ref is not None:
+        policy = _test_logps(final_player, players, test_pairs, cfg, tokenizer, accelerator)
+        results = offline_metrics(
+            policy["chosen_logps"],
+            policy["rejected_logps"],
+            eval_ref["chosen_logps"],
+            eval_ref["rejected_logps"],
+            cfg.loss.beta,
+        )
+        results.update(method=cfg.method, player=final_player.name, reference="starting model", step=step)
+        if accelerator.is_main_process:
+            (run_dir / "eval.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
+        title = f"{cfg.method}: {final_player.name} vs the starting model on {len(test_pairs)} test pairs"
+        log(format_table(results, title))
+    log(f"[iopo] done in {time.time() - started:.0f}s; run folder: {run_dir}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return results
+
+
+# ---------------------------------------------------------------- helpers of the loop
+
+
+def _other(agent_name: str) -> str:
+    return "adversary" if agent_name == "protagonist" else "protagonist"
+
+
+def _clip(accelerator, params, max_norm: float | None) -> float:
+    if max_norm:
+        return float(accelerator.clip_grad_norm_(params, max_norm))
+    grads = [p.grad.detach().norm() for p in params if p.grad is not None]
+    return float(torch.stack(grads).norm()) if grads else 0.0
+
+
+def _combine(key: str, acc: float | None, value: float, n_micro: int) -> float:
+    """Fold one micro-batch's metric into the step's: min/max stay extremes, the rest average."""
+    if key.endswith("_min"):
+        return value if acc is None else min(acc, value)
+    if key.endswith("_max"):
+        return value if acc is None else max(acc, value)
+    return (acc or 0.0) + value / n_micro
+
+
+def _reduce(accelerator, sums: dict[str, float]) -> dict[str, float]:
+    """Combine the step's metrics over processes (mean, or min/max for the extremes)."""
+    if accelerator.num_processes == 1:
+        return dict(sums)
+    keys = sorted(sums)
+    local = torch.tensor([sums[k] for k in keys], device=accelerator.device, dtype=torch.float64)
+    table = accelerator.gather(local[None])  # (world, K)
+    out = {}
+    for i, key in enumerate(keys):
+        column = table[:, i]
+        out[key] = float(column.min() if key.endswith("_min") else column.max() if key.endswith("_max") else column.mean())
+    return out
+
+
+def _log_metrics(accelerator, record: dict, path: Path, writer) -> None:
+    if not accelerator.is_main_process:
+        return
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+    if writer is not None:
+        for key, value in record.items():
+            if isinstance(value, (int, float)) and key != "step":
+                writer.add_scalar(f"train/{key}", value, record["step"])
+        writer.add_scalar("train/agent_is_adversary", float(record["agent"] == "adversary"), record["step"])
+
+
+def _tensorboard(cfg: TrainConfig, run_dir: Path, accelerator):
+    if not (cfg.tensorboard and accelerator.is_main_process):
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+
+def _progress(cfg: TrainConfig, accelerator, total: int, done: int):
+    if not (cfg.progress_bar and accelerator.is_main_process):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=done, desc=f"{cfg.method}", unit="step", dynamic_ncols=True)
+
+
+def _printer(accelerator):
+    def log(message: str) -> None:
+        if accelerator.is_main_process:
+            print(message, flush=True)
+
+    return log
+
+
+def _test_logps(player, players, pairs: list[TokenizedPair], cfg, tokenizer, accelerator) -> dict:
+    def forward(batch):
+        with accelerator.autocast():
+            return player_logps(player, batch, players, grad=False)
+
+    return dataset_logps(forward, pairs, cfg.eval_batch_size, tokenizer.pad_token_id, accelerator)
+
+
+def _save_checkpoint(cfg, accelerator, players, step, position, total, global_batch) -> None:
+    """Both players (full weights or adapters), optimizer/scheduler/RNG states and the data position."""
+    accelerator.wait_for_everyone()
+    tmp, final = ckpt.begin_write(cfg.run_dir, step) if accelerator.is_main_process else (None, None)
+    tmp_name = [str(tmp) if tmp else None]
+    if accelerator.num_processes > 1:
+        torch.distributed.broadcast_object_list(tmp_name, src=0)
+    tmp = Path(tmp_name[0])
+    if accelerator.is_main_process:
+        for player in players.values():
+            inner = _unwrap(player.module).model
+            if player.adapter is None:
+                inner.save_pretrained(tmp / player.name, safe_serialization=True)
+            else:
+                inner.save_pretrained(tmp, selected_adapters=[player.adapter])  # -> tmp/<adapter>/
+            torch.save(player.optimizer.state_dict(), tmp / f"{player.name}.optimizer.pt")
+            torch.save(player.scheduler.state_dict(), tmp / f"{player.name}.scheduler.pt")
+        state = {"step": step, "micro_batches": position, "total_steps": total, "global_batch": global_batch}
+        ckpt.write_common(tmp, cfg, state)
+    torch.save(ckpt.rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        ckpt.finish_write(tmp, final, cfg.save_total_limit)
+    accelerator.wait_for_everyone()
+
+
+def _export(cfg, accelerator, player: Player, tokenizer, run_dir: Path) -> Path:
+    """The protagonist/policy as a standard HF folder that AutoModelForCausalLM.from_pretrained loads."""
+    out = run_dir / "final"
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        inner = _unwrap(player.module).model
+        if player.adapter is None:
+            inner.save_pretrained(out, safe_serialization=True)
+        elif cfg.merge_lora:
+            # Merge a copy of the protagonist's adapter into a copy of the base; the live model stays as it is.
+            merged = copy.deepcopy(inner)
+            for name in list(merged.peft_config):
+                if name != player.adapter:
+                    merged.delete_adapter(name)
+            merged.set_adapter(player.adapter)
+            merged = merged.merge_and_unload()
+            merged.save_pretrained(out, safe_serialization=True)
+        else:
+            inner.save_pretrained(out, selected_adapters=[player.adapter])
+            out = out / player.adapter
+        tokenizer.save_pretrained(out)
+    accelerator.wait_for_everyone()
+    return out
