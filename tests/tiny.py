@@ -66,3 +66,24 @@ def save_tiny(path: Path, seed: int = 0) -> Path:
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+_WORDS = "bread water salt yeast fox dog Paris France poem sea waves gulls capital quick brown lazy".split()
+
+
+def write_pairs(path: Path, n: int = 24, seed: int = 0) -> Path:
+    """n standard-format pairs (prompt/chosen/rejected strings), every prompt distinct, as JSONL."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(n):
+            words = rng.sample(_WORDS, 6)
+            row = {
+                "prompt": f"Question {i}: tell me about {words[0]} and {words[1]}?",
+                "chosen": f"Thank you for asking! The {words[2]} and the {words[3]}." * (1 + i % 3),
+                "rejected": f"I'm sorry, {words[4]} {words[5]}.",
+            }
+            f.write(json.dumps(row) + "\n")
+    return path

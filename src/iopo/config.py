@@ -6,6 +6,7 @@ pydantic's; unknown keys and bad values fail with a message that names the key.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -150,6 +151,9 @@ class TrainConfig(_Part):
         return Path(self.output_dir.format(method=self.method))
 
 
+_FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node = tree
@@ -180,6 +184,8 @@ def parse_overrides(overrides: list[str]) -> dict:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError:
             value = raw
+        if isinstance(value, str) and _FLOAT_RE.match(value):
+            value = float(value)  # YAML 1.1 reads "1e-6" as a string
         if key in ("output_dir", "data.path", "model.name_or_path", "model", "data", "data.test_path"):
             value = raw  # paths stay strings even if they look like numbers
         _set_dotted(tree, key, value)

@@ -128,7 +128,7 @@ def _read_parquet(path: Path, label: str) -> list[tuple[Any, None]]:
     try:
         return [(record, None) for record in pq.read_table(path).to_pylist()]
     except Exception as e:  # pyarrow raises several types for a damaged file
-        raise DataError(f"{label}: cannot read parquet: {_one_line(e)}", source=label) from None
+        raise DataError(f"{label}: cannot read parquet: {one_line(e)}", source=label) from None
 
 
 def _read_datasets(path: str, name: str | None, split: str) -> tuple[str, list[tuple[Any, None]]]:
@@ -150,11 +150,11 @@ def _read_datasets(path: str, name: str | None, split: str) -> tuple[str, list[t
     except DataError:
         raise
     except Exception as e:  # network, missing config, bad split: datasets raises many types
-        raise DataError(f"{label}: cannot load with datasets: {_one_line(e)}", source=label) from None
+        raise DataError(f"{label}: cannot load with datasets: {one_line(e)}", source=label) from None
     return label, [(record, None) for record in loaded]
 
 
-def _one_line(error: Exception) -> str:
+def one_line(error: Exception) -> str:
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0] if text else ''}"
 
@@ -461,8 +461,8 @@ def load_rows(
 
     if format == "auto":
         format = next((f for f in map(detect_format, filter(None, mapped)) if f), None)
-        if format is None and any(mapped):
-            keys = sorted(next(r for r in mapped if r))
+        if format is None and any(r is not None for r in mapped):
+            keys = sorted(next(r for r in mapped if r is not None))
             raise DataError(
                 f"{label}: cannot tell the format from the keys {keys}; expected prompt/chosen/rejected, "
                 "chosen/rejected or conversations/chosen/rejected (set data.columns or data.format)",

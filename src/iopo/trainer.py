@@ -184,6 +184,41 @@ def player_logps(player: Player, batch: dict, players: dict[str, Player], grad: 
             player.module.train(was_training)
 
 
+def train_step(agent: Player, env: Player | None, players, micro_batches, loss_fn, accelerator, max_grad_norm):
+    """One optimizer step of `agent` against `env` (the frozen other player, the reference, or None for SFT).
+
+    Gradients are accumulated over the micro-batches (synchronised across processes on the last one only), clipped,
+    and applied by the agent's own optimizer; no other player's parameters or optimizer state are touched.
+    Returns the step's metrics (means over micro-batches; min/max keep their extremes) and the gradient norm.
+    """
+    agent.optimizer.zero_grad(set_to_none=True)
+    sums: dict[str, float] = {}
+    n_micro = len(micro_batches)
+    for k, batch in enumerate(micro_batches):
+        batch = {key: value.to(accelerator.device) for key, value in batch.items()}
+        sync = nullcontext() if k == n_micro - 1 else accelerator.no_sync(agent.module)
+        with sync:
+            with accelerator.autocast():
+                env_out = player_logps(env, batch, players, grad=False) if env is not None else {}
+                agent_out = player_logps(agent, batch, players, grad=True)
+            loss, metrics = loss_fn(
+                agent_out["chosen_logps"],
+                agent_out["rejected_logps"],
+                env_out.get("chosen_logps"),
+                env_out.get("rejected_logps"),
+                agent_out["chosen_lengths"],
+                agent_out["rejected_lengths"],
+            )
+            accelerator.backward(loss / n_micro)
+        for key, value in {"loss": loss.detach(), **metrics}.items():
+            sums[key] = _combine(key, sums.get(key), float(value), n_micro)
+    sums["grad_norm"] = _clip(accelerator, agent.params, max_grad_norm)
+    agent.optimizer.step()
+    if agent.scheduler is not None:
+        agent.scheduler.step()
+    return sums
+
+
 # ---------------------------------------------------------------- the loop
 
 
@@ -284,35 +319,14 @@ def train(cfg: TrainConfig) -> dict:
             reverse = cfg.method == "iopo" and cfg.iopo.adversary == "reversed" and agent_name == "adversary"
             step_loss = functools.partial(loss_fn, reverse_preference=reverse) if cfg.method == "iopo" else loss_fn
 
-            agent.optimizer.zero_grad(set_to_none=True)
-            sums: dict[str, float] = {}
-            n_micro = cfg.optim.gradient_accumulation_steps
-            for k in range(n_micro):
-                indices = micro_batch_indices(position, global_batch, len(train_pairs), cfg.seed)
-                position += 1
+            micro_batches = []
+            for k in range(cfg.optim.gradient_accumulation_steps):
+                indices = micro_batch_indices(position + k, global_batch, len(train_pairs), cfg.seed)
                 mine = indices[accelerator.process_index * micro : (accelerator.process_index + 1) * micro]
-                batch = collate_pairs([train_pairs[i] for i in mine], tokenizer.pad_token_id)
-                batch = {key: value.to(accelerator.device) for key, value in batch.items()}
-                sync = nullcontext() if k == n_micro - 1 else accelerator.no_sync(agent.module)
-                with sync:
-                    with accelerator.autocast():
-                        env_out = player_logps(env, batch, players, grad=False) if env is not None else {}
-                        agent_out = player_logps(agent, batch, players, grad=True)
-                    loss, metrics = step_loss(
-                        agent_out["chosen_logps"],
-                        agent_out["rejected_logps"],
-                        env_out.get("chosen_logps"),
-                        env_out.get("rejected_logps"),
-                        agent_out["chosen_lengths"],
-                        agent_out["rejected_lengths"],
-                    )
-                    accelerator.backward(loss / n_micro)
-                for key, value in {"loss": loss.detach(), **metrics}.items():
-                    sums[key] = _combine(key, sums.get(key), float(value), n_micro)
-            grad_norm = _clip(accelerator, agent.params, cfg.optim.max_grad_norm)
-            agent.optimizer.step()
-            agent.scheduler.step()
+                micro_batches.append(collate_pairs([train_pairs[i] for i in mine], tokenizer.pad_token_id))
+            sums = train_step(agent, env, players, micro_batches, step_loss, accelerator, cfg.optim.max_grad_norm)
             step += 1
+            position += len(micro_batches)  # only a finished step moves the data position
 
             if step % cfg.logging_steps == 0 or step == len(schedule):
                 record = _reduce(accelerator, sums)
@@ -320,7 +334,6 @@ def train(cfg: TrainConfig) -> dict:
                     step=step,
                     agent=agent_name,
                     round=round_index,
-                    grad_norm=grad_norm,
                     learning_rate=agent.scheduler.get_last_lr()[0],
                     epoch=position * global_batch / len(train_pairs),
                 )

@@ -1,0 +1,274 @@
+"""Preference data: a file or `datasets` name -> PreferencePair -> prompt-grouped train/test split -> TokenizedPair
+-> padded (2B, T) batches whose completion_mask marks the tokens whose log-probs count.
+
+Reading and the row formats (standard, conversational, implicit, hh, sharegpt) live in data_formats.py;
+tokenization follows TRL's DPO conventions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from iopo.data_formats import DataError, PreferencePair, one_line, load_rows
+
+__all__ = [
+    "DataError",
+    "PreferencePair",
+    "TokenizedPair",
+    "collate_pairs",
+    "default_data_path",
+    "load_pairs",
+    "load_training_data",
+    "split_by_prompt",
+    "tokenize_pairs",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TokenizedPair:
+    prompt_ids: list[int]
+    chosen_ids: list[int]  # the completion only; the prompt is prompt_ids
+    rejected_ids: list[int]
+    source: str  # "<file>:<row>"
+
+
+def default_data_path() -> Path:
+    """The embedded Anthropic hh-rlhf harmless-base test split (2312 multi-turn pairs, MIT); see its PROVENANCE.md."""
+    return Path(__file__).resolve().parent / "assets" / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
+
+
+def load_pairs(
+    path: str,
+    *,
+    name: str | None = None,
+    split: str = "train",
+    format: str = "auto",
+    columns: dict[str, str] | None = None,
+    skip_invalid: bool = False,
+) -> tuple[list[PreferencePair], list[dict]]:
+    """Read a local .json/.jsonl(.gz)/.parquet file, a `save_to_disk` folder or a `datasets` name into pairs.
+
+    `columns` maps our fields (prompt, chosen, rejected, conversations) to dotted paths in the rows, e.g.
+    {"chosen": "response.0"}. A bad row raises DataError("<file>: row <n>: field '<f>': <reason>"); with
+    `skip_invalid` it is returned in `rejects` as {"source", "row", "field", "reason", "record"} instead.
+    """
+    pairs, rejects, _ = load_rows(
+        path, name=name, split=split, format=format, columns=columns, skip_invalid=skip_invalid
+    )
+    return pairs, rejects
+
+
+def _prompt_key(prompt: str | list[dict]) -> str:
+    return prompt if isinstance(prompt, str) else json.dumps(prompt, ensure_ascii=False, sort_keys=True)
+
+
+def _file_of(pairs: list) -> str:
+    return pairs[0].source.rpartition(":")[0] if pairs else "data"
+
+
+def split_by_prompt(
+    pairs: list[PreferencePair], test_size: float, seed: int
+) -> tuple[list[PreferencePair], list[PreferencePair]]:
+    """(train, test), each shuffled; all pairs of one prompt land on the same side, so no test prompt is trained on.
+
+    test_size < 1 is the share of pairs, >= 1 a number of pairs. Whole prompt groups are taken in seeded random
+    order while they fit, so the test side has at most that many pairs (at least one group).
+    """
+    n = len(pairs)
+    if test_size <= 0:
+        raise ValueError(f"test_size must be > 0, got {test_size}")
+    target = max(1, round(test_size * n) if test_size < 1 else int(test_size))
+    groups: dict[str, list[int]] = {}
+    for i, pair in enumerate(pairs):
+        groups.setdefault(_prompt_key(pair.prompt), []).append(i)
+    if len(groups) < 2:
+        raise DataError(f"{_file_of(pairs)}: cannot split {n} pairs by prompt: fewer than 2 distinct prompts")
+    if target >= n:
+        raise DataError(f"{_file_of(pairs)}: test_size {test_size} leaves no training pairs (of {n})")
+    order = list(groups.values())
+    rng = random.Random(seed)
+    rng.shuffle(order)
+    test_idx: list[int] = []
+    for group in order:
+        if len(test_idx) + len(group) <= target:
+            test_idx.extend(group)
+            if len(test_idx) == target:
+                break
+    if not test_idx:  # every group is larger than the target: take the smallest
+        test_idx = list(min(order, key=len))
+    in_test = set(test_idx)
+    train_idx = [i for i in range(n) if i not in in_test]
+    rng.shuffle(train_idx)
+    rng.shuffle(test_idx)
+    return [pairs[i] for i in train_idx], [pairs[i] for i in test_idx]
+
+
+def _render(pair: PreferencePair, tokenizer) -> tuple[str, str, str]:
+    """(prompt_text, chosen_text, rejected_text). Messages: the completion is the render of prompt+completion minus
+    the render of the prompt with the generation prompt, so it ends with the template's end-of-turn tokens."""
+    if isinstance(pair.prompt, str):
+        return pair.prompt, pair.chosen, pair.rejected
+    file, _, row = pair.source.rpartition(":")
+    try:
+        prompt_text = tokenizer.apply_chat_template(pair.prompt, tokenize=False, add_generation_prompt=True)
+    except Exception as e:  # jinja raises TemplateError or whatever the template calls raise_exception with
+        raise DataError.at(file, int(row), "prompt", f"the chat template failed: {one_line(e)}") from None
+    completions = []
+    for field in ("chosen", "rejected"):
+        try:
+            full = tokenizer.apply_chat_template(pair.prompt + getattr(pair, field), tokenize=False)
+        except Exception as e:
+            raise DataError.at(file, int(row), field, f"the chat template failed: {one_line(e)}") from None
+        if not full.startswith(prompt_text):
+            raise DataError.at(
+                file,
+                int(row),
+                field,
+                "the chat template's render of prompt+completion does not start with its render of the prompt "
+                "(with generation prompt); use another model or a string format",
+            )
+        completions.append(full[len(prompt_text) :])
+    return prompt_text, completions[0], completions[1]
+
+
+def _encode(tokenizer, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+    if not texts:
+        return []
+    return tokenizer(texts, add_special_tokens=add_special_tokens, verbose=False)["input_ids"]
+
+
+def tokenize_pairs(
+    pairs: list[PreferencePair], tokenizer, *, max_length: int, max_prompt_length: int
+) -> tuple[list[TokenizedPair], dict]:
+    """TRL's conventions. Message prompts: the chat template's render, tokenized without extra special tokens.
+    String prompts: tokenizer(prompt) with its special tokens (BOS), completion + [eos_token_id].
+
+    A prompt over max_prompt_length keeps its last tokens (the question nearest the reply); then each completion
+    is cut at the end to max_length - len(prompt).
+    """
+    if not 0 < max_prompt_length < max_length:
+        raise ValueError(f"need 0 < max_prompt_length ({max_prompt_length}) < max_length ({max_length})")
+    is_chat = [not isinstance(pair.prompt, str) for pair in pairs]
+    if any(is_chat) and not getattr(tokenizer, "chat_template", None):
+        file = pairs[is_chat.index(True)].source.rpartition(":")[0]
+        raise DataError(
+            f"{file}: the data are chat messages but the tokenizer has no chat template; "
+            "use a chat (instruct) model or data with plain-string prompts (standard format)"
+        )
+    if not all(is_chat) and tokenizer.eos_token_id is None:
+        raise DataError(f"{_file_of(pairs)}: string completions end with EOS, but the tokenizer has no eos token")
+    texts = [_render(pair, tokenizer) for pair in pairs]
+
+    prompt_ids: list[list[int]] = [[] for _ in pairs]
+    for chat in (True, False):  # the template already wrote any BOS; raw text gets the tokenizer's own
+        idx = [i for i, c in enumerate(is_chat) if c == chat]
+        for i, ids in zip(idx, _encode(tokenizer, [texts[i][0] for i in idx], not chat), strict=True):
+            prompt_ids[i] = ids
+    chosen_ids = _encode(tokenizer, [t[1] for t in texts], False)
+    rejected_ids = _encode(tokenizer, [t[2] for t in texts], False)
+
+    stats = {"pairs": len(pairs), "prompts_truncated": 0, "completions_truncated": 0, "max_tokens": 0}
+    out = []
+    for i, pair in enumerate(pairs):
+        prompt, chosen, rejected = prompt_ids[i], chosen_ids[i], rejected_ids[i]
+        if not is_chat[i]:
+            chosen, rejected = chosen + [tokenizer.eos_token_id], rejected + [tokenizer.eos_token_id]
+        for field, ids in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
+            if not ids:
+                file, _, row = pair.source.rpartition(":")
+                raise DataError.at(file, int(row), field, "tokenizes to no tokens")
+        if len(prompt) > max_prompt_length:
+            prompt = prompt[-max_prompt_length:]
+            stats["prompts_truncated"] += 1
+        budget = max_length - len(prompt)
+        if len(chosen) > budget or len(rejected) > budget:
+            chosen, rejected = chosen[:budget], rejected[:budget]
+            stats["completions_truncated"] += 1
+        stats["max_tokens"] = max(stats["max_tokens"], len(prompt) + max(len(chosen), len(rejected)))
+        out.append(TokenizedPair(prompt, chosen, rejected, pair.source))
+    return out, stats
+
+
+def collate_pairs(batch: list[TokenizedPair], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Rows 0..B-1 = prompt+chosen, rows B..2B-1 = prompt+rejected (same order), right-padded to the longest."""
+    if not batch:
+        raise ValueError("collate_pairs needs at least one pair")
+    sequences = [(p.prompt_ids, p.chosen_ids) for p in batch] + [(p.prompt_ids, p.rejected_ids) for p in batch]
+    width = max(len(prompt) + len(completion) for prompt, completion in sequences)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)  # (2B, T)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)  # (2B, T)
+    completion_mask = torch.zeros((len(sequences), width), dtype=torch.bool)  # (2B, T)
+    for row, (prompt, completion) in enumerate(sequences):
+        end = len(prompt) + len(completion)
+        input_ids[row, :end] = torch.tensor(prompt + completion, dtype=torch.long)
+        attention_mask[row, :end] = 1
+        completion_mask[row, len(prompt) : end] = True
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+
+
+def _duplicates(pairs: list[PreferencePair]) -> int:
+    keys = {json.dumps([p.prompt, p.chosen, p.rejected], ensure_ascii=False) for p in pairs}
+    return len(pairs) - len(keys)
+
+
+def load_training_data(cfg, tokenizer, run_dir: Path | None) -> tuple[list[TokenizedPair], list[TokenizedPair], dict]:
+    """cfg (a DataConfig) -> (train, test, report). Rejected rows go to run_dir/rejects.jsonl.
+
+    Without cfg.test_path the file is split by prompt (shuffled, seeded); with it both files keep their order.
+    max_train_samples / max_eval_samples take the first N after that. skip_invalid=None means true for the
+    embedded data (its 4 empty replies are reported) and false for the user's (the first bad row stops the run).
+    """
+    embedded = cfg.path is None
+    path = str(default_data_path()) if embedded else cfg.path
+    skip_invalid = embedded if cfg.skip_invalid is None else cfg.skip_invalid
+    options = {"name": cfg.name, "format": cfg.format, "columns": cfg.columns, "skip_invalid": skip_invalid}
+    pairs, rejects, found_format = load_rows(path, split=cfg.split, **options)
+    report = {"path": path, "format": found_format, "rows": len(pairs) + len(rejects)}
+    if not pairs:
+        raise DataError(f"{path}: no usable preference pairs ({len(rejects)} rows rejected)")
+    report["duplicate_pairs"] = _duplicates(pairs)
+    if cfg.test_path:
+        train, (test, test_rejects, test_format) = pairs, load_rows(cfg.test_path, split=cfg.test_split, **options)
+        train_prompts = {_prompt_key(p.prompt) for p in train}
+        report |= {
+            "test_path": cfg.test_path,
+            "test_format": test_format,
+            "test_rows": len(test) + len(test_rejects),
+            "test_prompts_in_train": sum(_prompt_key(p.prompt) in train_prompts for p in test),
+        }
+        rejects = rejects + test_rejects
+    else:
+        train, test = split_by_prompt(pairs, cfg.test_size, cfg.split_seed)
+    train, test = train[: cfg.max_train_samples], test[: cfg.max_eval_samples]
+
+    lengths = {"max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length}
+    train_tokens, train_stats = tokenize_pairs(train, tokenizer, **lengths)
+    test_tokens, test_stats = tokenize_pairs(test, tokenizer, **lengths)
+
+    rejects_file = None
+    if rejects and run_dir is not None:
+        rejects_file = Path(run_dir) / "rejects.jsonl"
+        rejects_file.parent.mkdir(parents=True, exist_ok=True)
+        with rejects_file.open("w", encoding="utf-8") as f:
+            for reject in rejects:
+                f.write(json.dumps(reject, ensure_ascii=False) + "\n")
+    if rejects:
+        logger.warning("skipped %d bad rows%s", len(rejects), f"; see {rejects_file}" if rejects_file else "")
+    report |= {
+        "rejected": len(rejects),
+        "train_pairs": len(train_tokens),
+        "test_pairs": len(test_tokens),
+        "prompts_truncated": train_stats["prompts_truncated"] + test_stats["prompts_truncated"],
+        "completions_truncated": train_stats["completions_truncated"] + test_stats["completions_truncated"],
+        "max_tokens": max(train_stats["max_tokens"], test_stats["max_tokens"]),
+        "rejects_file": str(rejects_file) if rejects_file else None,
+    }
+    return train_tokens, test_tokens, report

@@ -1,0 +1,286 @@
+"""trainer.py: the schedule, who changes in a phase, per-player optimizer state, baselines, resume and export."""
+
+import functools
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from iopo import trainer
+from iopo.config import load_config
+from iopo.data import collate_pairs, load_training_data
+from iopo.losses import LOSSES
+from iopo.models import load_tokenizer
+from tiny import write_pairs
+
+
+def make_cfg(tmp_path, model_dir, *extra, method="iopo"):
+    data = tmp_path / "pairs.jsonl"
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    if not data.exists():
+        write_pairs(data, n=24)
+    return load_config(
+        None,
+        [
+            f"method={method}",
+            f"model={model_dir}",
+            f"data={data}",
+            f"output_dir={tmp_path / 'run'}",
+            "data.max_length=64",
+            "data.max_prompt_length=32",
+            "data.test_size=4",
+            "optim.batch_size=4",
+            "optim.learning_rate=1e-2",
+            "optim.warmup_ratio=0",
+            "loss.beta=0.5",
+            "progress_bar=false",
+            "tensorboard=false",
+            "eval_batch_size=3",
+            *extra,
+        ],
+    )
+
+
+@pytest.fixture()
+def accelerator():
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=True)
+
+
+def setup_players(cfg, accelerator, names):
+    tokenizer = load_tokenizer(cfg.model)
+    train_pairs, _, _ = load_training_data(cfg.data, tokenizer, None)
+    players, reference = trainer.build_players(cfg, accelerator, names, None)
+    for p in players.values():
+        p.optimizer = accelerator.prepare_optimizer(trainer._optimizer(p.params, cfg))
+    batch = collate_pairs(train_pairs[:4], tokenizer.pad_token_id)
+    return players, reference, batch
+
+
+def snapshot(module):
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+def changed(before, module):
+    return {n for n, p in module.named_parameters() if not torch.equal(before[n], p.detach())}
+
+
+def iopo_loss_fn(cfg):
+    return functools.partial(LOSSES["iopo"], **trainer._loss_options(cfg))
+
+
+# ---------------------------------------------------------------- schedule and data order
+
+
+def test_iopo_schedule_alternates_as_configured():
+    assert trainer.iopo_schedule(2, 2, 1) == [
+        ("protagonist", 0),
+        ("protagonist", 0),
+        ("adversary", 0),
+        ("protagonist", 1),
+        ("protagonist", 1),
+        ("adversary", 1),
+    ]
+
+
+def test_build_schedule_covers_epochs(tmp_path, tiny_model_dir):
+    cfg = make_cfg(tmp_path, tiny_model_dir, "iopo.n_mu=2", "iopo.n_nu=1", "optim.num_epochs=2")
+    # 20 train pairs / (4 pairs x 1 micro-batch) = 5 steps per epoch -> 10 steps -> ceil(10 / 3) = 4 rounds.
+    schedule = trainer.build_schedule(cfg, n_train=20, global_batch=4)
+    assert len(schedule) == 12 and schedule[-1] == ("adversary", 3)
+    dpo = make_cfg(tmp_path, tiny_model_dir, "optim.max_steps=7", method="dpo")
+    assert trainer.build_schedule(dpo, n_train=20, global_batch=4) == [("policy", 0)] * 7
+
+
+def test_micro_batches_walk_seeded_epoch_permutations():
+    n, g = 10, 4
+    first_epoch = [i for pos in range(2) for i in trainer.micro_batch_indices(pos, g, n, seed=1)]
+    assert len(set(first_epoch)) == 8  # no repeats inside an epoch
+    stream = [i for pos in range(5) for i in trainer.micro_batch_indices(pos, g, n, seed=1)]
+    assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:20]) == list(range(10))
+    assert stream == [i for pos in range(5) for i in trainer.micro_batch_indices(pos, g, n, seed=1)]
+    assert stream != [i for pos in range(5) for i in trainer.micro_batch_indices(pos, g, n, seed=2)]
+
+
+# ---------------------------------------------------------------- one step: who changes
+
+
+def test_full_iopo_step_changes_only_the_agent(tmp_path, tiny_model_dir, accelerator):
+    cfg = make_cfg(tmp_path, tiny_model_dir)
+    players, reference, batch = setup_players(cfg, accelerator, ["protagonist", "adversary"])
+    assert reference is None
+    protagonist, adversary = players["protagonist"], players["adversary"]
+    before_p, before_a = snapshot(protagonist.module), snapshot(adversary.module)
+
+    metrics = trainer.train_step(protagonist, adversary, players, [batch], iopo_loss_fn(cfg), accelerator, 1.0)
+    assert changed(before_p, protagonist.module) == set(before_p)  # every protagonist weight moved
+    assert changed(before_a, adversary.module) == set()  # the env is untouched
+    assert all(p.grad is None for p in adversary.params)
+    # Step one: mu == nu, so h = 0 and the loss is mean(w) * ln 2.
+    assert metrics["loss"] == pytest.approx(metrics["is/weight_mean"] * math.log(2), rel=1e-5)
+    assert metrics["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+
+    # Now the adversary's phase: only it moves, the protagonist keeps its new weights.
+    before_p, before_a = snapshot(protagonist.module), snapshot(adversary.module)
+    metrics = trainer.train_step(adversary, protagonist, players, [batch], iopo_loss_fn(cfg), accelerator, 1.0)
+    assert changed(before_p, protagonist.module) == set()
+    assert changed(before_a, adversary.module) == set(before_a)
+    assert metrics["loss"] != pytest.approx(metrics["is/weight_mean"] * math.log(2), rel=1e-5)  # h != 0 now
+
+    # Each player keeps its own AdamW state across phases.
+    trainer.train_step(protagonist, adversary, players, [batch], iopo_loss_fn(cfg), accelerator, 1.0)
+    p_state = protagonist.optimizer.state_dict()["state"]
+    a_state = adversary.optimizer.state_dict()["state"]
+    assert {float(s["step"]) for s in p_state.values()} == {2.0}
+    assert {float(s["step"]) for s in a_state.values()} == {1.0}
+
+
+def test_lora_iopo_two_adapters_on_one_frozen_base(tmp_path, tiny_model_dir, accelerator):
+    cfg = make_cfg(tmp_path, tiny_model_dir, "model.lora=true", "model.lora_r=4")
+    players, _, batch = setup_players(cfg, accelerator, ["protagonist", "adversary"])
+    protagonist, adversary = players["protagonist"], players["adversary"]
+    assert protagonist.module is adversary.module  # one shared model
+    before = snapshot(protagonist.module)
+
+    metrics = trainer.train_step(protagonist, adversary, players, [batch], iopo_loss_fn(cfg), accelerator, 1.0)
+    moved = changed(before, protagonist.module)
+    assert moved and all(".protagonist." in n and "lora_" in n for n in moved)
+    assert not any(".adversary." in n for n in moved)
+    assert not any("lora_" not in n for n in moved)  # the base is frozen
+    # LoRA B starts at zero, so both adapters equal the base at step one: loss = mean(w) ln 2.
+    assert metrics["loss"] == pytest.approx(metrics["is/weight_mean"] * math.log(2), rel=1e-5)
+    assert sum(p.numel() for p in protagonist.params) < 0.5 * sum(p.numel() for p in protagonist.module.parameters())
+
+    before = snapshot(protagonist.module)
+    trainer.train_step(adversary, protagonist, players, [batch], iopo_loss_fn(cfg), accelerator, 1.0)
+    moved = changed(before, protagonist.module)
+    assert moved and all(".adversary." in n for n in moved)
+
+
+@pytest.mark.parametrize("method", ["dpo", "ipo", "hinge", "kto_pair", "sft"])
+@pytest.mark.parametrize("lora", [False, True])
+def test_baseline_step_moves_policy_not_reference(tmp_path, tiny_model_dir, accelerator, method, lora):
+    cfg = make_cfg(tmp_path, tiny_model_dir, f"model.lora={str(lora).lower()}", method=method)
+    players, reference, batch = setup_players(cfg, accelerator, ["policy"])
+    policy = players["policy"]
+    assert (reference is None) == (method == "sft")
+    before_policy = snapshot(policy.module)
+    before_ref = snapshot(reference.module) if reference is not None and not lora else None
+    if reference is not None:
+        ref_logps = trainer.player_logps(reference, batch, players, grad=False)
+    loss_fn = functools.partial(LOSSES[method], **trainer._loss_options(cfg))
+    metrics = trainer.train_step(policy, reference, players, [batch], loss_fn, accelerator, 1.0)
+    assert changed(before_policy, policy.module)
+    if before_ref is not None:
+        assert changed(before_ref, reference.module) == set()
+    if reference is not None:  # the reference computes the same log-probs after the step (LoRA: adapters off)
+        after = trainer.player_logps(reference, batch, players, grad=False)
+        torch.testing.assert_close(after["chosen_logps"], ref_logps["chosen_logps"])
+        assert metrics["rewards/margins"] == pytest.approx(0.0, abs=1e-5)  # policy == reference at step one
+    assert math.isfinite(metrics["loss"])
+
+
+# ---------------------------------------------------------------- whole runs
+
+
+def _final_weights(run_dir):
+    return load_file(run_dir / "final" / "model.safetensors")
+
+
+def test_run_writes_metrics_checkpoints_export_eval(tmp_path, tiny_model_dir):
+    cfg = make_cfg(tmp_path, tiny_model_dir, "iopo.n_iter=2", "iopo.n_mu=2", "iopo.n_nu=1", "save_steps=2")
+    results = trainer.train(cfg)
+    run = cfg.run_dir
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["agent"] for r in records] == ["protagonist", "protagonist", "adversary"] * 2
+    assert [r["step"] for r in records] == list(range(1, 7))
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+                "logps/rejected", "is/weight_mean", "is/weight_min", "is/weight_max", "is/capped_frac",
+                "is/guarded_frac", "loss", "grad_norm", "learning_rate", "round"):
+        assert key in records[0], key
+    assert records[0]["loss"] == pytest.approx(records[0]["is/weight_mean"] * math.log(2), rel=1e-5)
+    # save_total_limit=2 keeps the two newest: step 4 and the final step 6.
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-0000004", "step-0000006"]
+    last = run / "checkpoints" / "step-0000006"
+    for name in ("protagonist", "adversary"):
+        assert (last / name / "config.json").is_file()
+        assert (last / f"{name}.optimizer.pt").is_file() and (last / f"{name}.scheduler.pt").is_file()
+    assert json.loads((last / "trainer_state.json").read_text())["step"] == 6
+    assert (last / "config.yaml").is_file() and (last / "rng_state_0.pt").is_file()
+    # eval.json holds the paper's two offline metrics for the protagonist vs the starting model.
+    saved = json.loads((run / "eval.json").read_text())
+    assert saved["n_pairs"] == 4 and saved["player"] == "protagonist"
+    assert saved["pairwise_accuracy"] == results["pairwise_accuracy"]
+    assert saved["margin_reward"] == pytest.approx(sum(saved["margins"]) / 4, abs=1e-5)
+
+
+def test_export_reloads_and_reproduces_eval(tmp_path, tiny_model_dir):
+    """The exported folder loads with from_pretrained and gives the evaluated protagonist's log-probs."""
+    from transformers import AutoModelForCausalLM
+
+    from iopo.evaluate import dataset_logps, offline_metrics
+    from iopo.logprobs import SequenceLogProbs, sequence_logps
+
+    cfg = make_cfg(tmp_path, tiny_model_dir, "iopo.n_iter=1", "iopo.n_mu=2", "iopo.n_nu=1")
+    results = trainer.train(cfg)
+    model = AutoModelForCausalLM.from_pretrained(cfg.run_dir / "final")
+    assert model.__class__.__name__ == "LlamaForCausalLM"
+    tokenizer = load_tokenizer(cfg.model)
+    _, test_pairs, _ = load_training_data(cfg.data, tokenizer, None)
+    from accelerate import Accelerator
+
+    module = SequenceLogProbs(model)
+    logps = dataset_logps(lambda b: sequence_logps(module, b), test_pairs, 2, tokenizer.pad_token_id, Accelerator(cpu=True))
+    ref = torch.load(cfg.run_dir / "eval_reference_logps.pt")
+    again = offline_metrics(logps["chosen_logps"], logps["rejected_logps"], ref["chosen_logps"], ref["rejected_logps"], 0.5)
+    assert again["margin_reward"] == pytest.approx(results["margin_reward"], abs=1e-5)
+    assert again["margin_reward"] != 0.0
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_resume_equals_uninterrupted(tmp_path, tiny_model_dir, monkeypatch, lora):
+    extra = ["iopo.n_iter=2", "iopo.n_mu=2", "iopo.n_nu=1", "optim.gradient_accumulation_steps=2",
+             "optim.batch_size=2", f"model.lora={str(lora).lower()}", "model.lora_r=4", "optim.lr_scheduler=cosine"]
+    straight = make_cfg(tmp_path / "a", tiny_model_dir, *extra)
+    trainer.train(straight)
+
+    broken = make_cfg(tmp_path / "b", tiny_model_dir, *extra)
+    calls = {"n": 0}
+    real_step = trainer.train_step
+
+    def crash_on_fourth(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_step", crash_on_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(broken)
+    monkeypatch.setattr(trainer, "train_step", real_step)
+    saved = sorted(p.name for p in (broken.run_dir / "checkpoints").iterdir())
+    assert saved == ["step-0000003"]  # the interrupt saved the three finished steps
+    with pytest.raises(Exception, match="already holds checkpoints"):
+        trainer.train(broken)  # a fresh start would lose them: refused
+    resumed = trainer.train(broken.model_copy(update={"resume": True}))
+
+    a, b = _final_weights(straight.run_dir), _final_weights(broken.run_dir)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
+    lines = (broken.run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == list(range(1, 7))  # no step logged twice
+    straight_eval = json.loads((straight.run_dir / "eval.json").read_text())
+    assert resumed["margin_reward"] == pytest.approx(straight_eval["margin_reward"], abs=1e-5)
+
+
+def test_reversed_adversary_and_symmetric_clip_run(tmp_path, tiny_model_dir):
+    cfg = make_cfg(tmp_path, tiny_model_dir, "iopo.n_iter=1", "iopo.adversary=reversed", "iopo.is_clip=symmetric",
+                   "iopo.is_logp=mean")
+    trainer.train(cfg)
+    records = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["agent"] for r in records] == ["protagonist", "adversary"]
+    assert all(0.7 - 1e-6 <= r["is/weight_min"] <= r["is/weight_max"] <= 1.3 + 1e-6 for r in records)
