@@ -51,7 +51,10 @@ def test_column_mapping_override():
         (["method=ppo"], "'method'"),
         (["iopo.epsilon=1.5"], "'iopo.epsilon'"),
         (["iopo.is_clip=hard"], "'iopo.is_clip'"),
-        (["data.max_prompt_length=600", "data.max_length=512"], "max_prompt_length (600) must be below max_length"),
+        (
+            ["data.max_prompt_length=600", "data.max_length=512"],
+            "max_prompt_length (600) must be below max_length",
+        ),
         (["optim.batch_size"], "not key=value"),
         (["optim.batch_size.x=1"], "'optim.batch_size'"),
         (["optim.batch_size=1", "optim.batch_size.x=1"], "not a section"),

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from iopo.logprobs import SequenceLogProbs, completion_logps, sequence_logps
+
 from tiny import build_model
 
 
@@ -81,7 +82,10 @@ def test_float32_under_bf16_autocast(model):
 
 def test_sequence_logps_splits_chosen_and_rejected(model):
     ids, attention, completion = _batch()
-    out = sequence_logps(SequenceLogProbs(model), {"input_ids": ids, "attention_mask": attention, "completion_mask": completion})
+    out = sequence_logps(
+        SequenceLogProbs(model),
+        {"input_ids": ids, "attention_mask": attention, "completion_mask": completion},
+    )
     full, _ = SequenceLogProbs(model)(ids, attention, completion)
     torch.testing.assert_close(out["chosen_logps"], full[:2])
     torch.testing.assert_close(out["rejected_logps"], full[2:])

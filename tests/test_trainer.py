@@ -13,6 +13,7 @@ from iopo.config import load_config
 from iopo.data import collate_pairs, load_training_data
 from iopo.losses import LOSSES
 from iopo.models import load_tokenizer
+
 from tiny import write_pairs
 
 
@@ -115,7 +116,9 @@ def test_full_iopo_step_changes_only_the_agent(tmp_path, tiny_model_dir, acceler
     protagonist, adversary = players["protagonist"], players["adversary"]
     before_p, before_a = snapshot(protagonist.module), snapshot(adversary.module)
 
-    metrics = trainer.train_step(protagonist, adversary, players, [batch], iopo_loss_fn(cfg), accelerator, 1.0)
+    metrics = trainer.train_step(
+        protagonist, adversary, players, [batch], iopo_loss_fn(cfg), accelerator, 1.0
+    )
     assert changed(before_p, protagonist.module) == set(before_p)  # every protagonist weight moved
     assert changed(before_a, adversary.module) == set()  # the env is untouched
     assert all(p.grad is None for p in adversary.params)
@@ -125,7 +128,9 @@ def test_full_iopo_step_changes_only_the_agent(tmp_path, tiny_model_dir, acceler
 
     # Now the adversary's phase: only it moves, the protagonist keeps its new weights.
     before_p, before_a = snapshot(protagonist.module), snapshot(adversary.module)
-    metrics = trainer.train_step(adversary, protagonist, players, [batch], iopo_loss_fn(cfg), accelerator, 1.0)
+    metrics = trainer.train_step(
+        adversary, protagonist, players, [batch], iopo_loss_fn(cfg), accelerator, 1.0
+    )
     assert changed(before_p, protagonist.module) == set()
     assert changed(before_a, adversary.module) == set(before_a)
     assert metrics["loss"] != pytest.approx(metrics["is/weight_mean"] * math.log(2), rel=1e-5)  # h != 0 now
@@ -145,14 +150,18 @@ def test_lora_iopo_two_adapters_on_one_frozen_base(tmp_path, tiny_model_dir, acc
     assert protagonist.module is adversary.module  # one shared model
     before = snapshot(protagonist.module)
 
-    metrics = trainer.train_step(protagonist, adversary, players, [batch], iopo_loss_fn(cfg), accelerator, 1.0)
+    metrics = trainer.train_step(
+        protagonist, adversary, players, [batch], iopo_loss_fn(cfg), accelerator, 1.0
+    )
     moved = changed(before, protagonist.module)
     assert moved and all(".protagonist." in n and "lora_" in n for n in moved)
     assert not any(".adversary." in n for n in moved)
     assert not any("lora_" not in n for n in moved)  # the base is frozen
     # LoRA B starts at zero, so both adapters equal the base at step one: loss = mean(w) ln 2.
     assert metrics["loss"] == pytest.approx(metrics["is/weight_mean"] * math.log(2), rel=1e-5)
-    assert sum(p.numel() for p in protagonist.params) < 0.5 * sum(p.numel() for p in protagonist.module.parameters())
+    assert sum(p.numel() for p in protagonist.params) < 0.5 * sum(
+        p.numel() for p in protagonist.module.parameters()
+    )
 
     before = snapshot(protagonist.module)
     trainer.train_step(adversary, protagonist, players, [batch], iopo_loss_fn(cfg), accelerator, 1.0)
@@ -197,9 +206,23 @@ def test_run_writes_metrics_checkpoints_export_eval(tmp_path, tiny_model_dir):
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["agent"] for r in records] == ["protagonist", "protagonist", "adversary"] * 2
     assert [r["step"] for r in records] == list(range(1, 7))
-    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
-                "logps/rejected", "is/weight_mean", "is/weight_min", "is/weight_max", "is/capped_frac",
-                "is/guarded_frac", "loss", "grad_norm", "learning_rate", "round"):
+    for key in (
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+        "logps/chosen",
+        "logps/rejected",
+        "is/weight_mean",
+        "is/weight_min",
+        "is/weight_max",
+        "is/capped_frac",
+        "is/guarded_frac",
+        "loss",
+        "grad_norm",
+        "learning_rate",
+        "round",
+    ):
         assert key in records[0], key
     assert records[0]["loss"] == pytest.approx(records[0]["is/weight_mean"] * math.log(2), rel=1e-5)
     # save_total_limit=2 keeps the two newest: step 4 and the final step 6.
@@ -233,17 +256,29 @@ def test_export_reloads_and_reproduces_eval(tmp_path, tiny_model_dir):
     from accelerate import Accelerator
 
     module = SequenceLogProbs(model)
-    logps = dataset_logps(lambda b: sequence_logps(module, b), test_pairs, 2, tokenizer.pad_token_id, Accelerator(cpu=True))
+    logps = dataset_logps(
+        lambda b: sequence_logps(module, b), test_pairs, 2, tokenizer.pad_token_id, Accelerator(cpu=True)
+    )
     ref = torch.load(cfg.run_dir / "eval_reference_logps.pt")
-    again = offline_metrics(logps["chosen_logps"], logps["rejected_logps"], ref["chosen_logps"], ref["rejected_logps"], 0.5)
+    again = offline_metrics(
+        logps["chosen_logps"], logps["rejected_logps"], ref["chosen_logps"], ref["rejected_logps"], 0.5
+    )
     assert again["margin_reward"] == pytest.approx(results["margin_reward"], abs=1e-5)
     assert again["margin_reward"] != 0.0
 
 
 @pytest.mark.parametrize("lora", [False, True])
 def test_resume_equals_uninterrupted(tmp_path, tiny_model_dir, monkeypatch, lora):
-    extra = ["iopo.n_iter=2", "iopo.n_mu=2", "iopo.n_nu=1", "optim.gradient_accumulation_steps=2",
-             "optim.batch_size=2", f"model.lora={str(lora).lower()}", "model.lora_r=4", "optim.lr_scheduler=cosine"]
+    extra = [
+        "iopo.n_iter=2",
+        "iopo.n_mu=2",
+        "iopo.n_nu=1",
+        "optim.gradient_accumulation_steps=2",
+        "optim.batch_size=2",
+        f"model.lora={str(lora).lower()}",
+        "model.lora_r=4",
+        "optim.lr_scheduler=cosine",
+    ]
     straight = make_cfg(tmp_path / "a", tiny_model_dir, *extra)
     trainer.train(straight)
 
@@ -278,8 +313,14 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_model_dir, monkeypatch, lora
 
 
 def test_reversed_adversary_and_symmetric_clip_run(tmp_path, tiny_model_dir):
-    cfg = make_cfg(tmp_path, tiny_model_dir, "iopo.n_iter=1", "iopo.adversary=reversed", "iopo.is_clip=symmetric",
-                   "iopo.is_logp=mean")
+    cfg = make_cfg(
+        tmp_path,
+        tiny_model_dir,
+        "iopo.n_iter=1",
+        "iopo.adversary=reversed",
+        "iopo.is_clip=symmetric",
+        "iopo.is_logp=mean",
+    )
     trainer.train(cfg)
     records = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["agent"] for r in records] == ["protagonist", "adversary"]

@@ -43,7 +43,9 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     root = checkpoint_root(run_dir)
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir()]
+    found = [
+        (int(m.group(1)), p) for p in root.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir()
+    ]
     return [p for _, p in sorted(found)]
 
 
@@ -111,7 +113,9 @@ def check_resume_config(saved: dict, cfg: TrainConfig) -> None:
         if isinstance(saved.get(key), dict) and isinstance(now.get(key), dict):
             for sub in sorted(set(saved[key]) | set(now[key])):
                 if saved[key].get(sub) != now[key].get(sub):
-                    diffs.append(f"{key}.{sub} (checkpoint {saved[key].get(sub)!r}, now {now[key].get(sub)!r})")
+                    diffs.append(
+                        f"{key}.{sub} (checkpoint {saved[key].get(sub)!r}, now {now[key].get(sub)!r})"
+                    )
         else:
             diffs.append(f"{key} (checkpoint {saved.get(key)!r}, now {now.get(key)!r})")
     if diffs:

@@ -15,7 +15,9 @@ overrides are key=value pairs over the YAML file, e.g.
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="iopo", description="Preference optimization: IOPO and its baselines.")
+    parser = argparse.ArgumentParser(
+        prog="iopo", description="Preference optimization: IOPO and its baselines."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser(
         "train",

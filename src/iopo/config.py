@@ -28,14 +28,19 @@ class ModelConfig(_Part):
     name_or_path: str | None = Field(
         None, description="Hub id or local folder of a causal LM; unset = the embedded SmolLM2-135M-Instruct."
     )
-    gguf_file: str | None = Field(None, description="Load this GGUF file from `name_or_path` (dequantised to dense).")
+    gguf_file: str | None = Field(
+        None, description="Load this GGUF file from `name_or_path` (dequantised to dense)."
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="Dtype the weights are stored in. Keep float32 and use mixed_precision=bf16 to train."
+        "float32",
+        description="Dtype the weights are stored in. Keep float32 and use mixed_precision=bf16 to train.",
     )
     trust_remote_code: bool = False
     attn_implementation: str | None = Field(None, description="e.g. 'sdpa', 'eager', 'flash_attention_2'.")
     gradient_checkpointing: bool = False
-    lora: bool = Field(False, description="Train LoRA adapters (IOPO: two adapters on one shared frozen base).")
+    lora: bool = Field(
+        False, description="Train LoRA adapters (IOPO: two adapters on one shared frozen base)."
+    )
     lora_r: int = Field(16, gt=0)
     lora_alpha: float = Field(32.0, gt=0)
     lora_dropout: float = Field(0.0, ge=0, lt=1)
@@ -49,9 +54,13 @@ class DataConfig(_Part):
     )
     name: str | None = Field(None, description="`datasets` configuration name.")
     split: str = Field("train", description="`datasets` split of `path`.")
-    test_path: str | None = Field(None, description="Separate test file/dataset; unset = split `path` by prompt.")
+    test_path: str | None = Field(
+        None, description="Separate test file/dataset; unset = split `path` by prompt."
+    )
     test_split: str = Field("test", description="`datasets` split of `test_path`.")
-    test_size: float = Field(0.1, gt=0, description="Held-out share (<1) or number of pairs (>=1), split by prompt.")
+    test_size: float = Field(
+        0.1, gt=0, description="Held-out share (<1) or number of pairs (>=1), split by prompt."
+    )
     split_seed: int = Field(42, description="Seed of the prompt-grouped train/test split.")
     format: Literal["auto", "standard", "conversational", "implicit", "hh", "sharegpt"] = "auto"
     columns: dict[str, str] = Field(
@@ -59,8 +68,12 @@ class DataConfig(_Part):
         description="Map our fields (prompt, chosen, rejected) to yours; dotted paths and list indices work, "
         "e.g. {chosen: response.0, rejected: response.1}.",
     )
-    max_length: int = Field(512, gt=0, description="Prompt + completion tokens; completions are cut at the end.")
-    max_prompt_length: int = Field(256, gt=0, description="Prompt tokens; prompts are cut at the start (left).")
+    max_length: int = Field(
+        512, gt=0, description="Prompt + completion tokens; completions are cut at the end."
+    )
+    max_prompt_length: int = Field(
+        256, gt=0, description="Prompt tokens; prompts are cut at the start (left)."
+    )
     max_train_samples: int | None = Field(None, gt=0)
     max_eval_samples: int | None = Field(None, gt=0)
     skip_invalid: bool | None = Field(
@@ -81,7 +94,9 @@ class DataConfig(_Part):
 class LossConfig(_Part):
     beta: float = Field(0.1, gt=0, description="KL strength (paper: 0.1).")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Conservative DPO; 0 = off.")
-    ipo_average: Literal["sum", "mean"] = Field("sum", description="IPO on summed (paper) or per-token mean log-probs.")
+    ipo_average: Literal["sum", "mean"] = Field(
+        "sum", description="IPO on summed (paper) or per-token mean log-probs."
+    )
 
 
 class IOPOConfig(_Part):
@@ -108,7 +123,9 @@ class OptimConfig(_Part):
     batch_size: int = Field(4, gt=0, description="Pairs per device per micro-batch.")
     gradient_accumulation_steps: int = Field(1, gt=0)
     num_epochs: float = Field(1.0, gt=0)
-    max_steps: int | None = Field(None, gt=0, description="Optimizer steps (baselines); overrides num_epochs.")
+    max_steps: int | None = Field(
+        None, gt=0, description="Optimizer steps (baselines); overrides num_epochs."
+    )
 
 
 class TrainConfig(_Part):
@@ -122,9 +139,13 @@ class TrainConfig(_Part):
     seed: int = 42
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     logging_steps: int = Field(1, gt=0)
-    save_steps: int | None = Field(None, gt=0, description="Checkpoint every N optimizer steps (and always at the end).")
+    save_steps: int | None = Field(
+        None, gt=0, description="Checkpoint every N optimizer steps (and always at the end)."
+    )
     save_total_limit: int | None = Field(2, gt=0, description="Keep this many newest checkpoints.")
-    resume: bool | str = Field(False, description="true = newest checkpoint in output_dir, or a checkpoint path.")
+    resume: bool | str = Field(
+        False, description="true = newest checkpoint in output_dir, or a checkpoint path."
+    )
     overwrite: bool = Field(False, description="Allow a fresh run into an output_dir that has checkpoints.")
     eval_batch_size: int = Field(8, gt=0)
     eval_at_end: bool = True
@@ -164,7 +185,9 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
         if child is None:
             child = {}
         if not isinstance(child, dict):
-            raise ConfigError(f"config key '{'.'.join(keys[: i + 1])}' is not a section, cannot set '{dotted}'")
+            raise ConfigError(
+                f"config key '{'.'.join(keys[: i + 1])}' is not a section, cannot set '{dotted}'"
+            )
         node[key] = child
         node = child
     node[keys[-1]] = value

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from iopo.data_formats import DataError, PreferencePair, one_line, load_rows
+from iopo.data_formats import DataError, PreferencePair, load_rows, one_line
 
 __all__ = [
     "DataError",
@@ -74,6 +74,13 @@ def _file_of(pairs: list) -> str:
     return pairs[0].source.rpartition(":")[0] if pairs else "data"
 
 
+def _pair_error(pair: PreferencePair, field: str, reason: str) -> DataError:
+    file, _, row = pair.source.rpartition(":")
+    if file and row.isdigit():
+        return DataError.at(file, int(row), field, reason)
+    return DataError(f"{pair.source}: field '{field}': {reason}", source=pair.source, field=field)
+
+
 def split_by_prompt(
     pairs: list[PreferencePair], test_size: float, seed: int
 ) -> tuple[list[PreferencePair], list[PreferencePair]]:
@@ -116,21 +123,19 @@ def _render(pair: PreferencePair, tokenizer) -> tuple[str, str, str]:
     the render of the prompt with the generation prompt, so it ends with the template's end-of-turn tokens."""
     if isinstance(pair.prompt, str):
         return pair.prompt, pair.chosen, pair.rejected
-    file, _, row = pair.source.rpartition(":")
     try:
         prompt_text = tokenizer.apply_chat_template(pair.prompt, tokenize=False, add_generation_prompt=True)
     except Exception as e:  # jinja raises TemplateError or whatever the template calls raise_exception with
-        raise DataError.at(file, int(row), "prompt", f"the chat template failed: {one_line(e)}") from None
+        raise _pair_error(pair, "prompt", f"the chat template failed: {one_line(e)}") from None
     completions = []
     for field in ("chosen", "rejected"):
         try:
             full = tokenizer.apply_chat_template(pair.prompt + getattr(pair, field), tokenize=False)
         except Exception as e:
-            raise DataError.at(file, int(row), field, f"the chat template failed: {one_line(e)}") from None
+            raise _pair_error(pair, field, f"the chat template failed: {one_line(e)}") from None
         if not full.startswith(prompt_text):
-            raise DataError.at(
-                file,
-                int(row),
+            raise _pair_error(
+                pair,
                 field,
                 "the chat template's render of prompt+completion does not start with its render of the prompt "
                 "(with generation prompt); use another model or a string format",
@@ -164,7 +169,9 @@ def tokenize_pairs(
             "use a chat (instruct) model or data with plain-string prompts (standard format)"
         )
     if not all(is_chat) and tokenizer.eos_token_id is None:
-        raise DataError(f"{_file_of(pairs)}: string completions end with EOS, but the tokenizer has no eos token")
+        raise DataError(
+            f"{_file_of(pairs)}: string completions end with EOS, but the tokenizer has no eos token"
+        )
     texts = [_render(pair, tokenizer) for pair in pairs]
 
     prompt_ids: list[list[int]] = [[] for _ in pairs]
@@ -183,8 +190,7 @@ def tokenize_pairs(
             chosen, rejected = chosen + [tokenizer.eos_token_id], rejected + [tokenizer.eos_token_id]
         for field, ids in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
             if not ids:
-                file, _, row = pair.source.rpartition(":")
-                raise DataError.at(file, int(row), field, "tokenizes to no tokens")
+                raise _pair_error(pair, field, "tokenizes to no tokens")
         if len(prompt) > max_prompt_length:
             prompt = prompt[-max_prompt_length:]
             stats["prompts_truncated"] += 1
@@ -201,7 +207,9 @@ def collate_pairs(batch: list[TokenizedPair], pad_token_id: int) -> dict[str, to
     """Rows 0..B-1 = prompt+chosen, rows B..2B-1 = prompt+rejected (same order), right-padded to the longest."""
     if not batch:
         raise ValueError("collate_pairs needs at least one pair")
-    sequences = [(p.prompt_ids, p.chosen_ids) for p in batch] + [(p.prompt_ids, p.rejected_ids) for p in batch]
+    sequences = [(p.prompt_ids, p.chosen_ids) for p in batch] + [
+        (p.prompt_ids, p.rejected_ids) for p in batch
+    ]
     width = max(len(prompt) + len(completion) for prompt, completion in sequences)
     input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)  # (2B, T)
     attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)  # (2B, T)
@@ -219,7 +227,9 @@ def _duplicates(pairs: list[PreferencePair]) -> int:
     return len(pairs) - len(keys)
 
 
-def load_training_data(cfg, tokenizer, run_dir: Path | None) -> tuple[list[TokenizedPair], list[TokenizedPair], dict]:
+def load_training_data(
+    cfg, tokenizer, run_dir: Path | None
+) -> tuple[list[TokenizedPair], list[TokenizedPair], dict]:
     """cfg (a DataConfig) -> (train, test, report). Rejected rows go to run_dir/rejects.jsonl.
 
     Without cfg.test_path the file is split by prompt (shuffled, seeded); with it both files keep their order.
@@ -236,7 +246,10 @@ def load_training_data(cfg, tokenizer, run_dir: Path | None) -> tuple[list[Token
         raise DataError(f"{path}: no usable preference pairs ({len(rejects)} rows rejected)")
     report["duplicate_pairs"] = _duplicates(pairs)
     if cfg.test_path:
-        train, (test, test_rejects, test_format) = pairs, load_rows(cfg.test_path, split=cfg.test_split, **options)
+        train, (test, test_rejects, test_format) = (
+            pairs,
+            load_rows(cfg.test_path, split=cfg.test_split, **options),
+        )
         train_prompts = {_prompt_key(p.prompt) for p in train}
         report |= {
             "test_path": cfg.test_path,

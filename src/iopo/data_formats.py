@@ -30,7 +30,9 @@ _RECORD = "(record)"  # the field named when the whole row is unusable (not JSON
 class DataError(ValueError):
     """Unusable data. One line: "<file>: row <n>: field '<field>': <reason>" for a row, "<file>: <reason>" else."""
 
-    def __init__(self, message: str, *, source: str | None = None, row: int | None = None, field: str | None = None):
+    def __init__(
+        self, message: str, *, source: str | None = None, row: int | None = None, field: str | None = None
+    ):
         super().__init__(message)
         self.source, self.row, self.field = source, row, field
 
@@ -63,7 +65,9 @@ _MISSING = object()
 # --- reading -----------------------------------------------------------------------------------------------------
 
 
-def read_rows(path: str, name: str | None, split: str) -> tuple[str, list[tuple[Any, tuple[str, str] | None]]]:
+def read_rows(
+    path: str, name: str | None, split: str
+) -> tuple[str, list[tuple[Any, tuple[str, str] | None]]]:
     """(label, [(record, error)]) where error is (field, reason) for a row that could not even be parsed."""
     given = str(path)
     p = Path(given).expanduser()
@@ -79,7 +83,8 @@ def read_rows(path: str, name: str | None, split: str) -> tuple[str, list[tuple[
         )
     if p.is_dir():
         return _read_datasets(given, name, split)
-    if lower.endswith(FILE_SUFFIXES) or p.is_absolute() or given.startswith((".", "~")):
+    other_files = (".txt", ".csv", ".tsv", ".arrow", ".gz", ".zip", ".yaml", ".yml")
+    if lower.endswith(FILE_SUFFIXES + other_files) or p.is_absolute() or given.startswith((".", "~")):
         raise DataError(f"{given}: no such file", source=given)
     return _read_datasets(given, name, split)  # a `datasets` (Hub) name
 
@@ -110,7 +115,7 @@ def _read_json_file(path: Path, label: str) -> list[tuple[Any, tuple[str, str] |
             raise DataError(
                 f"{label}: the file is one JSON object; expected an array of rows or JSON Lines", source=label
             )
-    rows = []
+    rows = []  # JSON Lines: one row per non-blank line (blank lines are not rows)
     for number, line in enumerate(raw.split(b"\n"), start=1):
         if not line.strip():
             continue
@@ -233,8 +238,10 @@ def _content(value: Any, field: str) -> str:
                 continue
             if not isinstance(part, dict):
                 raise _RowError(f"{field}[{i}]", f"expected a content part object, got {_kind(part)}")
-            if part.get("type", "text") != "text":
-                raise _RowError(f"{field}[{i}].type", f"only text content is supported, got {part.get('type')!r}")
+            if (part.get("type") or "text") != "text":
+                raise _RowError(
+                    f"{field}[{i}].type", f"only text content is supported, got {part.get('type')!r}"
+                )
             key = "text" if part.get("text") is not None else "value"
             texts.append(_text(part.get(key), f"{field}[{i}].{key}"))
         return "".join(texts)
@@ -245,13 +252,14 @@ def _message(value: Any, field: str) -> dict:
     """{role|from, content|value, ...} -> {"role": system|user|assistant, "content": str}; extra keys ignored."""
     if not isinstance(value, dict):
         raise _RowError(field, f"expected a message object, got {_kind(value)}")
-    role_key = "role" if "role" in value else "from"
+    # Arrow-backed rows (parquet, `datasets`) carry every key of the schema, None where a row lacks it.
+    role_key = "role" if value.get("role") is not None else "from"
     role = value.get(role_key)
     if role is None:
         raise _RowError(f"{field}.role", "missing")
     if not isinstance(role, str) or role.lower() not in _ROLES:
         raise _RowError(f"{field}.{role_key}", f"unknown role {role!r}; expected system, user or assistant")
-    content_key = "content" if "content" in value else "value"
+    content_key = "content" if value.get("content") is not None else "value"
     content = value.get(content_key)
     if content is None:
         raise _RowError(f"{field}.content", "missing")
@@ -272,7 +280,8 @@ def _check_completion(messages: list[dict], field: str, start: int = 0) -> None:
     """A completion is assistant turn(s) with something in them; `start` is its index in the row's list."""
     if messages[0]["role"] != "assistant":
         raise _RowError(
-            f"{field}[{start}].role", f"the completion must start with an assistant message, got {messages[0]['role']!r}"
+            f"{field}[{start}].role",
+            f"the completion must start with an assistant message, got {messages[0]['role']!r}",
         )
     for i, message in enumerate(messages, start=start):
         if not message["content"].strip():
@@ -359,10 +368,12 @@ def looks_like_hh(text: str) -> bool:
 
 
 def _hh(record: dict) -> tuple:
-    """"\\n\\nHuman: …\\n\\nAssistant: …" transcripts: the prompt is the longest common prefix cut back to its last
+    """ "\\n\\nHuman: …\\n\\nAssistant: …" transcripts: the prompt is the longest common prefix cut back to its last
     "\\n\\nAssistant:" (robust where a reply itself contains role markers); history turns become messages."""
     chosen, rejected = (_text(_required(record, k), k) for k in ("chosen", "rejected"))
-    chosen, rejected = ("\n\n" + t.lstrip() if t.lstrip().startswith("Human:") else t for t in (chosen, rejected))
+    chosen, rejected = (
+        "\n\n" + t.lstrip() if t.lstrip().startswith("Human:") else t for t in (chosen, rejected)
+    )
     cut = os.path.commonprefix([chosen, rejected]).rfind(_HH_ASSISTANT)
     if cut < 0:
         raise _RowError("chosen", "chosen and rejected share no '\\n\\nHuman: … \\n\\nAssistant:' history")
@@ -421,7 +432,11 @@ def detect_format(record: dict) -> str | None:
 def _jsonable(value: Any) -> Any:
     """The row as JSON can store it: lone surrogates -> U+FFFD, unknown types -> str."""
     if isinstance(value, str):
-        return "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in value) if _has_surrogate(value) else value
+        return (
+            "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in value)
+            if _has_surrogate(value)
+            else value
+        )
     if isinstance(value, dict):
         return {str(_jsonable(k)): _jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -453,7 +468,9 @@ def load_rows(
     label = str(path)
     for ours, theirs in columns.items():
         if ours not in COLUMN_FIELDS or not isinstance(theirs, str) or not theirs:
-            raise DataError(f"{label}: columns: cannot map {ours!r} to {theirs!r}; map {', '.join(COLUMN_FIELDS)}")
+            raise DataError(
+                f"{label}: columns: cannot map {ours!r} to {theirs!r}; map {', '.join(COLUMN_FIELDS)}"
+            )
     if format != "auto" and format not in PARSERS:
         raise DataError(f"{label}: unknown format {format!r}; use auto or one of {', '.join(FORMATS)}")
     label, rows = read_rows(label, name, split)
@@ -482,7 +499,9 @@ def load_rows(
             field = _their_field(e.field, columns)
             if not skip_invalid:
                 raise DataError.at(label, row, field, e.reason) from None
-            rejects.append({"source": label, "row": row, "field": field, "reason": e.reason, "record": _jsonable(record)})
+            rejects.append(
+                {"source": label, "row": row, "field": field, "reason": e.reason, "record": _jsonable(record)}
+            )
             continue
         pairs.append(PreferencePair(prompt, chosen, rejected, f"{label}:{row}"))
     return pairs, rejects, format

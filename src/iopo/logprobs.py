@@ -79,7 +79,9 @@ class SequenceLogProbs(torch.nn.Module):
     def forward(self, input_ids, attention_mask, completion_mask):
         lm = _transformers_model(self.model)
         backbone = lm.base_model  # e.g. LlamaModel: hidden states without the vocabulary projection
-        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        hidden = backbone(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+        ).last_hidden_state
         softcap = getattr(lm.config, "final_logit_softcapping", None)
         return completion_logps(
             hidden, input_ids, completion_mask, lm.get_output_embeddings(), self.chunk_tokens, softcap

@@ -44,7 +44,9 @@ def embedded_model_dir() -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = find_embedded_gguf()
-    print(f"[iopo] converting the embedded {DEFAULT_MODEL_NAME} ({gguf.name}) to safetensors in {target} (once)")
+    print(
+        f"[iopo] converting the embedded {DEFAULT_MODEL_NAME} ({gguf.name}) to safetensors in {target} (once)"
+    )
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The dequantised weights are dense fp32; drop the GGUF quantizer marker so the folder loads as a plain model.

@@ -36,7 +36,9 @@ class Player:
 
     name: str
     module: torch.nn.Module  # prepared SequenceLogProbs; shared by both players under LoRA
-    adapter: str | None = None  # LoRA adapter name, BASE for the disabled-adapter reference, None for full weights
+    adapter: str | None = (
+        None  # LoRA adapter name, BASE for the disabled-adapter reference, None for full weights
+    )
     params: list = field(default_factory=list)
     optimizer: object = None
     scheduler: object = None
@@ -93,21 +95,32 @@ def _loss_options(cfg: TrainConfig) -> dict:
         "hinge": beta,
         "kto_pair": beta,
         "sft": {},
-        "iopo": {**beta, "epsilon": cfg.iopo.epsilon, "is_clip": cfg.iopo.is_clip, "is_logp": cfg.iopo.is_logp},
+        "iopo": {
+            **beta,
+            "epsilon": cfg.iopo.epsilon,
+            "is_clip": cfg.iopo.is_clip,
+            "is_logp": cfg.iopo.is_logp,
+        },
     }[cfg.method]
 
 
 def _optimizer(params, cfg: TrainConfig):
     o = cfg.optim
     return torch.optim.AdamW(
-        params, lr=o.learning_rate, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_epsilon, weight_decay=o.weight_decay
+        params,
+        lr=o.learning_rate,
+        betas=(o.adam_beta1, o.adam_beta2),
+        eps=o.adam_epsilon,
+        weight_decay=o.weight_decay,
     )
 
 
 def _scheduler(optimizer, cfg: TrainConfig, n_steps: int):
     from transformers import get_scheduler
 
-    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.optim.lr_scheduler]
+    name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[
+        cfg.optim.lr_scheduler
+    ]
     warmup = math.ceil(cfg.optim.warmup_ratio * n_steps)
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=max(n_steps, 1))
 
@@ -171,7 +184,9 @@ def _unwrap(module):
     return getattr(module, "module", module)
 
 
-def player_logps(player: Player, batch: dict, players: dict[str, Player], grad: bool) -> dict[str, torch.Tensor]:
+def player_logps(
+    player: Player, batch: dict, players: dict[str, Player], grad: bool
+) -> dict[str, torch.Tensor]:
     """One concatenated chosen+rejected forward of `player`; the env/reference runs without autograd."""
     with acting(player, players), torch.set_grad_enabled(grad):
         if grad:
@@ -184,7 +199,9 @@ def player_logps(player: Player, batch: dict, players: dict[str, Player], grad: 
             player.module.train(was_training)
 
 
-def train_step(agent: Player, env: Player | None, players, micro_batches, loss_fn, accelerator, max_grad_norm):
+def train_step(
+    agent: Player, env: Player | None, players, micro_batches, loss_fn, accelerator, max_grad_norm
+):
     """One optimizer step of `agent` against `env` (the frozen other player, the reference, or None for SFT).
 
     Gradients are accumulated over the micro-batches (synchronised across processes on the last one only), clipped,
@@ -281,8 +298,12 @@ def train(cfg: TrainConfig) -> dict:
             )
         step, position = state["step"], state["micro_batches"]
         for player in players.values():
-            player.optimizer.load_state_dict(torch.load(resume_dir / f"{player.name}.optimizer.pt", weights_only=False))
-            player.scheduler.load_state_dict(torch.load(resume_dir / f"{player.name}.scheduler.pt", weights_only=False))
+            player.optimizer.load_state_dict(
+                torch.load(resume_dir / f"{player.name}.optimizer.pt", weights_only=False)
+            )
+            player.scheduler.load_state_dict(
+                torch.load(resume_dir / f"{player.name}.scheduler.pt", weights_only=False)
+            )
         rng_file = resume_dir / f"rng_state_{accelerator.process_index}.pt"
         if rng_file.is_file():
             ckpt.set_rng_state(torch.load(rng_file, weights_only=False))
@@ -297,7 +318,9 @@ def train(cfg: TrainConfig) -> dict:
             eval_ref = torch.load(ref_file, weights_only=True)
         if eval_ref is None or eval_ref["chosen_logps"].numel() != len(test_pairs):
             if step > 0:
-                raise ValueError(f"{ref_file} is missing or stale; cannot recover the starting model's log-probs")
+                raise ValueError(
+                    f"{ref_file} is missing or stale; cannot recover the starting model's log-probs"
+                )
             eval_ref = _test_logps(final_player, players, test_pairs, cfg, tokenizer, accelerator)
             if accelerator.is_main_process:
                 torch.save(eval_ref, ref_file)
@@ -317,14 +340,18 @@ def train(cfg: TrainConfig) -> dict:
             env = reference if cfg.method != "iopo" else players[_other(agent_name)]
             # The adversary="reversed" ablation: the adversary's action prefers y_l over y_w (Sec. 4.1).
             reverse = cfg.method == "iopo" and cfg.iopo.adversary == "reversed" and agent_name == "adversary"
-            step_loss = functools.partial(loss_fn, reverse_preference=reverse) if cfg.method == "iopo" else loss_fn
+            step_loss = (
+                functools.partial(loss_fn, reverse_preference=reverse) if cfg.method == "iopo" else loss_fn
+            )
 
             micro_batches = []
             for k in range(cfg.optim.gradient_accumulation_steps):
                 indices = micro_batch_indices(position + k, global_batch, len(train_pairs), cfg.seed)
                 mine = indices[accelerator.process_index * micro : (accelerator.process_index + 1) * micro]
                 micro_batches.append(collate_pairs([train_pairs[i] for i in mine], tokenizer.pad_token_id))
-            sums = train_step(agent, env, players, micro_batches, step_loss, accelerator, cfg.optim.max_grad_norm)
+            sums = train_step(
+                agent, env, players, micro_batches, step_loss, accelerator, cfg.optim.max_grad_norm
+            )
             step += 1
             position += len(micro_batches)  # only a finished step moves the data position
 
@@ -412,7 +439,9 @@ def _reduce(accelerator, sums: dict[str, float]) -> dict[str, float]:
     out = {}
     for i, key in enumerate(keys):
         column = table[:, i]
-        out[key] = float(column.min() if key.endswith("_min") else column.max() if key.endswith("_max") else column.mean())
+        out[key] = float(
+            column.min() if key.endswith("_min") else column.max() if key.endswith("_max") else column.mean()
+        )
     return out
 
 
