@@ -349,9 +349,11 @@ def train(cfg: TrainConfig) -> dict:
                 indices = micro_batch_indices(position + k, global_batch, len(train_pairs), cfg.seed)
                 mine = indices[accelerator.process_index * micro : (accelerator.process_index + 1) * micro]
                 micro_batches.append(collate_pairs([train_pairs[i] for i in mine], tokenizer.pad_token_id))
+            tick = time.perf_counter()
             sums = train_step(
                 agent, env, players, micro_batches, step_loss, accelerator, cfg.optim.max_grad_norm
             )
+            sums["step_seconds"] = time.perf_counter() - tick
             step += 1
             position += len(micro_batches)  # only a finished step moves the data position
 
