@@ -37,6 +37,13 @@ def test_shorthands_and_paths_stay_strings():
     assert cfg.data.path == "123" and cfg.output_dir == "007"
 
 
+def test_shorthand_in_any_order_keeps_sub_keys():
+    for order in (["model.lora=true", "model=m"], ["model=m", "model.lora=true"]):
+        cfg = load_config(None, [*order, "data.max_length=999", "data=d.jsonl"])
+        assert cfg.model.name_or_path == "m" and cfg.model.lora is True
+        assert cfg.data.path == "d.jsonl" and cfg.data.max_length == 999
+
+
 def test_column_mapping_override():
     cfg = load_config(None, ["data.columns={chosen: response.0, rejected: response.1}"])
     assert cfg.data.columns == {"chosen": "response.0", "rejected": "response.1"}

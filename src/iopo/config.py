@@ -172,6 +172,7 @@ class TrainConfig(_Part):
         return Path(self.output_dir.format(method=self.method))
 
 
+_SHORTHANDS = {"model": "name_or_path", "data": "path"}
 _FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 
 
@@ -180,8 +181,8 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node = tree
     for i, key in enumerate(keys[:-1]):
         child = node.get(key)
-        if isinstance(child, str) and key in ("model", "data"):
-            child = {"name_or_path" if key == "model" else "path": child}
+        if isinstance(child, str) and key in _SHORTHANDS:
+            child = {_SHORTHANDS[key]: child}
         if child is None:
             child = {}
         if not isinstance(child, dict):
@@ -190,7 +191,11 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
             )
         node[key] = child
         node = child
-    node[keys[-1]] = value
+    last = keys[-1]
+    if len(keys) == 1 and last in _SHORTHANDS and isinstance(value, str) and isinstance(node.get(last), dict):
+        node[last][_SHORTHANDS[last]] = value  # `model=x` after `model.lora=true` keeps the lora setting
+    else:
+        node[last] = value
 
 
 def parse_overrides(overrides: list[str]) -> dict:

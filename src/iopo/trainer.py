@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from iopo import checkpoint as ckpt
-from iopo.config import TrainConfig, dump_config
+from iopo.config import ConfigError, TrainConfig, dump_config
 from iopo.data import TokenizedPair, collate_pairs, load_training_data
 from iopo.evaluate import dataset_logps, format_table, offline_metrics
 from iopo.logprobs import SequenceLogProbs, sequence_logps
@@ -230,6 +230,7 @@ def train_step(
         for key, value in {"loss": loss.detach(), **metrics}.items():
             sums[key] = _combine(key, sums.get(key), float(value), n_micro)
     sums["grad_norm"] = _clip(accelerator, agent.params, max_grad_norm)
+    sums["learning_rate"] = agent.optimizer.param_groups[0]["lr"]  # the rate this step used
     agent.optimizer.step()
     if agent.scheduler is not None:
         agent.scheduler.step()
@@ -242,11 +243,19 @@ def train_step(
 def train(cfg: TrainConfig) -> dict:
     """Train with cfg.method, checkpoint, export the protagonist/policy and evaluate it. Returns eval results."""
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, set_seed
+    from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
 
     # Under LoRA IOPO one DDP module holds both adapters and only the agent's gets gradients in a phase.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.model.lora and cfg.method == "iopo")
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, kwargs_handlers=[ddp])
+    # cpu=True on a machine without accelerators: accelerate then treats torchrun's processes as MULTI_CPU (gloo).
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision, kwargs_handlers=[ddp], cpu=not _has_accelerator()
+    )
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        raise ConfigError(
+            "DeepSpeed is not supported yet: accelerate's integration takes one model and one optimizer, while "
+            "iopo keeps a separate optimizer per player; use FSDP or DDP (see docs/distributed.md)"
+        )
     log = _printer(accelerator)
     set_seed(cfg.seed)
     run_dir = cfg.run_dir
@@ -268,7 +277,7 @@ def train(cfg: TrainConfig) -> dict:
     )
     log(f"[iopo] data: {json.dumps(report)}")
     if not train_pairs:
-        raise ValueError("no training pairs left after loading; check data.path and the rejects file")
+        raise ConfigError("no training pairs left after loading; check data.path and the rejects file")
 
     # --- players, schedule, optimizers
     names = ["protagonist", "adversary"] if cfg.method == "iopo" else ["policy"]
@@ -292,7 +301,7 @@ def train(cfg: TrainConfig) -> dict:
     if resume_dir is not None:
         state = ckpt.read_state(resume_dir)
         if state["global_batch"] != global_batch:
-            raise ValueError(
+            raise ConfigError(
                 f"checkpoint was written with {state['global_batch']} pairs per micro-batch over all processes, "
                 f"now {global_batch}: keep batch_size x processes equal to resume"
             )
@@ -318,7 +327,7 @@ def train(cfg: TrainConfig) -> dict:
             eval_ref = torch.load(ref_file, weights_only=True)
         if eval_ref is None or eval_ref["chosen_logps"].numel() != len(test_pairs):
             if step > 0:
-                raise ValueError(
+                raise ConfigError(
                     f"{ref_file} is missing or stale; cannot recover the starting model's log-probs"
                 )
             eval_ref = _test_logps(final_player, players, test_pairs, cfg, tokenizer, accelerator)
@@ -363,7 +372,6 @@ def train(cfg: TrainConfig) -> dict:
                     step=step,
                     agent=agent_name,
                     round=round_index,
-                    learning_rate=agent.scheduler.get_last_lr()[0],
                     epoch=position * global_batch / len(train_pairs),
                 )
                 _log_metrics(accelerator, record, metrics_file, writer)
@@ -409,6 +417,11 @@ def train(cfg: TrainConfig) -> dict:
 
 
 # ---------------------------------------------------------------- helpers of the loop
+
+
+def _has_accelerator() -> bool:
+    xpu = getattr(torch, "xpu", None)
+    return torch.cuda.is_available() or bool(xpu and xpu.is_available()) or torch.backends.mps.is_available()
 
 
 def _other(agent_name: str) -> str:

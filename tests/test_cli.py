@@ -1,0 +1,84 @@
+"""The `iopo` command end to end on a tiny model: files written, one-line errors, refusal to overwrite finished work."""
+
+import json
+import os
+import subprocess
+import sys
+
+from tiny import write_pairs
+
+
+def iopo(*args, cwd=None):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    return subprocess.run(
+        [sys.executable, "-m", "iopo", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=300
+    )
+
+
+def base_args(tmp_path, model_dir, data):
+    return [
+        f"model={model_dir}",
+        f"data={data}",
+        f"output_dir={tmp_path / 'run'}",
+        "data.max_length=64",
+        "data.max_prompt_length=32",
+        "data.test_size=4",
+        "optim.learning_rate=1e-3",
+        "iopo.n_iter=1",
+    ]
+
+
+def test_cli_trains_exports_and_evaluates(tmp_path, tiny_model_dir):
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    done = iopo("train", *base_args(tmp_path, tiny_model_dir, data))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "margin reward" in done.stdout and "pairwise accuracy" in done.stdout
+    run = tmp_path / "run"
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "eval.json",
+        "final/config.json",
+        "final/model.safetensors",
+        "final/tokenizer.json",
+        "checkpoints/step-0000002/trainer_state.json",
+    ):
+        assert (run / name).is_file(), name
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert not (run / "rejects.jsonl").exists()  # user data without bad rows
+    assert json.loads((run / "eval.json").read_text())["n_pairs"] == 4
+
+    # Running again into the same folder would lose the finished run: refused with one line.
+    again = iopo("train", *base_args(tmp_path, tiny_model_dir, data))
+    assert again.returncode == 2
+    assert again.stderr.strip().count("\n") == 0 and "resume=true" in again.stderr
+
+    # resume=true on a finished run: nothing left to train, exports and evaluates again.
+    resumed = iopo("train", *base_args(tmp_path, tiny_model_dir, data), "resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout
+
+
+def test_cli_bad_row_is_one_line_naming_file_row_field(tmp_path, tiny_model_dir):
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    lines = data.read_text().splitlines()
+    row = json.loads(lines[5])
+    row["rejected"] = row["chosen"]
+    lines[5] = json.dumps(row)
+    data.write_text("\n".join(lines) + "\n")
+    done = iopo("train", *base_args(tmp_path, tiny_model_dir, data))
+    assert done.returncode == 2
+    message = done.stderr.strip()
+    assert "\n" not in message and "Traceback" not in message
+    assert str(data) in message and "row 5" in message and "rejected" in message
+
+    skipped = iopo("train", *base_args(tmp_path, tiny_model_dir, data), "data.skip_invalid=true")
+    assert skipped.returncode == 0, skipped.stderr[-2000:]
+    rejects = [json.loads(x) for x in (tmp_path / "run" / "rejects.jsonl").read_text().splitlines()]
+    assert len(rejects) == 1 and rejects[0]["row"] == 5
+    assert '"rejected": 1' in skipped.stdout
+
+
+def test_cli_missing_data_file(tmp_path, tiny_model_dir):
+    done = iopo("train", *base_args(tmp_path, tiny_model_dir, tmp_path / "nope.jsonl"))
+    assert done.returncode == 2 and "nope.jsonl" in done.stderr and "Traceback" not in done.stderr
