@@ -71,3 +71,35 @@ def test_two_processes_equal_one(tmp_path, tiny_model_dir, lora):
     assert two_eval["n_pairs"] == single["n_pairs"] == 4
     assert two_eval["margin_reward"] == pytest.approx(single["margin_reward"], abs=1e-4)
     assert len((two_dir / "metrics.jsonl").read_text().splitlines()) == 6
+
+
+def test_accelerate_launch_config_runs_two_processes(tmp_path, tiny_model_dir):
+    from pathlib import Path
+
+    from tiny import write_pairs
+
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    config = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "cpu_2proc.yaml"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(config),
+        "-m",
+        "iopo",
+        "train",
+        f"model={tiny_model_dir}",
+        f"data={data}",
+        f"output_dir={tmp_path / 'run'}",
+        "data.max_length=64",
+        "data.max_prompt_length=32",
+        "data.test_size=4",
+        "optim.batch_size=2",
+        "iopo.n_iter=1",
+        "progress_bar=false",
+    ]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "processes=2" in done.stdout and (tmp_path / "run" / "final" / "config.json").is_file()

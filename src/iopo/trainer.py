@@ -541,10 +541,10 @@ def _export(cfg, accelerator, player: Player, tokenizer, run_dir: Path) -> Path:
         elif cfg.merge_lora:
             # Merge a copy of the protagonist's adapter into a copy of the base; the live model stays as it is.
             merged = copy.deepcopy(inner)
+            merged.set_adapter(player.adapter)
             for name in list(merged.peft_config):
                 if name != player.adapter:
                     merged.delete_adapter(name)
-            merged.set_adapter(player.adapter)
             merged = merged.merge_and_unload()
             merged.save_pretrained(out, safe_serialization=True)
         else:
