@@ -62,7 +62,19 @@ def run(method: str, mode: str, steps: int, workdir: Path) -> dict:
         "mean_s": round(statistics.mean(times), 3),
         "min_s": round(min(times), 3),
         "max_s": round(max(times), 3),
+        "step_s": [round(t, 3) for t in times],
     }
+
+
+def paired(rows: list[dict]) -> list[dict]:
+    """IOPO/DPO time ratio step by step: both runs read the same batches in the same order (same seed)."""
+    out = []
+    for mode in sorted({r["mode"] for r in rows}):
+        by = {r["method"]: r for r in rows if r["mode"] == mode}
+        if {"dpo", "iopo"} <= by.keys():
+            ratios = [i / d for i, d in zip(by["iopo"]["step_s"], by["dpo"]["step_s"], strict=False)]
+            out.append({"mode": mode, "median_iopo_over_dpo": round(statistics.median(ratios), 3)})
+    return out
 
 
 def main() -> None:
@@ -90,11 +102,16 @@ def main() -> None:
             for method in ("dpo", "iopo"):
                 rows.append(run(method, mode, args.steps, Path(tmp)))
                 print(json.dumps(rows[-1]), flush=True)
+                result["paired"] = paired(rows)
                 Path(args.out).write_text(json.dumps(result, indent=2) + "\n")  # each finished row is kept
     print("| method | mode | median s/step | mean | min | max |\n|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['method']} | {r['mode']} | {r['median_s']} | {r['mean_s']} | {r['min_s']} | {r['max_s']} |"
+        )
+    for p in result["paired"]:
+        print(
+            f"{p['mode']}: median per-step IOPO/DPO time ratio on the same batches = {p['median_iopo_over_dpo']}"
         )
 
 

@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from tiny import write_pairs
+from tiny import run_overrides, write_pairs
 
 
 def iopo(*args, cwd=None):
@@ -16,16 +16,9 @@ def iopo(*args, cwd=None):
 
 
 def base_args(tmp_path, model_dir, data):
-    return [
-        f"model={model_dir}",
-        f"data={data}",
-        f"output_dir={tmp_path / 'run'}",
-        "data.max_length=64",
-        "data.max_prompt_length=32",
-        "data.test_size=4",
-        "optim.learning_rate=1e-3",
-        "iopo.n_iter=1",
-    ]
+    return run_overrides(
+        model_dir, data, tmp_path / "run", "optim.learning_rate=1e-3", "iopo.n_iter=1", "tensorboard=true"
+    )
 
 
 def test_cli_trains_exports_and_evaluates(tmp_path, tiny_model_dir):

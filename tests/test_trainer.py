@@ -14,7 +14,7 @@ from iopo.data import collate_pairs, load_training_data
 from iopo.losses import LOSSES
 from iopo.models import load_tokenizer
 
-from tiny import write_pairs
+from tiny import run_overrides, write_pairs
 
 
 def make_cfg(tmp_path, model_dir, *extra, method="iopo"):
@@ -22,26 +22,7 @@ def make_cfg(tmp_path, model_dir, *extra, method="iopo"):
     tmp_path.mkdir(parents=True, exist_ok=True)
     if not data.exists():
         write_pairs(data, n=24)
-    return load_config(
-        None,
-        [
-            f"method={method}",
-            f"model={model_dir}",
-            f"data={data}",
-            f"output_dir={tmp_path / 'run'}",
-            "data.max_length=64",
-            "data.max_prompt_length=32",
-            "data.test_size=4",
-            "optim.batch_size=4",
-            "optim.learning_rate=1e-2",
-            "optim.warmup_ratio=0",
-            "loss.beta=0.5",
-            "progress_bar=false",
-            "tensorboard=false",
-            "eval_batch_size=3",
-            *extra,
-        ],
-    )
+    return load_config(None, run_overrides(model_dir, data, tmp_path / "run", f"method={method}", *extra))
 
 
 @pytest.fixture()

@@ -87,3 +87,23 @@ def write_pairs(path: Path, n: int = 24, seed: int = 0) -> Path:
             }
             f.write(json.dumps(row) + "\n")
     return path
+
+
+def run_overrides(model_dir, data, output_dir, *extra: str) -> list[str]:
+    """The config overrides of a quick tiny-model run (later entries win), shared by the pipeline tests."""
+    return [
+        f"model={model_dir}",
+        f"data={data}",
+        f"output_dir={output_dir}",
+        "data.max_length=64",
+        "data.max_prompt_length=32",
+        "data.test_size=4",
+        "optim.batch_size=4",
+        "optim.learning_rate=1e-2",
+        "optim.warmup_ratio=0",
+        "loss.beta=0.5",
+        "progress_bar=false",
+        "tensorboard=false",
+        "eval_batch_size=3",
+        *extra,
+    ]
