@@ -75,3 +75,13 @@ def test_cli_bad_row_is_one_line_naming_file_row_field(tmp_path, tiny_model_dir)
 def test_cli_missing_data_file(tmp_path, tiny_model_dir):
     done = iopo("train", *base_args(tmp_path, tiny_model_dir, tmp_path / "nope.jsonl"))
     assert done.returncode == 2 and "nope.jsonl" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_cli_unloadable_model_is_one_line(tmp_path):
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    done = iopo(
+        "train", f"model={tmp_path / 'no-such-model'}", f"data={data}", f"output_dir={tmp_path / 'run'}"
+    )
+    assert done.returncode == 2
+    assert done.stderr.startswith("iopo: error: cannot load the tokenizer of model")
+    assert "Traceback" not in done.stderr and done.stderr.strip().count("\n") == 0

@@ -306,3 +306,15 @@ def test_reversed_adversary_and_symmetric_clip_run(tmp_path, tiny_model_dir):
     records = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["agent"] for r in records] == ["protagonist", "adversary"]
     assert all(0.7 - 1e-6 <= r["is/weight_min"] <= r["is/weight_max"] <= 1.3 + 1e-6 for r in records)
+
+
+def test_bf16_autocast_run_keeps_float32_logps(tmp_path, tiny_model_dir):
+    cfg = make_cfg(tmp_path, tiny_model_dir, "iopo.n_iter=1", "mixed_precision=bf16")
+    results = trainer.train(cfg)
+    records = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["loss"]) for r in records)
+    # Step one: the players are equal, so h = 0 exactly even under bf16 autocast (the same forward twice).
+    assert records[0]["loss"] == pytest.approx(records[0]["is/weight_mean"] * math.log(2), rel=1e-5)
+    assert math.isfinite(results["margin_reward"])
+    saved = load_file(cfg.run_dir / "final" / "model.safetensors")
+    assert all(t.dtype == torch.float32 for t in saved.values())  # master weights stay fp32

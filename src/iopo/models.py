@@ -11,10 +11,15 @@ from pathlib import Path
 
 import torch
 
-from iopo.config import ModelConfig
+from iopo.config import ConfigError, ModelConfig
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def iopo_home() -> Path:
@@ -77,7 +82,10 @@ def load_tokenizer(cfg: ModelConfig):
     kwargs = {"trust_remote_code": cfg.trust_remote_code}
     if cfg.gguf_file:
         kwargs["gguf_file"] = cfg.gguf_file
-    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot load the tokenizer of model '{path}': {_first_line(e)}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # padding is masked out everywhere, any id works
     return tokenizer
@@ -92,7 +100,11 @@ def load_model(cfg: ModelConfig):
         kwargs["gguf_file"] = cfg.gguf_file
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
-    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg), **kwargs)
+    path = resolve_model_path(cfg)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot load model '{path}' as a causal LM: {_first_line(e)}") from None
     if getattr(model, "hf_quantizer", None) is not None and cfg.gguf_file:
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):

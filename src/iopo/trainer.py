@@ -243,10 +243,14 @@ def train_step(
 def train(cfg: TrainConfig) -> dict:
     """Train with cfg.method, checkpoint, export the protagonist/policy and evaluate it. Returns eval results."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
 
     # Under LoRA IOPO one DDP module holds both adapters and only the agent's gets gradients in a phase.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.model.lora and cfg.method == "iopo")
+    # A second train() in one process (a notebook, the tests) may ask for another precision: accelerate keeps its
+    # settings in a process-wide singleton, so drop them first (the process group, in PartialState, stays).
+    AcceleratorState._reset_state(reset_partial_state=False)
     # cpu=True on a machine without accelerators: accelerate then treats torchrun's processes as MULTI_CPU (gloo).
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision, kwargs_handlers=[ddp], cpu=not _has_accelerator()
