@@ -611,6 +611,15 @@ def test_a_template_that_rewrites_the_prompt_is_a_row_error():
     pair = PreferencePair([user("q")], [assistant("a")], [assistant("b")], "data.jsonl:3")
     with pytest.raises(DataError, match=r"^data.jsonl: row 3: field 'chosen': the chat template's render"):
         tokenize_pairs([pair], tok, max_length=32, max_prompt_length=16)
+    # With a rejects list (skip_invalid), the pair is set aside with its row and field; good pairs go on.
+    good = PreferencePair("plain q", "a", "b", "data.jsonl:4")
+    rejects: list[dict] = []
+    kept, stats = tokenize_pairs([pair, good], tok, max_length=32, max_prompt_length=16, rejects=rejects)
+    assert [k.source for k in kept] == ["data.jsonl:4"] and stats["pairs"] == 1
+    assert len(rejects) == 1
+    assert rejects[0]["source"] == "data.jsonl" and rejects[0]["row"] == 3 and rejects[0]["field"] == "chosen"
+    assert rejects[0]["reason"].startswith("the chat template's render")
+    assert rejects[0]["record"]["chosen"] == [assistant("a")]
 
 
 # --- the top level -----------------------------------------------------------------------------------------------

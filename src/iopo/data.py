@@ -150,14 +150,34 @@ def _encode(tokenizer, texts: list[str], add_special_tokens: bool) -> list[list[
     return tokenizer(texts, add_special_tokens=add_special_tokens, verbose=False)["input_ids"]
 
 
+def _reject(error: DataError, pair: PreferencePair) -> dict:
+    """A pair that failed at tokenization, in the rejects.jsonl layout the row readers use."""
+    file, _, row = pair.source.rpartition(":")
+    reason = str(error).split(f"field '{error.field}': ", 1)[-1]
+    record = {"prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected}
+    return {
+        "source": file,
+        "row": int(row) if row.isdigit() else row,
+        "field": error.field,
+        "reason": reason,
+        "record": record,
+    }
+
+
 def tokenize_pairs(
-    pairs: list[PreferencePair], tokenizer, *, max_length: int, max_prompt_length: int
+    pairs: list[PreferencePair],
+    tokenizer,
+    *,
+    max_length: int,
+    max_prompt_length: int,
+    rejects: list[dict] | None = None,
 ) -> tuple[list[TokenizedPair], dict]:
     """TRL's conventions. Message prompts: the chat template's render, tokenized without extra special tokens.
     String prompts: tokenizer(prompt) with its special tokens (BOS), completion + [eos_token_id].
 
     A prompt over max_prompt_length keeps its last tokens (the question nearest the reply); then each completion
-    is cut at the end to max_length - len(prompt).
+    is cut at the end to max_length - len(prompt). A pair that cannot be rendered or tokenizes to nothing raises
+    DataError naming its row and field, or, when a `rejects` list is given, is appended to it and left out.
     """
     if not 0 < max_prompt_length < max_length:
         raise ValueError(f"need 0 < max_prompt_length ({max_prompt_length}) < max_length ({max_length})")
@@ -172,6 +192,15 @@ def tokenize_pairs(
         raise DataError(
             f"{_file_of(pairs)}: string completions end with EOS, but the tokenizer has no eos token"
         )
+    if rejects is not None:  # render one by one so a bad pair can be set aside
+        kept = []
+        for pair in pairs:
+            try:
+                _render(pair, tokenizer)
+                kept.append(pair)
+            except DataError as e:
+                rejects.append(_reject(e, pair))
+        pairs, is_chat = kept, [not isinstance(pair.prompt, str) for pair in kept]
     texts = [_render(pair, tokenizer) for pair in pairs]
 
     prompt_ids: list[list[int]] = [[] for _ in pairs]
@@ -188,9 +217,16 @@ def tokenize_pairs(
         prompt, chosen, rejected = prompt_ids[i], chosen_ids[i], rejected_ids[i]
         if not is_chat[i]:
             chosen, rejected = chosen + [tokenizer.eos_token_id], rejected + [tokenizer.eos_token_id]
-        for field, ids in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)):
-            if not ids:
-                raise _pair_error(pair, field, "tokenizes to no tokens")
+        empty = next(
+            (f for f, ids in (("prompt", prompt), ("chosen", chosen), ("rejected", rejected)) if not ids),
+            None,
+        )
+        if empty is not None:
+            error = _pair_error(pair, empty, "tokenizes to no tokens")
+            if rejects is None:
+                raise error
+            rejects.append(_reject(error, pair))
+            continue
         if len(prompt) > max_prompt_length:
             prompt = prompt[-max_prompt_length:]
             stats["prompts_truncated"] += 1
@@ -200,6 +236,7 @@ def tokenize_pairs(
             stats["completions_truncated"] += 1
         stats["max_tokens"] = max(stats["max_tokens"], len(prompt) + max(len(chosen), len(rejected)))
         out.append(TokenizedPair(prompt, chosen, rejected, pair.source))
+    stats["pairs"] = len(out)
     return out, stats
 
 
@@ -263,8 +300,11 @@ def load_training_data(
     train, test = train[: cfg.max_train_samples], test[: cfg.max_eval_samples]
 
     lengths = {"max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length}
-    train_tokens, train_stats = tokenize_pairs(train, tokenizer, **lengths)
-    test_tokens, test_stats = tokenize_pairs(test, tokenizer, **lengths)
+    # With skip_invalid, pairs that fail at tokenization (chat template errors, no tokens) are rejects too.
+    rejects = list(rejects)
+    token_rejects = rejects if skip_invalid else None
+    train_tokens, train_stats = tokenize_pairs(train, tokenizer, **lengths, rejects=token_rejects)
+    test_tokens, test_stats = tokenize_pairs(test, tokenizer, **lengths, rejects=token_rejects)
 
     rejects_file = None
     if rejects and run_dir is not None:
