@@ -264,11 +264,12 @@ def train(cfg: TrainConfig) -> dict:
     set_seed(cfg.seed)
     run_dir = cfg.run_dir
     resume_dir = ckpt.resolve_resume(cfg)
+    resume_state = ckpt.read_state(resume_dir) if resume_dir is not None else None
     if resume_dir is not None:
         saved = yaml.safe_load((resume_dir / "config.yaml").read_text(encoding="utf-8"))
         ckpt.check_resume_config(saved, cfg)
     if accelerator.is_main_process:
-        ckpt.prepare_run_dir(run_dir, ckpt.read_state(resume_dir)["step"] if resume_dir else None)
+        ckpt.prepare_run_dir(run_dir, resume_state["step"] if resume_state else None)
         (run_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
     accelerator.wait_for_everyone()
     started = time.time()
@@ -302,14 +303,13 @@ def train(cfg: TrainConfig) -> dict:
 
     # --- resume
     step, position = 0, 0
-    if resume_dir is not None:
-        state = ckpt.read_state(resume_dir)
-        if state["global_batch"] != global_batch:
+    if resume_state is not None:
+        if resume_state["global_batch"] != global_batch:
             raise ConfigError(
-                f"checkpoint was written with {state['global_batch']} pairs per micro-batch over all processes, "
-                f"now {global_batch}: keep batch_size x processes equal to resume"
+                f"checkpoint was written with {resume_state['global_batch']} pairs per micro-batch over all "
+                f"processes, now {global_batch}: keep batch_size x processes equal to resume"
             )
-        step, position = state["step"], state["micro_batches"]
+        step, position = resume_state["step"], resume_state["micro_batches"]
         for player in players.values():
             player.optimizer.load_state_dict(
                 torch.load(resume_dir / f"{player.name}.optimizer.pt", weights_only=False)
@@ -391,7 +391,8 @@ def train(cfg: TrainConfig) -> dict:
         raise
     if bar is not None:
         bar.close()
-    save(step)
+    if not (resume_state and resume_state["step"] == step):  # else that checkpoint is this state already
+        save(step)
     if writer is not None:
         writer.close()
 
