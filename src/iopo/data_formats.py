@@ -307,15 +307,20 @@ def _standard(record: dict) -> tuple:
     return prompt, chosen, rejected
 
 
-def _conversational(record: dict) -> tuple:
-    prompt = _messages(_required(record, "prompt"), "prompt")
+def _message_completions(record: dict) -> tuple[list[dict], list[dict]]:
+    """chosen/rejected as assistant message lists (a single message allowed), non-empty and different."""
     chosen = _messages(_required(record, "chosen"), "chosen", single_ok=True)
     rejected = _messages(_required(record, "rejected"), "rejected", single_ok=True)
     _check_completion(chosen, "chosen")
     _check_completion(rejected, "rejected")
     if chosen == rejected:
         raise _RowError("rejected", "same as chosen")
-    return prompt, chosen, rejected
+    return chosen, rejected
+
+
+def _conversational(record: dict) -> tuple:
+    prompt = _messages(_required(record, "prompt"), "prompt")
+    return prompt, *_message_completions(record)
 
 
 def _sharegpt(record: dict) -> tuple:
@@ -323,13 +328,7 @@ def _sharegpt(record: dict) -> tuple:
     system = record.get("system")
     if isinstance(system, str) and system.strip() and prompt[0]["role"] != "system":
         prompt.insert(0, {"role": "system", "content": _text(system, "system")})
-    chosen = _messages(_required(record, "chosen"), "chosen", single_ok=True)
-    rejected = _messages(_required(record, "rejected"), "rejected", single_ok=True)
-    _check_completion(chosen, "chosen")
-    _check_completion(rejected, "rejected")
-    if chosen == rejected:
-        raise _RowError("rejected", "same as chosen")
-    return prompt, chosen, rejected
+    return prompt, *_message_completions(record)
 
 
 def _implicit(record: dict) -> tuple:
