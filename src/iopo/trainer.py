@@ -298,6 +298,7 @@ def train(cfg: TrainConfig) -> dict:
     log(
         f"[iopo] method={cfg.method} players={names} lora={cfg.model.lora} steps={len(schedule)} "
         f"global_batch={global_batch}x{cfg.optim.gradient_accumulation_steps} processes={accelerator.num_processes} "
+        f"distributed={accelerator.distributed_type.value} "
         f"trainable/player={sum(p.numel() for p in players[names[0]].params):,}"
     )
 
