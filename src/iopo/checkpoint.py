@@ -154,7 +154,7 @@ def write_common(tmp: Path, cfg: TrainConfig, state: dict) -> None:
 
 
 def finish_write(tmp: Path, final: Path, keep: int | None) -> None:
-    if final.exists():  # re-saving the same step (e.g. the end of a resumed run that saved it already)
+    if final.exists():  # re-saving the same step (e.g. Ctrl-C right after resuming from it)
         shutil.rmtree(final)
     os.replace(tmp, final)
     if keep:

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from iopo.config import ConfigError, dump_config, load_config
+from iopo.data_formats import DataError
 
 USAGE_EPILOG = """\
 overrides are key=value pairs over the YAML file, e.g.
@@ -38,17 +39,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(dump_config(cfg), end="")
             return 0
-        from iopo.data import DataError
         from iopo.trainer import train
 
-        try:
-            train(cfg)
-        except DataError as e:
-            raise ConfigError(str(e)) from None
-    except ConfigError as e:
-        print(f"iopo: error: {e}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as e:
+        train(cfg)
+    except (ConfigError, DataError, FileNotFoundError) as e:  # the user's input, said in one line
         print(f"iopo: error: {e}", file=sys.stderr)
         return 2
     return 0

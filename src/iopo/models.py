@@ -22,6 +22,14 @@ def _first_line(error: Exception) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def _drop_gguf_marker(model) -> None:
+    """A model loaded with gguf_file= is dequantised to dense weights but keeps the GGUF quantizer marker (transformers
+    5.x); drop it so save_pretrained writes a folder that loads as a plain model."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
 def iopo_home() -> Path:
     return Path(os.environ.get("IOPO_HOME") or Path.home() / ".cache" / "iopo")
 
@@ -54,10 +62,7 @@ def embedded_model_dir() -> Path:
     )
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    # The dequantised weights are dense fp32; drop the GGUF quantizer marker so the folder loads as a plain model.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
+    _drop_gguf_marker(model)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
     try:
@@ -105,10 +110,8 @@ def load_model(cfg: ModelConfig):
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot load model '{path}' as a causal LM: {_first_line(e)}") from None
-    if getattr(model, "hf_quantizer", None) is not None and cfg.gguf_file:
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
+    if cfg.gguf_file:
+        _drop_gguf_marker(model)
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
