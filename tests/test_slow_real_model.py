@@ -9,6 +9,8 @@ from iopo import trainer
 from iopo.config import load_config
 from iopo.models import embedded_model_dir
 
+from tiny import train_records
+
 pytestmark = pytest.mark.slow
 
 
@@ -43,7 +45,7 @@ def test_iopo_on_the_real_model_and_data(tmp_path, lora):
         ],
     )
     results = trainer.train(cfg)
-    records = [json.loads(x) for x in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = train_records(cfg.run_dir)
     assert [r["agent"] for r in records] == ["protagonist", "adversary"]
     assert records[0]["loss"] == pytest.approx(records[0]["is/weight_mean"] * math.log(2), rel=1e-4)
     assert results["n_pairs"] == 8 and 0.0 <= results["pairwise_accuracy"] <= 1.0

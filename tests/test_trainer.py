@@ -14,7 +14,7 @@ from iopo.data import collate_pairs, load_training_data
 from iopo.losses import LOSSES
 from iopo.models import load_tokenizer
 
-from tiny import run_overrides, write_pairs
+from tiny import run_overrides, train_records, write_pairs
 
 
 def make_cfg(tmp_path, model_dir, *extra, method="iopo"):
@@ -184,7 +184,7 @@ def test_run_writes_metrics_checkpoints_export_eval(tmp_path, tiny_model_dir):
     cfg = make_cfg(tmp_path, tiny_model_dir, "iopo.n_iter=2", "iopo.n_mu=2", "iopo.n_nu=1", "save_steps=2")
     results = trainer.train(cfg)
     run = cfg.run_dir
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    records = train_records(run)
     assert [r["agent"] for r in records] == ["protagonist", "protagonist", "adversary"] * 2
     assert [r["step"] for r in records] == list(range(1, 7))
     for key in (
@@ -225,8 +225,8 @@ def test_export_reloads_and_reproduces_eval(tmp_path, tiny_model_dir):
     """The exported folder loads with from_pretrained and gives the evaluated protagonist's log-probs."""
     from transformers import AutoModelForCausalLM
 
-    from iopo.evaluate import dataset_logps, offline_metrics
     from iopo.logprobs import SequenceLogProbs, sequence_logps
+    from iopo.scoring import dataset_logps, offline_metrics
 
     cfg = make_cfg(tmp_path, tiny_model_dir, "iopo.n_iter=1", "iopo.n_mu=2", "iopo.n_nu=1")
     results = trainer.train(cfg)
@@ -287,8 +287,7 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_model_dir, monkeypatch, lora
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
-    lines = (broken.run_dir / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(x)["step"] for x in lines] == list(range(1, 7))  # no step logged twice
+    assert [r["step"] for r in train_records(broken.run_dir)] == list(range(1, 7))  # no step logged twice
     straight_eval = json.loads((straight.run_dir / "eval.json").read_text())
     assert resumed["margin_reward"] == pytest.approx(straight_eval["margin_reward"], abs=1e-5)
 
@@ -303,7 +302,7 @@ def test_reversed_adversary_and_symmetric_clip_run(tmp_path, tiny_model_dir):
         "iopo.is_logp=mean",
     )
     trainer.train(cfg)
-    records = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = train_records(cfg.run_dir)
     assert [r["agent"] for r in records] == ["protagonist", "adversary"]
     assert all(0.7 - 1e-6 <= r["is/weight_min"] <= r["is/weight_max"] <= 1.3 + 1e-6 for r in records)
 
@@ -311,7 +310,7 @@ def test_reversed_adversary_and_symmetric_clip_run(tmp_path, tiny_model_dir):
 def test_bf16_autocast_run_keeps_float32_logps(tmp_path, tiny_model_dir):
     cfg = make_cfg(tmp_path, tiny_model_dir, "iopo.n_iter=1", "mixed_precision=bf16")
     results = trainer.train(cfg)
-    records = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = train_records(cfg.run_dir)
     assert all(math.isfinite(r["loss"]) for r in records)
     # Step one: the players are equal, so h = 0 exactly even under bf16 autocast (the same forward twice).
     assert records[0]["loss"] == pytest.approx(records[0]["is/weight_mean"] * math.log(2), rel=1e-5)

@@ -107,3 +107,19 @@ def run_overrides(model_dir, data, output_dir, *extra: str) -> list[str]:
         "eval_batch_size=3",
         *extra,
     ]
+
+
+def train_records(run_dir) -> list[dict]:
+    """The per-optimizer-step records of a run's metrics.jsonl (eval/* records left out)."""
+    import json
+
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if "agent" in r]
+
+
+def eval_records(run_dir) -> list[dict]:
+    """The eval/* records of a run's metrics.jsonl (eval_steps and the end of training)."""
+    import json
+
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if "eval/pairwise_accuracy" in r]

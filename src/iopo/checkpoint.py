@@ -28,6 +28,7 @@ RESUME_FREE_KEYS = {
     "save_total_limit",
     "logging_steps",
     "eval_batch_size",
+    "eval_steps",
     "eval_at_end",
     "export",
     "merge_lora",

@@ -1,50 +1,124 @@
-"""`iopo train [--config FILE.yaml] [key=value ...] [--print-config]`: a thin shell over iopo.trainer.train."""
+"""`iopo COMMAND [--config FILE.yaml] [key=value ...] [--print-config]`: a name table of commands, each a typed config
+and a plain function. The same rules everywhere: defaults < YAML file < overrides, unknown keys and bad values stop
+with one line naming the key, and bad input in general is one line on stderr with exit status 2."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+from dataclasses import dataclass
 
+from iopo import config as C
 from iopo.config import ConfigError, dump_config, load_config
 from iopo.data_formats import DataError
 
-USAGE_EPILOG = """\
-overrides are key=value pairs over the YAML file, e.g.
-  iopo train --config configs/quickstart.yaml method=dpo optim.learning_rate=1e-6 model.lora=true
-  iopo train model=HuggingFaceTB/SmolLM2-360M-Instruct data=my_pairs.jsonl
-"""
+
+@dataclass(frozen=True)
+class Command:
+    schema: type
+    target: str  # "module:function", imported only when the command runs (plots and reports never load torch)
+    help: str
+    positional: str | None = None  # config list field that bare (non key=value) arguments fill
+    example: str = ""
+
+
+COMMANDS = {
+    "train": Command(
+        C.TrainConfig,
+        "iopo.trainer:train",
+        "train with IOPO or a baseline, then export and evaluate",
+        example="iopo train --config configs/quickstart.yaml method=dpo optim.learning_rate=1e-6 model.lora=true",
+    ),
+    "train-rm": Command(
+        C.TrainRMConfig,
+        "iopo.train_rm:train_rm",
+        "train a Bradley-Terry reward model (a judge) on preference data",
+        example="iopo train-rm --config configs/rm.yaml data=my_pairs.jsonl",
+    ),
+    "generate": Command(
+        C.GenerateConfig,
+        "iopo.generate:generate_command",
+        "answers to a split's prompts from a model or an OpenAI-compatible server, as JSON Lines",
+        example="iopo generate model=runs/quickstart generation.temperature=0 output=answers.jsonl",
+    ),
+    "eval": Command(
+        C.EvalConfig,
+        "iopo.evaluate:evaluate",
+        "models vs a baseline: implicit-reward metrics, generations, judges, win/tie/lose with intervals",
+        positional="models",
+        example="iopo eval runs/quickstart judges.rm.type=reward_model judges.rm.model=runs/rm/final",
+    ),
+    "plot": Command(
+        C.PlotConfig,
+        "iopo.plots:plot_command",
+        "PNGs from run and eval folders (margin distributions, curves, win/tie/lose bars)",
+        positional="inputs",
+        example="iopo plot runs/quickstart runs/dpo evals/eval output_dir=plots",
+    ),
+    "report": Command(
+        C.ReportConfig,
+        "iopo.report:report_command",
+        "one Markdown report from run and eval folders",
+        positional="inputs",
+        example="iopo report runs/quickstart evals/eval output=report.md",
+    ),
+}
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="iopo", description="Preference optimization: IOPO and its baselines."
+        prog="iopo",
+        description="Preference optimization: IOPO and its baselines, their evaluation and reports.",
+        epilog="each command takes --config FILE.yaml, key=value overrides and --print-config; "
+        "`iopo COMMAND --help` shows an example",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser(
-        "train",
-        help="train with IOPO or a baseline, then export and evaluate",
-        epilog=USAGE_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    train.add_argument("--config", "-c", help="YAML config file (see configs/)")
-    train.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    train.add_argument("overrides", nargs="*", metavar="key=value")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, command in COMMANDS.items():
+        p = sub.add_parser(
+            name,
+            help=command.help,
+            description=command.help,
+            epilog=f"example:\n  {command.example}\nevery setting, with its help: iopo {name} --print-config",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        p.add_argument("--config", "-c", help="YAML config file (see configs/)")
+        p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+        what = f"key=value overrides; bare arguments are {command.positional}" if command.positional else None
+        p.add_argument("overrides", nargs="*", metavar="key=value", help=what)
     return parser
+
+
+def _split_positional(command: Command, overrides: list[str]) -> list[str]:
+    """Bare arguments (no '=') of commands that take them become one list override, e.g. models=["a", "b"]."""
+    import json
+
+    bare = [o for o in overrides if "=" not in o]
+    if command.positional is None or not bare:
+        return overrides
+    return [*(o for o in overrides if "=" in o), f"{command.positional}={json.dumps(bare)}"]
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    command = COMMANDS[args.command]
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, _split_positional(command, args.overrides), command.schema)
         if args.print_config:
             print(dump_config(cfg), end="")
             return 0
-        from iopo.trainer import train
-
-        train(cfg)
+        module, function = command.target.split(":")
+        getattr(importlib.import_module(module), function)(cfg)
     except (ConfigError, DataError, FileNotFoundError) as e:  # the user's input, said in one line
         print(f"iopo: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # a judge server or model that fails: one line, not a traceback
+        from iopo.openai_client import ServerError
+
+        if isinstance(e, ServerError):
+            print(f"iopo: error: {e}", file=sys.stderr)
+            return 1
+        raise
     return 0
 
 

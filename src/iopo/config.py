@@ -1,7 +1,8 @@
-"""Typed settings for `iopo train`: defaults < YAML file < `key.sub=value` overrides.
+"""Typed settings, one config per command (train, train-rm, generate, eval, plot, report): defaults < YAML file <
+`key.sub=value` overrides.
 
-One config per command, composed one level deep of small parts (model, data, loss, iopo, optim). Validation is
-pydantic's; unknown keys and bad values fail with a message that names the key.
+Each config is composed one level deep of small parts (model, data, loss, iopo, optim, generation, judges).
+Validation is pydantic's; unknown keys and bad values fail with a message that names the key.
 """
 
 from __future__ import annotations
@@ -152,6 +153,12 @@ class TrainConfig(_Part):
     export: bool = Field(True, description="Write the protagonist/policy as a from_pretrained folder.")
     merge_lora: bool = Field(True, description="LoRA: export merged weights (else the adapter folder).")
     logps_chunk_tokens: int = Field(1024, gt=0, description="Completion tokens per log-softmax chunk.")
+    eval_steps: int | None = Field(
+        None,
+        gt=0,
+        description="Every N optimizer steps, log margin reward and pairwise accuracy of the protagonist/policy "
+        "on the test split (metrics.jsonl and TensorBoard eval/*): the curves of the paper's Fig. 5.",
+    )
     tensorboard: bool = True
     progress_bar: bool = True
 
@@ -172,7 +179,227 @@ class TrainConfig(_Part):
         return Path(self.output_dir.format(method=self.method))
 
 
+# ---------------------------------------------------------------- generation, judges, evaluation
+
+
+class GenerationConfig(_Part):
+    backend: Literal["hf", "openai"] = Field(
+        "hf", description="hf: transformers generate in this process; openai: any OpenAI-compatible server."
+    )
+    temperature: float = Field(
+        0.8, ge=0, le=10, description="0 = greedy (paper: 0.8 for Table 1, 0 for Table 2)."
+    )
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(256, gt=0, le=32768)
+    n: int = Field(1, gt=0, le=64, description="Answers per prompt.")
+    seed: int = Field(0, ge=0, lt=2**32)
+    batch_size: int = Field(8, gt=0, description="hf: prompts per generate call (left-padded, KV cache).")
+    # backend=openai
+    base_url: str | None = Field(None, description="e.g. http://127.0.0.1:8080/v1")
+    api_model: str | None = Field(None, description="The server's model name.")
+    api_key_env: str | None = Field(
+        None, description="Name of the environment variable holding the API key (the key is never stored)."
+    )
+    concurrency: int = Field(4, gt=0, le=256)
+    timeout_s: float = Field(120.0, gt=0)
+    max_retries: int = Field(4, ge=0, le=20)
+
+
+JUDGE_TYPES = ("reward_model", "openai", "local")
+
+
+class JudgeConfig(_Part):
+    type: Literal["reward_model", "openai", "local"] = Field(
+        description="reward_model: a sequence-classification reward model; openai: an LLM behind an "
+        "OpenAI-compatible server; local: a causal LM in process, from its next-token probabilities of A and B."
+    )
+    model: str | None = Field(
+        None, description="reward_model/local: hub id or folder (an `iopo train-rm` output for reward_model)."
+    )
+    modes: list[Literal["pairwise", "score"]] | None = Field(
+        None,
+        description="pairwise: A/B verdicts in both orders (Table 1); score: a 0-3 rubric per answer (Table 2). "
+        "Unset: openai both, local pairwise; reward_model always scores (its score gap gives the verdict).",
+    )
+    tie_margin: float = Field(
+        0.0, ge=0, description="reward_model: |score gap| <= this is a tie; local: |P(A) - 0.5| <= this."
+    )
+    base_url: str | None = Field(None, description="openai: e.g. http://127.0.0.1:8080/v1")
+    api_model: str | None = Field(None, description="openai: the model name sent to the server.")
+    api_key_env: str | None = Field(
+        None, description="openai: environment variable holding the API key (never logged, never written)."
+    )
+    concurrency: int = Field(4, gt=0, le=256)
+    timeout_s: float = Field(120.0, gt=0)
+    max_retries: int = Field(4, ge=0, le=20)
+    max_tokens: int = Field(64, gt=0, le=4096, description="openai: reply length limit.")
+    json_schema: bool = Field(
+        True, description="openai: ask for a JSON-schema-constrained reply (the fallback parser stays on)."
+    )
+    price_per_1k_prompt_tokens: float = Field(
+        0.0, ge=0, description="Money per 1k prompt tokens (paper: ERNIE at 0.0174)."
+    )
+    price_per_1k_completion_tokens: float = Field(0.0, ge=0)
+    batch_size: int = Field(8, gt=0, description="reward_model/local: answers per forward.")
+    max_length: int = Field(1024, gt=0, description="reward_model/local: tokens per judged text (left-cut).")
+
+    @model_validator(mode="after")
+    def _needs(self) -> JudgeConfig:
+        if self.type == "openai" and not self.base_url:
+            raise ValueError("an openai judge needs base_url")
+        if self.type == "reward_model" and not self.model:
+            raise ValueError("a reward_model judge needs model (e.g. the final/ folder of `iopo train-rm`)")
+        return self
+
+    def effective_modes(self) -> list[str]:
+        if self.type == "reward_model":
+            return ["score"]
+        if self.modes:
+            return list(dict.fromkeys(self.modes))
+        return ["pairwise", "score"] if self.type == "openai" else ["pairwise"]
+
+
+class GenerateConfig(_Part):
+    """`iopo generate`: answers to a split's prompts, as JSON Lines written as they come."""
+
+    model: str | None = Field(
+        None,
+        description="A run folder (its final/), a checkpoint, a local folder, a LoRA adapter folder or a hub "
+        "id; unset = the embedded SmolLM2-135M-Instruct.",
+    )
+    data: DataConfig = Field(default_factory=DataConfig)
+    split: Literal["test", "train", "all"] = "test"
+    max_prompts: int | None = Field(None, gt=0, description="The first N distinct prompts of the split.")
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    output: str = Field("generations.jsonl", description="JSON Lines file; an existing one is continued.")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+    progress_bar: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthands(cls, values: Any) -> Any:
+        if isinstance(values, dict) and isinstance(values.get("data"), str):
+            values = {**values, "data": {"path": values["data"]}}
+        return values
+
+
+class EvalConfig(_Part):
+    """`iopo eval`: models against a baseline on a split -> implicit-reward metrics, generations, judgments."""
+
+    models: list[str] = Field(
+        default_factory=list,
+        description="Models to evaluate (run folders, checkpoints, folders, adapters, hub ids); `label=path` "
+        "names one. Positional arguments of `iopo eval` land here.",
+    )
+    baseline: str | None = Field(
+        None,
+        description="What each model is compared with and the reference of the implicit reward; unset = the "
+        "starting model of the first run given (else the embedded model).",
+    )
+    data: DataConfig | None = Field(
+        None,
+        description="The split; unset = the first run's data settings (its test split), else the defaults.",
+    )
+    split: Literal["test", "train", "all"] = "test"
+    max_prompts: int | None = Field(
+        None, gt=0, description="Generate and judge the first N distinct prompts (metrics use every pair)."
+    )
+    beta: float | None = Field(
+        None, gt=0, description="β of the implicit reward; unset = the run's loss.beta."
+    )
+    metrics: bool = Field(True, description="Margin reward and pairwise accuracy vs the baseline.")
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    judges: dict[str, JudgeConfig] = Field(
+        default_factory=dict,
+        description="Named judges, e.g. {rm: {type: reward_model, model: runs/rm/final}, "
+        "llm: {type: openai, base_url: ...}}.",
+    )
+    bootstrap: int = Field(
+        1000, ge=0, le=100000, description="Bootstrap resamples (over prompts) for the CIs."
+    )
+    confidence: float = Field(0.95, gt=0, lt=1)
+    output_dir: str = Field("evals/eval", description="Eval folder: store.sqlite, generations/, eval.json.")
+    batch_size: int = Field(8, gt=0, description="Pairs per forward for the implicit-reward metrics.")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False
+    seed: int = Field(0, ge=0, lt=2**32, description="Seed of the bootstrap.")
+    progress_bar: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthands(cls, values: Any) -> Any:
+        if isinstance(values, dict):
+            values = dict(values)
+            if isinstance(values.get("data"), str):
+                values["data"] = {"path": values["data"]}
+            if isinstance(values.get("models"), str):
+                values["models"] = [values["models"]]
+        return values
+
+
+class TrainRMConfig(_Part):
+    """`iopo train-rm`: a Bradley-Terry reward model (paper Eq. 2), saved as AutoModelForSequenceClassification."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimConfig = Field(
+        default_factory=lambda: OptimConfig(learning_rate=1e-5, warmup_ratio=0.0, lr_scheduler="linear")
+    )
+    output_dir: str = Field("runs/rm", description="Run folder; the model goes to final/.")
+    seed: int = Field(42, ge=0, lt=2**32)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    logging_steps: int = Field(1, gt=0)
+    eval_steps: int | None = Field(None, gt=0, description="Log held-out accuracy every N steps.")
+    eval_batch_size: int = Field(8, gt=0)
+    overwrite: bool = Field(
+        False, description="Allow writing into an output_dir that holds a finished model."
+    )
+    tensorboard: bool = True
+    progress_bar: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthands(cls, values: Any) -> Any:
+        return TrainConfig._shorthands(values)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir)
+
+
+class PlotConfig(_Part):
+    """`iopo plot`: PNGs from run and eval folders."""
+
+    inputs: list[str] = Field(
+        default_factory=list, description="Run and eval folders (positional arguments land here)."
+    )
+    output_dir: str = Field("plots", description="Where the PNGs go.")
+
+
+class ReportConfig(_Part):
+    """`iopo report`: one Markdown file from run and eval folders."""
+
+    inputs: list[str] = Field(
+        default_factory=list, description="Run and eval folders (positional arguments land here)."
+    )
+    output: str = Field("report.md", description="The Markdown file; its PNGs go to a folder beside it.")
+    title: str = "iopo report"
+
+
 _SHORTHANDS = {"model": "name_or_path", "data": "path"}
+# Override values under these final keys stay strings even when they look like numbers or YAML.
+_PATH_KEYS = {
+    "output_dir",
+    "path",
+    "name_or_path",
+    "model",
+    "data",
+    "test_path",
+    "baseline",
+    "output",
+    "base_url",
+}
 _FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 
 
@@ -214,7 +441,7 @@ def parse_overrides(overrides: list[str]) -> dict:
             value = raw
         if isinstance(value, str) and _FLOAT_RE.match(value):
             value = float(value)  # YAML 1.1 reads "1e-6" as a string
-        if key in ("output_dir", "data.path", "model.name_or_path", "model", "data", "data.test_path"):
+        if key.rsplit(".", 1)[-1] in _PATH_KEYS and isinstance(value, str | int | float | bool | None):
             value = raw  # paths stay strings even if they look like numbers
         _set_dotted(tree, key, value)
     return tree
@@ -241,8 +468,12 @@ def _format_error(err: ValidationError, source: str) -> str:
     return f"bad config{source}: " + "; ".join(parts)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """Resolve defaults < YAML file < overrides into a validated TrainConfig."""
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, schema: type[BaseModel] = None
+) -> Any:
+    """Resolve defaults < YAML file < overrides into a validated config of `schema` (default TrainConfig)."""
+    schema = schema or TrainConfig
+    shorthands = getattr(schema, "_shorthands", lambda values: values)
     tree: dict = {}
     source = ""
     if path is not None:
@@ -257,14 +488,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config {path} is not valid YAML: {str(e).splitlines()[0]}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config {path} must be a mapping of keys, got {type(loaded).__name__}")
-        tree = TrainConfig._shorthands(loaded or {})
+        tree = shorthands(loaded or {})
     if overrides:
-        tree = _merge(tree, TrainConfig._shorthands(parse_overrides(overrides)))
+        tree = _merge(tree, shorthands(parse_overrides(overrides)))
     try:
-        return TrainConfig.model_validate(tree)
+        return schema.model_validate(tree)
     except ValidationError as e:
         raise ConfigError(_format_error(e, source)) from None
 
 
-def dump_config(cfg: TrainConfig) -> str:
+def dump_config(cfg: BaseModel) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

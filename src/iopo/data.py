@@ -24,7 +24,9 @@ __all__ = [
     "collate_pairs",
     "default_data_path",
     "load_pairs",
+    "load_split",
     "load_training_data",
+    "prompt_id",
     "split_by_prompt",
     "tokenize_pairs",
 ]
@@ -264,10 +266,8 @@ def _duplicates(pairs: list[PreferencePair]) -> int:
     return len(pairs) - len(keys)
 
 
-def load_training_data(
-    cfg, tokenizer, run_dir: Path | None
-) -> tuple[list[TokenizedPair], list[TokenizedPair], dict]:
-    """cfg (a DataConfig) -> (train, test, report). Rejected rows go to run_dir/rejects.jsonl.
+def load_split(cfg) -> tuple[list[PreferencePair], list[PreferencePair], list[dict], dict]:
+    """cfg (a DataConfig) -> (train, test, rejects, report) as untokenized pairs, exactly as training splits them.
 
     Without cfg.test_path the file is split by prompt (shuffled, seeded); with it both files keep their order.
     max_train_samples / max_eval_samples take the first N after that. skip_invalid=None means true for the
@@ -297,22 +297,34 @@ def load_training_data(
         rejects = rejects + test_rejects
     else:
         train, test = split_by_prompt(pairs, cfg.test_size, cfg.split_seed)
-    train, test = train[: cfg.max_train_samples], test[: cfg.max_eval_samples]
+    report["skip_invalid"] = skip_invalid
+    return train[: cfg.max_train_samples], test[: cfg.max_eval_samples], list(rejects), report
 
+
+def write_rejects(rejects: list[dict], run_dir: Path | None) -> Path | None:
+    """rejects.jsonl in the run folder (none when nothing was rejected)."""
+    if not rejects or run_dir is None:
+        return None
+    rejects_file = Path(run_dir) / "rejects.jsonl"
+    rejects_file.parent.mkdir(parents=True, exist_ok=True)
+    with rejects_file.open("w", encoding="utf-8") as f:
+        for reject in rejects:
+            f.write(json.dumps(reject, ensure_ascii=False) + "\n")
+    return rejects_file
+
+
+def load_training_data(
+    cfg, tokenizer, run_dir: Path | None
+) -> tuple[list[TokenizedPair], list[TokenizedPair], dict]:
+    """cfg (a DataConfig) -> (train, test, report), tokenized. Rejected rows go to run_dir/rejects.jsonl."""
+    train, test, rejects, report = load_split(cfg)
+    skip_invalid = report.pop("skip_invalid")
     lengths = {"max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length}
     # With skip_invalid, pairs that fail at tokenization (chat template errors, no tokens) are rejects too.
-    rejects = list(rejects)
     token_rejects = rejects if skip_invalid else None
     train_tokens, train_stats = tokenize_pairs(train, tokenizer, **lengths, rejects=token_rejects)
     test_tokens, test_stats = tokenize_pairs(test, tokenizer, **lengths, rejects=token_rejects)
-
-    rejects_file = None
-    if rejects and run_dir is not None:
-        rejects_file = Path(run_dir) / "rejects.jsonl"
-        rejects_file.parent.mkdir(parents=True, exist_ok=True)
-        with rejects_file.open("w", encoding="utf-8") as f:
-            for reject in rejects:
-                f.write(json.dumps(reject, ensure_ascii=False) + "\n")
+    rejects_file = write_rejects(rejects, run_dir)
     if rejects:
         logger.warning("skipped %d bad rows%s", len(rejects), f"; see {rejects_file}" if rejects_file else "")
     report |= {
@@ -325,3 +337,51 @@ def load_training_data(
         "rejects_file": str(rejects_file) if rejects_file else None,
     }
     return train_tokens, test_tokens, report
+
+
+# ---------------------------------------------------------------- prompts and answers (generation, judges)
+
+
+def prompt_id(prompt: str | list[dict]) -> str:
+    """A stable id of a prompt's content (the same prompt in two files gets the same id)."""
+    import hashlib
+
+    return hashlib.sha256(_prompt_key(prompt).encode("utf-8")).hexdigest()[:16]
+
+
+def unique_prompts(pairs: list[PreferencePair]) -> list[dict]:
+    """The split's distinct prompts in first-seen order: [{"prompt_id", "prompt", "source"}]."""
+    seen: dict[str, dict] = {}
+    for pair in pairs:
+        pid = prompt_id(pair.prompt)
+        if pid not in seen:
+            seen[pid] = {"prompt_id": pid, "prompt": pair.prompt, "source": pair.source}
+    return list(seen.values())
+
+
+def render_prompt(prompt: str | list[dict], tokenizer) -> str:
+    """The text a model continues: a chat prompt through its template with the generation prompt, else as is."""
+    if isinstance(prompt, str):
+        return prompt
+    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
+
+def answer_ids(prompt: str | list[dict], answer: str, tokenizer, max_length: int) -> list[int]:
+    """Token ids of prompt + answer exactly as training tokenizes a pair (the reward model sees both the same way),
+    cut from the left to max_length so the answer's end, which the reward head reads, is kept."""
+    chosen = answer if isinstance(prompt, str) else [{"role": "assistant", "content": answer}]
+    pair = PreferencePair(prompt, chosen, chosen, "answer:0")
+    prompt_text, completion_text, _ = _render(pair, tokenizer)
+    ids = _encode(tokenizer, [prompt_text], isinstance(prompt, str))[0]
+    ids = ids + _encode(tokenizer, [completion_text], False)[0]
+    if isinstance(prompt, str) and tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return ids[-max_length:]
+
+
+def prompt_as_text(prompt: str | list[dict]) -> str:
+    """A prompt for a judge's eyes: raw text as is, a conversation as "User: ... / Assistant: ..." turns."""
+    if isinstance(prompt, str):
+        return prompt
+    names = {"user": "User", "assistant": "Assistant", "system": "System"}
+    return "\n\n".join(f"{names.get(m['role'], m['role'])}: {m['content']}" for m in prompt)

@@ -1,86 +1,386 @@
-"""Offline metrics (paper Sec. 6.2, Table 2 left): margin reward and pairwise accuracy of the implicit reward
-r(x, y) = β·(logp_π(y|x) − logp_ref(y|x)), with π_ref the common starting model so methods share one scale."""
+"""`iopo eval`: one or more models against a baseline on a split, as the paper measures them (Sec. 6, Tables 1-2).
+
+1. implicit-reward metrics of each model vs the baseline as reference: margin reward, pairwise accuracy, and the
+   per-pair margins (Fig. 3's distributions);
+2. answers to the split's prompts from every model and the baseline (reused when the eval folder has them);
+3. judges: pairwise verdicts in both orders (MT-Bench's rule), 0-3 rubric scores, reward-model scores, each asked
+   only what the store lacks;
+4. Table 1 (win : tie : lose) and Table 2 (win : tie : lose : bad cases, mean score) per judge, with bootstrap CIs
+   over prompts; eval.json, a printed table and the cost ledger.
+"""
 
 from __future__ import annotations
 
+import gc
+import json
 import math
-from collections.abc import Callable
+import os
+import time
+from pathlib import Path
 
-import torch
+from iopo import stats
+from iopo.config import ConfigError, DataConfig, EvalConfig, dump_config
+from iopo.data import load_split, tokenize_pairs, unique_prompts
+from iopo.judges import run_judge
+from iopo.store import Store
 
-from iopo.data import TokenizedPair, collate_pairs
+
+def _json_safe(value):
+    """Strict JSON: NaN and infinities become null (the caller flags what they mean)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
 
 
-def offline_metrics(
-    policy_chosen_logps: torch.Tensor,
-    policy_rejected_logps: torch.Tensor,
-    reference_chosen_logps: torch.Tensor,
-    reference_rejected_logps: torch.Tensor,
-    beta: float,
+def _unique_labels(sources) -> None:
+    seen: dict[str, int] = {}
+    for source in sources:
+        if source.label in seen:
+            seen[source.label] += 1
+            source.label = f"{source.label}-{seen[source.label]}"
+        else:
+            seen[source.label] = 1
+
+
+def resolve_eval_inputs(cfg: EvalConfig):
+    """(models, baseline, data config, beta): unset settings come from the first run folder given."""
+    from iopo.models import resolve_model
+
+    if not cfg.models:
+        raise ConfigError("name at least one model to evaluate: iopo eval RUN_OR_MODEL [more ...]")
+    models = [resolve_model(spec) for spec in cfg.models]
+    run_cfg = next((m.run_config for m in models if m.run_config), None) or {}
+    run_model = run_cfg.get("model") if isinstance(run_cfg.get("model"), dict) else {}
+    baseline = resolve_model(cfg.baseline or run_model.get("name_or_path") or "embedded")
+    if baseline.label in {m.label for m in models}:
+        baseline.label = f"{baseline.label} (baseline)"
+    _unique_labels(models)
+    if cfg.data is not None:
+        data = cfg.data
+    elif isinstance(run_cfg.get("data"), dict):
+        try:
+            data = DataConfig.model_validate(run_cfg["data"])
+        except ValueError as e:
+            raise ConfigError(f"the run's data settings do not validate: {str(e).splitlines()[0]}") from None
+    else:
+        data = DataConfig()
+    loss = run_cfg.get("loss") if isinstance(run_cfg.get("loss"), dict) else {}
+    beta = cfg.beta or loss.get("beta") or 0.1
+    return models, baseline, data, float(beta)
+
+
+def _model_metrics(
+    model, tokenizer, pairs_tokens, ref_logps, beta: float, cfg: EvalConfig, label: str
 ) -> dict:
-    """Sec. 6.2: margin reward = mean of r(x,y_w) − r(x,y_l); pairwise accuracy = share with r(x,y_w) > r(x,y_l).
+    import torch
 
-    All inputs are (N,) summed completion log-probs over the test split. Also returns the per-pair margins (for
-    the margin distributions of Fig. 3) and their spread.
-    """
-    chosen_rewards = beta * (policy_chosen_logps.double() - reference_chosen_logps.double())  # (N,)
-    rejected_rewards = beta * (policy_rejected_logps.double() - reference_rejected_logps.double())  # (N,)
-    margins = chosen_rewards - rejected_rewards
-    n = margins.numel()
-    return {
-        "n_pairs": n,
+    from iopo.logprobs import SequenceLogProbs, sequence_logps
+    from iopo.scoring import dataset_logps, offline_metrics
+
+    module = SequenceLogProbs(model).eval()
+    with torch.inference_mode():
+        logps = dataset_logps(
+            lambda batch: sequence_logps(module, batch),
+            pairs_tokens,
+            cfg.batch_size,
+            tokenizer.pad_token_id,
+            progress=f"log-probs {label}" if cfg.progress_bar else None,
+        )
+    if ref_logps is None:
+        return logps
+    return offline_metrics(
+        logps["chosen_logps"],
+        logps["rejected_logps"],
+        ref_logps["chosen_logps"],
+        ref_logps["rejected_logps"],
+        beta,
+    )
+
+
+def _judge_model(judge, store, session, cfg, jcfg, prompts, model_recs, base_recs, progress) -> dict:
+    """Table 1 (and Table 2 for rubric scores) of one model against the baseline, by one judge."""
+    n = cfg.generation.n
+    out: dict = {"n_prompts": len(prompts), "n_answers": len(model_recs)}
+    boot = {"n_boot": cfg.bootstrap, "confidence": cfg.confidence, "seed": cfg.seed}
+
+    def summary(outcomes_by_prompt: list[list[str]]) -> dict:
+        flat = [o for group in outcomes_by_prompt for o in group]
+        table = stats.outcome_rates(flat)
+        table["ci"] = stats.bootstrap_rates(
+            outcomes_by_prompt, boot["n_boot"], boot["confidence"], boot["seed"]
+        )
+        table["n"] = sum(o != "invalid" for o in flat)
+        table["invalid"] = sum(o == "invalid" for o in flat)
+        return table
+
+    if "pairwise" in judge.modes:
+        items_ab = [
+            (m["prompt"], m["answer"], b["answer"]) for m, b in zip(model_recs, base_recs, strict=True)
+        ]
+        items_ba = [(p, b, a) for p, a, b in items_ab]
+        results, counts = run_judge(judge, store, "pairwise", items_ab + items_ba, session, progress)
+        half = len(items_ab)
+        combined = [
+            stats.pairwise_outcome(results[i].get("winner"), results[half + i].get("winner"))
+            for i in range(half)
+        ]
+        outcomes = [[o for o, _ in combined[k * n : (k + 1) * n]] for k in range(len(prompts))]
+        table = summary(outcomes)
+        both_valid = [d for o, d in combined if o != "invalid"]
+        table["order_disagreement"] = sum(both_valid) / len(both_valid) if both_valid else math.nan
+        first_a = [r.get("winner") == "A" for r in results if r.get("valid")]
+        table["first_position_share"] = sum(first_a) / len(first_a) if first_a else math.nan
+        table["requests"] = counts
+        out["table1"] = table
+
+    if "score" in judge.modes:
+        items = [(r["prompt"], r["answer"]) for r in model_recs + base_recs]
+        results, counts = run_judge(judge, store, "score", items, session, progress)
+        scores = [r.get("score") if r.get("valid") else None for r in results]
+        model_scores, base_scores = scores[: len(model_recs)], scores[len(model_recs) :]
+        model_groups = [model_scores[k * n : (k + 1) * n] for k in range(len(prompts))]
+        base_groups = [base_scores[k * n : (k + 1) * n] for k in range(len(prompts))]
+        mean = {
+            "model": _mean(model_scores),
+            "baseline": _mean(base_scores),
+            "model_ci": stats.bootstrap_mean(model_groups, **boot),
+            "baseline_ci": stats.bootstrap_mean(base_groups, **boot),
+        }
+        if jcfg.type == "reward_model":  # a reward gap is Table 1's verdict
+            outcomes = [
+                [stats.score_gap_outcome(m, b, jcfg.tie_margin) for m, b in zip(mg, bg, strict=True)]
+                for mg, bg in zip(model_groups, base_groups, strict=True)
+            ]
+            table = summary(outcomes)
+            table["tie_margin"] = jcfg.tie_margin
+            table["mean_reward"] = mean
+            table["requests"] = counts
+            out["table1"] = table
+        else:  # 0-3 rubric: Table 2
+            outcomes = [
+                [stats.rubric_outcome(m, b) for m, b in zip(mg, bg, strict=True)]
+                for mg, bg in zip(model_groups, base_groups, strict=True)
+            ]
+            table = summary(outcomes)
+            table["mean_score"] = mean
+            table["requests"] = counts
+            out["table2"] = table
+    return out
+
+
+def _mean(values: list) -> float:
+    kept = [v for v in values if v is not None]
+    return sum(kept) / len(kept) if kept else math.nan
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    """Run the whole evaluation into cfg.output_dir and print its tables; returns what eval.json holds."""
+    from iopo.generate import generate_answers
+    from iopo.judges import build_judge
+    from iopo.models import load_inference_model, model_fingerprint
+
+    started = time.time()
+    if cfg.generation.backend != "hf":
+        raise ConfigError(
+            "iopo eval generates in process (generation.backend=hf); for a server use `iopo generate "
+            "generation.backend=openai` per model"
+        )
+    models, baseline, data_cfg, beta = resolve_eval_inputs(cfg)
+    out_dir = Path(cfg.output_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"output_dir {out_dir} is a file")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    resolved = cfg.model_copy(update={"data": data_cfg, "beta": beta})
+    (out_dir / "config.yaml").write_text(dump_config(resolved), encoding="utf-8")
+    session = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+    timings: dict[str, float] = {}
+
+    train, test, rejects, data_report = load_split(data_cfg)
+    pairs = {"test": test, "train": train, "all": train + test}[cfg.split]
+    prompts = unique_prompts(pairs)[: cfg.max_prompts]
+    print(
+        f"[iopo] eval: {len(models)} model(s) vs {baseline.label} on the {cfg.split} split of {data_report['path']}: "
+        f"{len(pairs)} pairs, {len(prompts)} prompts to answer; β={beta:g}; folder {out_dir}"
+    )
+
+    results: dict = {
+        "baseline": baseline.label,
+        "baseline_path": baseline.path,
+        "models": {m.label: m.path for m in models},
+        "split": cfg.split,
+        "data": data_report["path"],
+        "n_pairs": len(pairs),
+        "n_prompts": len(prompts),
         "beta": beta,
-        "margin_reward": margins.mean().item() if n else math.nan,
-        "margin_reward_std": margins.std().item() if n > 1 else math.nan,
-        "pairwise_accuracy": (margins > 0).double().mean().item() if n else math.nan,
-        "reward_chosen": chosen_rewards.mean().item() if n else math.nan,
-        "reward_rejected": rejected_rewards.mean().item() if n else math.nan,
-        "margins": [round(m, 6) for m in margins.tolist()],
+        "generation": resolved.generation.model_dump(mode="json"),
+        "metrics": {},
+        "generations": {},
+        "judges": {},
     }
+    answers: dict[str, list[dict]] = {}
+    store = Store(out_dir / "store.sqlite")
+    try:
+        ref_logps, pair_tokens, base_tokenizer = None, None, None
+        for source in [baseline, *models]:
+            tick = time.perf_counter()
+            model, tokenizer = load_inference_model(source, cfg.dtype, cfg.trust_remote_code)
+            fingerprint = model_fingerprint(model)
+            if cfg.metrics and pairs:
+                if pair_tokens is None:
+                    base_tokenizer = tokenizer
+                    lengths = {
+                        "max_length": data_cfg.max_length,
+                        "max_prompt_length": data_cfg.max_prompt_length,
+                    }
+                    pair_tokens, _ = tokenize_pairs(pairs, tokenizer, **lengths, rejects=[])
+                if source is baseline:
+                    ref_logps = _model_metrics(model, tokenizer, pair_tokens, None, beta, cfg, source.label)
+                elif tokenizer.get_vocab() != base_tokenizer.get_vocab():
+                    results["metrics"][source.label] = {
+                        "skipped": "its tokenizer differs from the baseline's"
+                    }
+                else:
+                    metrics = _model_metrics(
+                        model, tokenizer, pair_tokens, ref_logps, beta, cfg, source.label
+                    )
+                    metrics["fingerprint"] = fingerprint
+                    results["metrics"][source.label] = metrics
+            timings[f"metrics {source.label}"] = time.perf_counter() - tick
+            tick = time.perf_counter()
+            records, timing = generate_answers(
+                None,
+                prompts,
+                cfg.generation,
+                out_dir / "generations" / f"{_safe_name(source.label)}.jsonl",
+                max_prompt_length=data_cfg.max_prompt_length,
+                loaded=(model, tokenizer, fingerprint, source.label),
+                progress=cfg.progress_bar,
+            )
+            store.put_generations(records)
+            answers[source.label] = records
+            timing["fingerprint"] = fingerprint
+            timing["finish_length_share"] = sum(r["finish_reason"] == "length" for r in records) / max(
+                len(records), 1
+            )
+            results["generations"][source.label] = timing
+            timings[f"generate {source.label}"] = time.perf_counter() - tick
+            del model
+            gc.collect()
+
+        for name, jcfg in cfg.judges.items():
+            tick = time.perf_counter()
+            judge = build_judge(name, jcfg, cfg.dtype, cfg.trust_remote_code)
+            try:
+                entry = {"type": jcfg.type, "judge_id": judge.judge_id, "modes": judge.modes, "models": {}}
+                for source in models:
+                    entry["models"][source.label] = _judge_model(
+                        judge,
+                        store,
+                        session,
+                        cfg,
+                        jcfg,
+                        prompts,
+                        answers[source.label],
+                        answers[baseline.label],
+                        cfg.progress_bar,
+                    )
+                results["judges"][name] = entry
+            finally:
+                judge.close()
+                gc.collect()
+            timings[f"judge {name}"] = time.perf_counter() - tick
+        results["ledger"] = {"this_run": store.ledger(session), "all_runs": store.ledger()}
+    finally:
+        store.close()
+    results["timings"] = timings
+    results["seconds"] = time.time() - started
+    (out_dir / "eval.json").write_text(json.dumps(_json_safe(results), indent=2), encoding="utf-8")
+    print(format_eval(results))
+    print(f"[iopo] eval done in {results['seconds']:.0f}s; results in {out_dir / 'eval.json'}")
+    return results
 
 
-@torch.no_grad()
-def dataset_logps(
-    forward: Callable[[dict], dict],
-    pairs: list[TokenizedPair],
-    batch_size: int,
-    pad_token_id: int,
-    accelerator,
-) -> dict[str, torch.Tensor]:
-    """Summed completion log-probs of every pair, sharded over processes and gathered back in order.
-
-    `forward(batch) -> {"chosen_logps", "rejected_logps", ...}` runs one concatenated forward (see logprobs.py).
-    Returns chosen_logps and rejected_logps, (N,) float32 on the CPU, on every process.
-    """
-    n = len(pairs)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    per_rank = math.ceil(n / world) if n else 0
-    # Pad the last shard with its own last pair so every process runs the same number of batches.
-    mine = [min(i, n - 1) for i in range(rank * per_rank, (rank + 1) * per_rank)] if n else []
-    chosen, rejected = [], []
-    for start in range(0, per_rank, batch_size):
-        batch = collate_pairs([pairs[i] for i in mine[start : start + batch_size]], pad_token_id)
-        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-        out = forward(batch)
-        chosen.append(out["chosen_logps"].float())
-        rejected.append(out["rejected_logps"].float())
-    local = torch.stack([torch.cat(chosen), torch.cat(rejected)]) if chosen else torch.zeros(2, 0)
-    local = local.to(accelerator.device)
-    gathered = accelerator.gather(local[None]) if world > 1 else local[None]  # (world, 2, per_rank)
-    flat = gathered.permute(1, 0, 2).reshape(2, -1)[:, :n].cpu()  # rank-major order == pair order
-    return {"chosen_logps": flat[0], "rejected_logps": flat[1]}
+def _safe_name(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in label)[:100] or "model"
 
 
-def format_table(results: dict, title: str) -> str:
-    rows = [
-        ("pairs", f"{results['n_pairs']}"),
-        ("beta", f"{results['beta']:g}"),
-        ("margin reward", f"{results['margin_reward']:.4f}"),
-        ("pairwise accuracy", f"{results['pairwise_accuracy']:.4f}"),
-        ("reward chosen", f"{results['reward_chosen']:.4f}"),
-        ("reward rejected", f"{results['reward_rejected']:.4f}"),
-    ]
-    width = max(len(k) for k, _ in rows)
-    lines = [title, "-" * max(len(title), width + 12)]
-    lines += [f"{k:<{width}}  {v:>10}" for k, v in rows]
+# ---------------------------------------------------------------- printed tables
+
+
+def _pct(value) -> str:
+    return "  n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:5.3f}"
+
+
+def _with_ci(table: dict, key: str) -> str:
+    ci = (table.get("ci") or {}).get(key) or (None, None)
+    return f"{_pct(table.get(key))} [{_pct(ci[0])}, {_pct(ci[1])}]"
+
+
+def format_eval(results: dict) -> str:
+    """The eval's tables as text: metrics, Table 1 and Table 2 per judge, the ledger."""
+    lines = []
+    base = results["baseline"]
+    if results.get("metrics"):
+        lines.append(f"Implicit reward vs {base} on {results['n_pairs']} pairs (β={results['beta']:g})")
+        lines.append(f"{'model':<28} {'margin reward':>14} {'pairwise acc.':>14}")
+        for label, m in results["metrics"].items():
+            if "skipped" in m:
+                lines.append(f"{label:<28} skipped: {m['skipped']}")
+                continue
+            lines.append(f"{label:<28} {m['margin_reward']:>14.4f} {m['pairwise_accuracy']:>14.4f}")
+    conf = results.get("generation", {})
+    for name, judge in results.get("judges", {}).items():
+        for label, entry in judge["models"].items():
+            t1, t2 = entry.get("table1"), entry.get("table2")
+            if t1:
+                lines.append("")
+                how = "score gap" if judge["type"] == "reward_model" else "both orders, MT-Bench rule"
+                lines.append(
+                    f"Table 1 - {label} vs {base}, judge '{name}' ({judge['type']}, {how}); "
+                    f"{entry['n_prompts']} prompts, 95% CI by bootstrap over prompts"
+                )
+                lines.append(f"  win   {_with_ci(t1, 'win')}")
+                lines.append(f"  tie   {_with_ci(t1, 'tie')}")
+                lines.append(f"  lose  {_with_ci(t1, 'lose')}")
+                extra = f"  judged {t1['n']}, invalid {t1['invalid']}"
+                if "order_disagreement" in t1:
+                    extra += (
+                        f", orders disagree {_pct(t1['order_disagreement'])}, "
+                        f"first answer preferred {_pct(t1['first_position_share'])}"
+                    )
+                if "mean_reward" in t1:
+                    mr = t1["mean_reward"]
+                    extra += f", tie margin {t1['tie_margin']:g}, mean reward {mr['model']:.3f} vs {mr['baseline']:.3f}"
+                lines.append(extra)
+            if t2:
+                ms = t2["mean_score"]
+                lines.append("")
+                lines.append(
+                    f"Table 2 - {label} vs {base}, judge '{name}' (0-3 rubric); temperature {conf.get('temperature')}"
+                )
+                lines.append(
+                    f"  win : tie : lose : bad = {_pct(t2['win'])} : {_pct(t2['tie'])} : {_pct(t2['lose'])} : "
+                    f"{_pct(t2['bad'])}  (judged {t2['n']}, invalid {t2['invalid']})"
+                )
+                lines.append(f"  mean score {label} {_pct(ms['model'])}, {base} {_pct(ms['baseline'])}")
+    ledger = results.get("ledger")
+    if ledger:
+        lines.append("")
+        lines.append("Judge ledger (money at the configured price per 1k tokens)")
+        lines.append(
+            f"{'judge':<14} {'':<9} {'requests':>9} {'prompt tok.':>12} {'compl. tok.':>12} {'seconds':>9} {'cost':>10}"
+        )
+        for judge in sorted(set(ledger["all_runs"]) | set(ledger["this_run"])):
+            for when, row in (
+                ("this run", ledger["this_run"].get(judge, {})),
+                ("all runs", ledger["all_runs"].get(judge, {})),
+            ):
+                lines.append(
+                    f"{judge:<14} {when:<9} {row.get('requests') or 0:>9d} {row.get('prompt_tokens') or 0:>12d} "
+                    f"{row.get('completion_tokens') or 0:>12d} {row.get('seconds') or 0:>9.1f} {row.get('cost') or 0:>10.4f}"
+                )
     return "\n".join(lines)

@@ -7,6 +7,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -145,3 +146,131 @@ def adapter_parameters(peft_model, name: str) -> list[torch.nn.Parameter]:
     if not params:
         raise ValueError(f"no LoRA parameters found for adapter '{name}'")
     return params
+
+
+# ---------------------------------------------------------------- models for generation and evaluation
+
+
+@dataclass
+class ModelSource:
+    """Where a model named on the command line really is: the weights folder (or hub id), the base model of a LoRA
+    adapter, the folder (or id) to read the tokenizer from, and the run's config when it came from a run."""
+
+    spec: str
+    label: str
+    path: str
+    tokenizer_path: str
+    adapter_base: str | None = None  # set when `path` is a LoRA adapter folder
+    run_config: dict | None = None
+
+
+def _read_yaml(path: Path) -> dict | None:
+    import yaml
+
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    return loaded if isinstance(loaded, dict) else None
+
+
+def _base_of(config: dict | None) -> str:
+    """The starting model named by a run's config (unset = the embedded model)."""
+    model = (config or {}).get("model") or {}
+    name = model.get("name_or_path") if isinstance(model, dict) else None
+    return str(name) if name else str(embedded_model_dir())
+
+
+def _adapter_base(folder: Path, fallback: str | None) -> str:
+    import json
+
+    try:
+        base = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8")).get(
+            "base_model_name_or_path"
+        )
+    except (OSError, ValueError):
+        base = None
+    if base and (Path(base).is_dir() or not Path(base).is_absolute()):
+        return base
+    if fallback:
+        return fallback
+    raise ConfigError(f"{folder}: LoRA adapter whose base model '{base}' is not found; name it with the run")
+
+
+def resolve_model(spec: str | None, label: str | None = None) -> ModelSource:
+    """A run folder (its final/), a checkpoint (its protagonist or policy), a LoRA adapter folder, a model folder,
+    the embedded model (None or "embedded") or a hub id -> ModelSource. `label=path` specs carry their label."""
+    if spec and "=" in spec and not Path(spec).exists():
+        label, spec = spec.split("=", 1)
+    if not spec or spec == "embedded":
+        path = str(embedded_model_dir())
+        return ModelSource("embedded", label or DEFAULT_MODEL_NAME, path, path)
+    folder = Path(spec).expanduser()
+    if not folder.exists():
+        if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+            raise ConfigError(f"model '{spec}': no such folder")
+        return ModelSource(spec, label or spec.rsplit("/", 1)[-1], spec, spec)  # a hub id
+    name = label or folder.resolve().name
+    if (folder / "trainer_state.json").is_file():  # a checkpoint: its protagonist (IOPO) or policy
+        run_config = _read_yaml(folder / "config.yaml")
+        base = _base_of(run_config)
+        for player in ("protagonist", "policy"):
+            sub = folder / player
+            if (sub / "adapter_config.json").is_file():
+                return ModelSource(spec, name, str(sub), base, _adapter_base(sub, base), run_config)
+            if (sub / "config.json").is_file():
+                return ModelSource(spec, name, str(sub), base, None, run_config)
+        raise ConfigError(f"{folder}: checkpoint without a protagonist/ or policy/ folder")
+    if (folder / "config.yaml").is_file() and (folder / "final").is_dir():  # a run folder
+        run_config = _read_yaml(folder / "config.yaml")
+        final = folder / "final"
+        if (final / "config.json").is_file():
+            return ModelSource(spec, name, str(final), str(final), None, run_config)
+        adapters = sorted(p.parent for p in final.glob("*/adapter_config.json"))
+        if adapters:
+            base = _base_of(run_config)
+            return ModelSource(
+                spec, name, str(adapters[0]), str(adapters[0]), _adapter_base(adapters[0], base), run_config
+            )
+        raise ConfigError(f"{folder}: run folder whose final/ holds no model")
+    if (folder / "config.yaml").is_file() and not (folder / "config.json").is_file():
+        raise ConfigError(f"{folder}: run folder without final/ (did training finish with export=true?)")
+    if (folder / "adapter_config.json").is_file():
+        base = _adapter_base(folder, None)
+        tok = str(folder) if (folder / "tokenizer_config.json").is_file() else base
+        return ModelSource(spec, name, str(folder), tok, base)
+    if (folder / "config.json").is_file():
+        return ModelSource(spec, name, str(folder), str(folder))
+    raise ConfigError(f"model '{spec}': the folder holds no config.json, adapter_config.json or run")
+
+
+def load_inference_model(source: ModelSource, dtype: str = "float32", trust_remote_code: bool = False):
+    """(model in eval mode with the KV cache on, tokenizer) for generation and scoring; a LoRA adapter is merged."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(
+        ModelConfig(name_or_path=source.tokenizer_path, trust_remote_code=trust_remote_code)
+    )
+    kwargs = {"dtype": _DTYPES[dtype], "trust_remote_code": trust_remote_code}
+    target = source.adapter_base or source.path
+    try:
+        model = AutoModelForCausalLM.from_pretrained(target, **kwargs)
+        if source.adapter_base:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, source.path).merge_and_unload()
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot load model '{source.spec}' ({target}): {_first_line(e)}") from None
+    model.config.use_cache = True
+    return model.eval().requires_grad_(False), tokenizer
+
+
+def model_fingerprint(model) -> str:
+    """sha256 over the parameter and buffer names, shapes, dtypes and bytes: the same weights, the same id."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()[:16]

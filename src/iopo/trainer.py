@@ -22,10 +22,10 @@ import yaml
 from iopo import checkpoint as ckpt
 from iopo.config import ConfigError, TrainConfig, dump_config
 from iopo.data import TokenizedPair, collate_pairs, load_training_data
-from iopo.evaluate import dataset_logps, format_table, offline_metrics
 from iopo.logprobs import SequenceLogProbs, sequence_logps
 from iopo.losses import LOSSES
 from iopo.models import adapter_parameters, add_lora_adapters, load_model, load_tokenizer
+from iopo.scoring import dataset_logps, format_table, offline_metrics
 
 BASE = "<base>"  # the LoRA reference: the shared base with every adapter disabled
 
@@ -327,7 +327,7 @@ def train(cfg: TrainConfig) -> dict:
     final_player = players[names[0]]
     ref_file = run_dir / "eval_reference_logps.pt"
     eval_ref = None
-    if cfg.eval_at_end and test_pairs:
+    if (cfg.eval_at_end or cfg.eval_steps) and test_pairs:
         if ref_file.is_file():
             eval_ref = torch.load(ref_file, weights_only=True)
         if eval_ref is None or eval_ref["chosen_logps"].numel() != len(test_pairs):
@@ -345,6 +345,22 @@ def train(cfg: TrainConfig) -> dict:
 
     def save(at_step: int) -> None:
         _save_checkpoint(cfg, accelerator, players, at_step, position, len(schedule), global_batch)
+
+    def test_metrics(label: str | None) -> dict:
+        """Margin reward and pairwise accuracy of the protagonist/policy vs the starting model on the test split."""
+        policy = _test_logps(final_player, players, test_pairs, cfg, tokenizer, accelerator, label)
+        return offline_metrics(
+            policy["chosen_logps"],
+            policy["rejected_logps"],
+            eval_ref["chosen_logps"],
+            eval_ref["rejected_logps"],
+            cfg.loss.beta,
+        )
+
+    def log_eval(at_step: int, metrics: dict) -> None:
+        keys = ("margin_reward", "pairwise_accuracy", "reward_chosen", "reward_rejected", "margin_reward_std")
+        record = {"step": at_step, **{f"eval/{k}": metrics[k] for k in keys}}
+        _log_metrics(accelerator, record, metrics_file, writer)
 
     # --- the optimizer-step loop
     try:
@@ -385,6 +401,13 @@ def train(cfg: TrainConfig) -> dict:
                 bar.update(1)
             if cfg.save_steps and step % cfg.save_steps == 0 and step < len(schedule):
                 save(step)
+            if (
+                eval_ref is not None
+                and cfg.eval_steps
+                and step % cfg.eval_steps == 0
+                and step < len(schedule)
+            ):
+                log_eval(step, test_metrics(None))
     except KeyboardInterrupt:
         if accelerator.num_processes == 1 and step > 0:
             log(f"\n[iopo] interrupted: saving step {step} so resume=true continues from it")
@@ -394,23 +417,18 @@ def train(cfg: TrainConfig) -> dict:
         bar.close()
     if not (resume_state and resume_state["step"] == step):  # else that checkpoint is this state already
         save(step)
-    if writer is not None:
-        writer.close()
 
     # --- export and evaluation
     if cfg.export:
         export_dir = _export(cfg, accelerator, final_player, tokenizer, run_dir)
         log(f"[iopo] exported {final_player.name} to {export_dir}")
     results: dict = {}
-    if eval_ref is not None:
-        policy = _test_logps(final_player, players, test_pairs, cfg, tokenizer, accelerator)
-        results = offline_metrics(
-            policy["chosen_logps"],
-            policy["rejected_logps"],
-            eval_ref["chosen_logps"],
-            eval_ref["rejected_logps"],
-            cfg.loss.beta,
-        )
+    if eval_ref is not None and (cfg.eval_at_end or cfg.eval_steps):
+        results = test_metrics(f"eval {final_player.name}" if cfg.progress_bar else None)
+        log_eval(step, results)
+    if writer is not None:
+        writer.close()
+    if results and cfg.eval_at_end:
         results.update(method=cfg.method, player=final_player.name, reference="starting model", step=step)
         if accelerator.is_main_process:
             (run_dir / "eval.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
@@ -474,8 +492,11 @@ def _log_metrics(accelerator, record: dict, path: Path, writer) -> None:
     if writer is not None:
         for key, value in record.items():
             if isinstance(value, (int, float)) and key != "step":
-                writer.add_scalar(f"train/{key}", value, record["step"])
-        writer.add_scalar("train/agent_is_adversary", float(record["agent"] == "adversary"), record["step"])
+                writer.add_scalar(key if key.startswith("eval/") else f"train/{key}", value, record["step"])
+        if "agent" in record:
+            writer.add_scalar(
+                "train/agent_is_adversary", float(record["agent"] == "adversary"), record["step"]
+            )
 
 
 def _tensorboard(cfg: TrainConfig, run_dir: Path, accelerator):
@@ -502,12 +523,14 @@ def _printer(accelerator):
     return log
 
 
-def _test_logps(player, players, pairs: list[TokenizedPair], cfg, tokenizer, accelerator) -> dict:
+def _test_logps(
+    player, players, pairs: list[TokenizedPair], cfg, tokenizer, accelerator, progress: str | None = None
+) -> dict:
     def forward(batch):
         with accelerator.autocast():
             return player_logps(player, batch, players, grad=False)
 
-    return dataset_logps(forward, pairs, cfg.eval_batch_size, tokenizer.pad_token_id, accelerator)
+    return dataset_logps(forward, pairs, cfg.eval_batch_size, tokenizer.pad_token_id, accelerator, progress)
 
 
 def _save_checkpoint(cfg, accelerator, players, step, position, total, global_batch) -> None:

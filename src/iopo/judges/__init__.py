@@ -1,0 +1,76 @@
+"""Judges by name (reward_model, openai, local) and the cached runner that asks them only what the store lacks."""
+
+from __future__ import annotations
+
+import json
+
+from iopo.judges.base import Judge
+
+
+def build_judge(name: str, cfg, dtype: str = "float32", trust_remote_code: bool = False) -> Judge:
+    """The judge of a JudgeConfig, picked by its type."""
+    if cfg.type == "openai":
+        from iopo.judges.openai import OpenAIJudge
+
+        return OpenAIJudge(name, cfg)
+    if cfg.type == "reward_model":
+        from iopo.judges.reward_model import RewardModelJudge
+
+        return RewardModelJudge(name, cfg, dtype, trust_remote_code)
+    from iopo.judges.local import LocalJudge
+
+    return LocalJudge(name, cfg, dtype, trust_remote_code)
+
+
+def judgment_key(judge_id: str, kind: str, prompt, answer_a: str, answer_b: str | None) -> str:
+    from iopo.store import text_key
+
+    return text_key(judge_id, kind, prompt, answer_a, answer_b)
+
+
+def run_judge(
+    judge: Judge, store, kind: str, items: list[tuple], session: str, progress: bool = True
+) -> tuple[list[dict], dict]:
+    """Results for every item (pairwise: (prompt, a, b); score: (prompt, answer)), asking the judge only for the
+    items the store lacks (identical items once) and storing each result, with its ledger row, as it arrives.
+
+    Returns (results in item order, {"new": n asked, "reused": n found in the store}).
+    """
+    keys = [
+        judgment_key(judge.judge_id, kind, item[0], item[1], item[2] if kind == "pairwise" else None)
+        for item in items
+    ]
+    found = store.judgments(keys)
+    missing: dict[str, tuple] = {}
+    for key, item in zip(keys, items, strict=True):
+        if key not in found and key not in missing:
+            missing[key] = item
+    todo_keys, todo = list(missing), list(missing.values())
+    bar = None
+    if progress and todo:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo), desc=f"judge {judge.name} ({kind})", unit="judgment", dynamic_ncols=True)
+    ask = judge.pairwise if kind == "pairwise" else judge.score
+    try:
+        for index, result, spent in ask(todo):
+            item, key = todo[index], todo_keys[index]
+            store.put_judgment(
+                key,
+                judge=judge.name,
+                judge_id=judge.judge_id,
+                kind=kind,
+                prompt=json.dumps(item[0], ensure_ascii=False) if not isinstance(item[0], str) else item[0],
+                answer_a=item[1],
+                answer_b=item[2] if kind == "pairwise" else None,
+                result=result,
+                usage=spent,
+                session=session,
+            )
+            found[key] = result
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return [found[key] for key in keys], {"new": len(todo), "reused": len(items) - len(todo)}

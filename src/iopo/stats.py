@@ -1,0 +1,129 @@
+"""Pure statistics of the evaluation: win/tie/lose outcomes, bootstrap confidence intervals over prompts, the
+normal fit of margin distributions, and agreement rates. No torch, no I/O.
+
+Outcomes are strings from the evaluated model's side: "win", "tie", "lose", plus "bad" (both answers scored 0 on
+the 0-3 rubric, Table 2's "bad case") and "invalid" (the judge gave no usable verdict; reported, never counted
+as a tie).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+OUTCOMES = ("win", "tie", "lose", "bad")
+
+
+def pairwise_outcome(order_ab: str | None, order_ba: str | None) -> tuple[str, bool]:
+    """MT-Bench's rule for one pair judged in both orders (Zheng et al. 2023, Sec. 3.4).
+
+    order_ab is the verdict ("A", "B", "tie" or None = invalid) with the evaluated model's answer shown first,
+    order_ba with it shown second. Returns (outcome, orders_disagree): a win (lose) only when both orders say so,
+    any disagreement is a tie; an invalid reply in either order makes the pair invalid.
+    """
+    if order_ab is None or order_ba is None:
+        return "invalid", False
+    first = {"A": "win", "B": "lose", "tie": "tie"}[order_ab]
+    second = {"B": "win", "A": "lose", "tie": "tie"}[order_ba]
+    if first == second:
+        return first, False
+    return "tie", True
+
+
+def score_gap_outcome(model_score: float | None, baseline_score: float | None, tie_margin: float) -> str:
+    """A reward model's verdict: the score gap beyond ±tie_margin wins or loses, else a tie."""
+    if model_score is None or baseline_score is None:
+        return "invalid"
+    gap = model_score - baseline_score
+    if gap > tie_margin:
+        return "win"
+    if gap < -tie_margin:
+        return "lose"
+    return "tie"
+
+
+def rubric_outcome(model_score: float | None, baseline_score: float | None) -> str:
+    """Table 2 from 0-3 scores: the higher score wins, equal scores tie, both 0 is a bad case."""
+    if model_score is None or baseline_score is None:
+        return "invalid"
+    if model_score == 0 and baseline_score == 0:
+        return "bad"
+    if model_score > baseline_score:
+        return "win"
+    if model_score < baseline_score:
+        return "lose"
+    return "tie"
+
+
+def outcome_rates(outcomes: Sequence[str]) -> dict[str, float]:
+    """Shares of win/tie/lose/bad among the valid outcomes (they sum to 1), NaN when none is valid."""
+    valid = [o for o in outcomes if o != "invalid"]
+    n = len(valid)
+    return {k: (sum(o == k for o in valid) / n if n else math.nan) for k in OUTCOMES}
+
+
+def bootstrap_rates(
+    outcomes_by_prompt: Sequence[Sequence[str]], n_boot: int, confidence: float, seed: int
+) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap CIs of the outcome shares, resampling prompts (all of a prompt's outcomes together).
+
+    Prompts, not outcomes, are the unit: several answers to one prompt are not independent. Returns
+    {outcome: (low, high)}; (nan, nan) when nothing is valid or n_boot is 0.
+    """
+    groups = [[o for o in group if o != "invalid"] for group in outcomes_by_prompt]
+    groups = [g for g in groups if g]
+    if not groups or n_boot <= 0:
+        return {k: (math.nan, math.nan) for k in OUTCOMES}
+    counts = np.array(
+        [[sum(o == k for o in g) for k in OUTCOMES] for g in groups], dtype=np.float64
+    )  # (P, 4)
+    totals = counts.sum(1)  # (P,)
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(groups), size=(n_boot, len(groups)))  # (n_boot, P)
+    shares = counts[picks].sum(1) / totals[picks].sum(1, keepdims=True)  # (n_boot, 4)
+    alpha = (1 - confidence) / 2
+    low, high = np.quantile(shares, [alpha, 1 - alpha], axis=0)
+    return {k: (float(low[i]), float(high[i])) for i, k in enumerate(OUTCOMES)}
+
+
+def bootstrap_mean(
+    values_by_prompt: Sequence[Sequence[float]], n_boot: int, confidence: float, seed: int
+) -> tuple[float, float]:
+    """Percentile bootstrap CI of the mean of the values, resampling prompts."""
+    groups = [[v for v in g if v is not None and math.isfinite(v)] for g in values_by_prompt]
+    groups = [g for g in groups if g]
+    if not groups or n_boot <= 0:
+        return (math.nan, math.nan)
+    sums = np.array([sum(g) for g in groups], dtype=np.float64)
+    counts = np.array([len(g) for g in groups], dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(groups), size=(n_boot, len(groups)))
+    means = sums[picks].sum(1) / counts[picks].sum(1)
+    alpha = (1 - confidence) / 2
+    low, high = np.quantile(means, [alpha, 1 - alpha])
+    return float(low), float(high)
+
+
+def normal_fit(values: Sequence[float]) -> tuple[float, float]:
+    """Maximum-likelihood normal (mean, std) of the margin distribution (Fig. 3's fitted curve)."""
+    x = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
+    if x.size == 0:
+        return math.nan, math.nan
+    return float(x.mean()), float(x.std())
+
+
+def agreement_rate(a: Sequence[str | None], b: Sequence[str | None]) -> tuple[float, int]:
+    """Share of items where two raters (or judges) give the same label, over items both labelled; and that count."""
+    both = [(x, y) for x, y in zip(a, b, strict=True) if x is not None and y is not None]
+    if not both:
+        return math.nan, 0
+    return sum(x == y for x, y in both) / len(both), len(both)
+
+
+def finite_or_none(value: float | None) -> float | None:
+    """JSON has no NaN: non-finite numbers are written as null."""
+    if value is None or not math.isfinite(value):
+        return None
+    return value
