@@ -338,14 +338,20 @@ class EvalConfig(_Part):
         return values
 
 
+class RMOptimConfig(OptimConfig):
+    """The optimizer settings of `iopo train-rm` (a new head on a pretrained backbone: a larger rate, no warm-up)."""
+
+    learning_rate: float = Field(1e-5, gt=0)
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "linear"
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+
+
 class TrainRMConfig(_Part):
     """`iopo train-rm`: a Bradley-Terry reward model (paper Eq. 2), saved as AutoModelForSequenceClassification."""
 
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
-    optim: OptimConfig = Field(
-        default_factory=lambda: OptimConfig(learning_rate=1e-5, warmup_ratio=0.0, lr_scheduler="linear")
-    )
+    optim: RMOptimConfig = Field(default_factory=RMOptimConfig)
     output_dir: str = Field("runs/rm", description="Run folder; the model goes to final/.")
     seed: int = Field(42, ge=0, lt=2**32)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"

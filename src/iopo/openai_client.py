@@ -20,7 +20,12 @@ RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 
 
 class ServerError(RuntimeError):
-    """The server could not be reached or kept failing; the message is one line naming the URL."""
+    """The server could not be reached or kept failing; the message is one line naming the URL. `attempts` and
+    `seconds` say what the failure cost (the ledger counts failed requests too)."""
+
+    def __init__(self, message: str, attempts: int = 0, seconds: float = 0.0):
+        super().__init__(message)
+        self.attempts, self.seconds = attempts, seconds
 
 
 @dataclass
@@ -62,12 +67,16 @@ class Endpoint:
                 with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
                     body = json.loads(response.read().decode("utf-8"))
                 if not isinstance(body, dict):
-                    raise ServerError(f"{url}: the reply is not a JSON object")
+                    raise ServerError(
+                        f"{url}: the reply is not a JSON object", attempt, time.perf_counter() - started
+                    )
                 return Reply(body, attempt, time.perf_counter() - started)
             except urllib.error.HTTPError as e:
                 detail = _error_text(e)
                 if e.code not in RETRY_STATUS:
-                    raise ServerError(f"{url}: HTTP {e.code}: {detail}") from None
+                    raise ServerError(
+                        f"{url}: HTTP {e.code}: {detail}", attempt, time.perf_counter() - started
+                    ) from None
                 last = f"HTTP {e.code}: {detail}"
                 retry_after = _retry_after(e)
             except TimeoutError:
@@ -82,11 +91,17 @@ class Endpoint:
             except (ConnectionError, OSError) as e:  # reset mid-reply, refused
                 last, retry_after = f"connection failed ({_reason_text(e)})", None
             except (ValueError, UnicodeDecodeError):
-                raise ServerError(f"{url}: the reply is not JSON") from None
+                raise ServerError(
+                    f"{url}: the reply is not JSON", attempt, time.perf_counter() - started
+                ) from None
             if attempt <= self.max_retries:
                 wait = retry_after if retry_after is not None else self.backoff_s * 2 ** (attempt - 1)
                 time.sleep(min(wait, 60.0) * (0.75 + 0.5 * random.random()))
-        raise ServerError(f"{url}: {last} (after {self.max_retries + 1} attempts)")
+        raise ServerError(
+            f"{url}: {last} (after {self.max_retries + 1} attempts)",
+            self.max_retries + 1,
+            time.perf_counter() - started,
+        )
 
     def get(self, path: str) -> dict:
         url = self.url(path)

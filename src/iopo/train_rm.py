@@ -234,7 +234,7 @@ def train_rm(cfg: TrainRMConfig) -> dict:
     if bar is not None:
         bar.close()
 
-    results = {"n_train_pairs": len(train_pairs), "steps": total}
+    results = {"kind": "reward_model", "n_train_pairs": len(train_pairs), "steps": total}
     if test_pairs:
         held = evaluate_now()
         log_record(

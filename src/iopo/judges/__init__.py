@@ -70,6 +70,11 @@ def run_judge(
             found[key] = result
             if bar is not None:
                 bar.update(1)
+    except Exception as error:  # a request that failed for good still cost requests and time: into the ledger
+        if getattr(error, "attempts", 0):
+            spent = {"requests": error.attempts, "seconds": getattr(error, "seconds", 0.0)}
+            store.add_ledger(session=session, judge=judge.name, kind=kind, usage=spent)
+        raise
     finally:
         if bar is not None:
             bar.close()

@@ -1,0 +1,263 @@
+"""`iopo report`: one Markdown file from run and eval folders - settings, the implicit-reward metrics, Tables 1 and
+2 per judge with their intervals, the judge ledger and the figures - read top to bottom. Reads files only."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+from iopo.plots import collect, make_plots
+
+
+def _f(value, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    return f"{value:.{digits}f}"
+
+
+def _ci(table: dict, key: str) -> str:
+    low, high = (table.get("ci") or {}).get(key) or (None, None)
+    return f"{_f(table.get(key))} [{_f(low)}, {_f(high)}]"
+
+
+def _config(folder: Path) -> dict:
+    import yaml
+
+    try:
+        loaded = yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def _get(tree: dict, dotted: str):
+    for key in dotted.split("."):
+        if not isinstance(tree, dict):
+            return None
+        tree = tree.get(key)
+    return tree
+
+
+def _reward_models_section(runs: list[dict]) -> list[str]:
+    lines = [
+        "## Reward models (`iopo train-rm`)",
+        "",
+        "Bradley-Terry reward models (paper Eq. 2); held-out pairwise accuracy = share of held-out pairs whose "
+        "chosen answer gets the higher reward.",
+        "",
+        "| run | backbone | steps | training pairs | held-out pairs | held-out pairwise accuracy | mean reward margin |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for run in runs:
+        cfg, ev = _config(run["folder"]), run["eval"]
+        backbone = _get(cfg, "model.name_or_path") or "embedded SmolLM2-135M-Instruct"
+        lines.append(
+            f"| {run['folder'].name} | {backbone} | {ev.get('steps')} | {ev.get('n_train_pairs')} | {ev.get('n_pairs')} | "
+            f"{_f(ev.get('pairwise_accuracy'), 4)} | {_f(ev.get('mean_margin'), 3)} |"
+        )
+    return lines + [""]
+
+
+def _runs_section(runs: list[dict]) -> list[str]:
+    lines = ["## Training runs", ""]
+    lines.append(
+        "| run | method | model | LoRA | steps | lr | β | batch | margin reward | pairwise accuracy | test pairs |"
+    )
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    for run in runs:
+        cfg = _config(run["folder"])
+        steps = max((m.get("step", 0) for m in run["metrics"] if "agent" in m), default=0)
+        ev = run["eval"]
+        model = _get(cfg, "model.name_or_path") or "embedded SmolLM2-135M-Instruct"
+        lines.append(
+            f"| {run['label']} | {cfg.get('method', '?')} | {model} | {_get(cfg, 'model.lora')} | {steps} | "
+            f"{_get(cfg, 'optim.learning_rate')} | {_get(cfg, 'loss.beta')} | {_get(cfg, 'optim.batch_size')} | "
+            f"{_f(ev.get('margin_reward'), 4)} | {_f(ev.get('pairwise_accuracy'), 4)} | {ev.get('n_pairs', 'n/a')} |"
+        )
+    lines += [
+        "",
+        "Margin reward and pairwise accuracy: the implicit reward β·log(π/π_ref) of the exported protagonist "
+        "(policy, for a baseline) on the held-out pairs, π_ref the starting model (paper Sec. 6.2).",
+        "",
+    ]
+    for run in runs:
+        text = (
+            (run["folder"] / "config.yaml").read_text(encoding="utf-8")
+            if (run["folder"] / "config.yaml").is_file()
+            else ""
+        )
+        if text:
+            lines += [
+                f"<details><summary>settings of {run['label']}</summary>",
+                "",
+                "```yaml",
+                text.rstrip(),
+                "```",
+                "",
+                "</details>",
+                "",
+            ]
+    return lines
+
+
+def _eval_section(ev: dict) -> list[str]:
+    data = ev["eval"]
+    gen = data.get("generation") or {}
+    base = data.get("baseline")
+    lines = [f"## Evaluation `{ev['label']}`: {', '.join(data.get('models', {}))} vs {base}", ""]
+    lines.append(
+        f"Split: the {data.get('split')} split of `{data.get('data')}` - {data.get('n_pairs')} pairs, "
+        f"{data.get('n_prompts')} prompts answered. Generation: temperature {gen.get('temperature')}, top_p "
+        f"{gen.get('top_p')}, up to {gen.get('max_new_tokens')} new tokens, {gen.get('n')} answer(s) per prompt, "
+        f"seed {gen.get('seed')}. Wall time {_f(data.get('seconds'), 0)} s."
+    )
+    lines.append("")
+    metrics = data.get("metrics") or {}
+    if metrics:
+        lines += [f"### Implicit reward vs {base} (β = {data.get('beta')})", ""]
+        lines += [
+            "| model | margin reward (± std) | pairwise accuracy | reward chosen | reward rejected |",
+            "|---|---|---|---|---|",
+        ]
+        for model, m in metrics.items():
+            if "skipped" in m:
+                lines.append(f"| {model} | skipped: {m['skipped']} | | | |")
+                continue
+            lines.append(
+                f"| {model} | {_f(m.get('margin_reward'), 4)} (± {_f(m.get('margin_reward_std'), 4)}) | "
+                f"{_f(m.get('pairwise_accuracy'), 4)} | {_f(m.get('reward_chosen'), 4)} | {_f(m.get('reward_rejected'), 4)} |"
+            )
+        lines.append("")
+    t1_rows, t2_rows = [], []
+    for judge, entry in (data.get("judges") or {}).items():
+        for model, tables in entry.get("models", {}).items():
+            if tables.get("table1"):
+                t1_rows.append((judge, entry, model, tables["table1"]))
+            if tables.get("table2"):
+                t2_rows.append((judge, entry, model, tables["table2"]))
+    if t1_rows:
+        lines += [
+            f"### Table 1: judged win : tie : lose against {base}",
+            "",
+            "Shares of the judged answers with 95% intervals (percentile bootstrap over prompts). An LLM or local "
+            "judge sees every pair in both orders: a win or loss needs both orders to agree, any disagreement "
+            "is a tie (MT-Bench's rule). A reward model's verdict is the sign of the reward gap beyond the tie margin.",
+            "",
+            "| model | judge | win | tie | lose | judged | invalid | orders disagree | notes |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for judge, entry, model, t in t1_rows:
+            notes = ""
+            if "mean_reward" in t:
+                mr = t["mean_reward"]
+                notes = f"mean reward {_f(mr.get('model'))} vs {_f(mr.get('baseline'))}; tie margin {t.get('tie_margin')}"
+            elif "first_position_share" in t:
+                notes = f"first answer preferred in {_f(t.get('first_position_share'))} of verdicts"
+            lines.append(
+                f"| {model} | {judge} ({entry.get('type')}) | {_ci(t, 'win')} | {_ci(t, 'tie')} | {_ci(t, 'lose')} | "
+                f"{t.get('n')} | {t.get('invalid')} | {_f(t.get('order_disagreement')) if 'order_disagreement' in t else '-'} | {notes} |"
+            )
+        lines.append("")
+    if t2_rows:
+        lines += [
+            f"### Table 2: 0-3 rubric scores, win : tie : lose : bad cases against {base}",
+            "",
+            "Each answer scored 0-3 by the judge; the higher score wins, equal scores tie, and a *bad case* is a pair "
+            "where both answers score 0 (counted apart from ties, so the four shares sum to 1).",
+            "",
+            "| model | judge | win | tie | lose | bad cases | mean score (model) | mean score (baseline) | invalid |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for judge, _entry, model, t in t2_rows:
+            ms = t.get("mean_score") or {}
+            lo, hi = ms.get("model_ci") or (None, None)
+            blo, bhi = ms.get("baseline_ci") or (None, None)
+            lines.append(
+                f"| {model} | {judge} | {_ci(t, 'win')} | {_ci(t, 'tie')} | {_ci(t, 'lose')} | {_ci(t, 'bad')} | "
+                f"{_f(ms.get('model'), 2)} [{_f(lo, 2)}, {_f(hi, 2)}] | {_f(ms.get('baseline'), 2)} [{_f(blo, 2)}, {_f(bhi, 2)}] | {t.get('invalid')} |"
+            )
+        lines.append("")
+    ledger = data.get("ledger") or {}
+    if ledger.get("all_runs"):
+        lines += [
+            "### Judge ledger",
+            "",
+            "What the judgments cost: requests, tokens, seconds and money at the configured price. *This run* is the "
+            "invocation that wrote this eval.json (0 requests when everything was already in the store); *all runs* "
+            "sums every invocation on this eval folder.",
+            "",
+            "| judge | when | requests | prompt tokens | completion tokens | seconds | cost |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for judge in sorted(ledger["all_runs"]):
+            for when in ("this_run", "all_runs"):
+                row = ledger.get(when, {}).get(judge, {})
+                lines.append(
+                    f"| {judge} | {when.replace('_', ' ')} | {row.get('requests') or 0} | {row.get('prompt_tokens') or 0} | "
+                    f"{row.get('completion_tokens') or 0} | {_f(row.get('seconds') or 0.0, 1)} | {_f(row.get('cost') or 0.0, 4)} |"
+                )
+        lines.append("")
+    generations = data.get("generations") or {}
+    if generations:
+        lines += [
+            "### Generation",
+            "",
+            "| model | answers | new | reused | seconds | tokens/s | cut at max_new_tokens |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for model, g in generations.items():
+            rate = g["completion_tokens"] / g["seconds"] if g.get("seconds") else None
+            lines.append(
+                f"| {model} | {g.get('answers', 0) + g.get('reused', 0)} | {g.get('answers')} | {g.get('reused')} | "
+                f"{_f(g.get('seconds'), 1)} | {_f(rate, 1)} | {_f(g.get('finish_length_share'), 2)} |"
+            )
+        lines.append("")
+    return lines
+
+
+def write_report(inputs: list[str], output: str | Path, title: str = "iopo report") -> Path:
+    found = collect(inputs)
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    figures_dir = output.parent / f"{output.stem}_files"
+    made = make_plots(inputs, figures_dir)
+    lines = [
+        f"# {title}",
+        "",
+        f"Written {time.strftime('%Y-%m-%d %H:%M')} from: " + ", ".join(f"`{i}`" for i in inputs),
+        "",
+    ]
+    if found["runs"]:
+        lines += _runs_section(found["runs"])
+    if found["reward_models"]:
+        lines += _reward_models_section(found["reward_models"])
+    for ev in found["evals"]:
+        lines += _eval_section(ev)
+    if made:
+        lines += ["## Figures", ""]
+        captions = {
+            "margins_density.png": "Margin-reward distributions on the held-out pairs, with fitted normals (Fig. 3).",
+            "margins_count.png": "The same margins as counts per bin (Fig. 4's view).",
+            "curves.png": "Margin reward and pairwise accuracy on the test split over training (Fig. 5).",
+            "win_tie_lose.png": "Judged win / tie / lose with 95% bootstrap intervals (Table 1).",
+            "training.png": "Training loss per step and player; IOPO's mean importance weight.",
+        }
+        for name in made:
+            rel = os.path.relpath(figures_dir / name, output.parent)
+            lines += [f"**{captions.get(name, name)}**", "", f"![{name}]({rel})", ""]
+    output.write_text("\n".join(lines), encoding="utf-8")
+    return output
+
+
+def report_command(cfg) -> Path:
+    from iopo.config import ConfigError
+
+    if not cfg.inputs:
+        raise ConfigError(
+            "name run or eval folders: iopo report runs/quickstart evals/eval [output=report.md]"
+        )
+    path = write_report(cfg.inputs, cfg.output, cfg.title)
+    print(f"[iopo] report written to {path}")
+    return path

@@ -1,0 +1,550 @@
+"""Evaluation on tiny models: generation (batched, resumable), train-rm, judges, the store (no judgment paid twice),
+`iopo eval` end to end, plots and the report, and an OpenAI-compatible judge's faults against a stub server."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from iopo.cli import main as iopo_main
+from iopo.config import GenerateConfig, JudgeConfig, load_config
+
+from tiny import save_tiny, write_pairs
+
+TINY_DATA = ["data.max_length=64", "data.max_prompt_length=32", "data.test_size=6"]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory, tiny_model_dir):
+    """A data file, a second tiny model (the 'trained' one) and a reward model trained for a few steps."""
+    root = tmp_path_factory.mktemp("eval")
+    data = write_pairs(root / "pairs.jsonl", n=30)
+    other = save_tiny(root / "other", seed=1)
+    rm_args = [
+        "train-rm",
+        f"model={tiny_model_dir}",
+        f"data={data}",
+        *TINY_DATA,
+        "optim.max_steps=6",
+        "optim.learning_rate=3e-3",
+        f"output_dir={root / 'rm'}",
+        "progress_bar=false",
+        "tensorboard=false",
+    ]
+    assert iopo_main(rm_args) == 0
+    return {"root": root, "data": data, "base": tiny_model_dir, "other": other, "rm": root / "rm"}
+
+
+# ---------------------------------------------------------------- generation
+
+
+def _generate(work, output, *extra):
+    cfg = load_config(
+        None,
+        [
+            f"model={work['base']}",
+            f"data={work['data']}",
+            *TINY_DATA,
+            f"output={output}",
+            "progress_bar=false",
+            "generation.max_new_tokens=10",
+            "generation.n=2",
+            "generation.batch_size=4",
+            *extra,
+        ],
+        GenerateConfig,
+    )
+    from iopo.generate import generate_command
+
+    return generate_command(cfg)
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_generate_writes_every_field_and_a_rerun_generates_nothing(work, tmp_path):
+    out = tmp_path / "answers.jsonl"
+    timing = _generate(work, out)
+    records = _records(out)
+    assert timing["answers"] == len(records) == 12  # 6 test prompts x n=2
+    for r in records:
+        assert {
+            "prompt_id",
+            "prompt",
+            "answer",
+            "finish_reason",
+            "prompt_tokens",
+            "completion_tokens",
+            "model_fingerprint",
+            "settings",
+            "sample",
+        } <= r.keys()
+        assert r["finish_reason"] in ("stop", "length") and 0 < r["completion_tokens"] <= 10
+        assert r["settings"]["temperature"] == 0.8 and r["settings"]["n"] == 2
+    assert {(r["prompt_id"], r["sample"]) for r in records} == {
+        (r["prompt_id"], s) for r in records for s in (0, 1)
+    }
+    again = _generate(work, out)
+    assert again["answers"] == 0 and again["reused"] == 12 and len(_records(out)) == 12
+
+
+def test_generate_resumed_after_a_crash_equals_uninterrupted(work, tmp_path, monkeypatch):
+    straight = tmp_path / "straight.jsonl"
+    _generate(work, straight)
+
+    from iopo import generate as G
+
+    broken = tmp_path / "broken.jsonl"
+    real_call = G.JsonlSink.__call__
+    calls = {"n": 0}
+
+    def crash_after_first_batch(self, records):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # killed while the second batch is being written
+        real_call(self, records)
+
+    monkeypatch.setattr(G.JsonlSink, "__call__", crash_after_first_batch)
+    with pytest.raises(KeyboardInterrupt):
+        _generate(work, broken)
+    assert 0 < len(_records(broken)) < 12
+    monkeypatch.setattr(G.JsonlSink, "__call__", real_call)
+    with broken.open("a") as f:
+        f.write('{"key": "torn')  # a torn last line from the kill
+    timing = _generate(work, broken)
+    assert timing["reused"] > 0
+    from iopo.generate import read_records
+
+    by_key = lambda path: {k: r["answer"] for k, r in read_records(path).items()}  # noqa: E731
+    assert len(by_key(broken)) == 12
+    assert by_key(broken) == by_key(straight)  # the same answers, sampled with the same per-batch seeds
+
+
+def test_greedy_batched_generation_equals_one_by_one(work, tmp_path):
+    a, b = tmp_path / "b4.jsonl", tmp_path / "b1.jsonl"
+    _generate(work, a, "generation.temperature=0", "generation.n=1", "generation.batch_size=4")
+    _generate(work, b, "generation.temperature=0", "generation.n=1", "generation.batch_size=1")
+    answers = lambda path: {r["prompt_id"]: r["answer"] for r in _records(path)}  # noqa: E731
+    assert answers(a) == answers(b)  # left padding and the attention mask do not change greedy answers
+
+
+# ---------------------------------------------------------------- reward model
+
+
+def test_train_rm_saves_a_standard_reward_model_and_reports_accuracy(work):
+    from transformers import AutoModelForSequenceClassification
+
+    rm = work["rm"]
+    result = json.loads((rm / "eval.json").read_text())
+    assert result["kind"] == "reward_model" and result["n_pairs"] == 6
+    assert 0.0 <= result["pairwise_accuracy"] <= 1.0
+    model = AutoModelForSequenceClassification.from_pretrained(rm / "final")
+    assert model.config.num_labels == 1
+    records = [json.loads(x) for x in (rm / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 7))
+
+    # The held-out accuracy in eval.json is what the saved model gives.
+    from iopo.data import load_training_data
+    from iopo.train_rm import heldout_accuracy
+
+    cfg = load_config(rm / "config.yaml", schema=__import__("iopo.config").config.TrainRMConfig)
+    from iopo.models import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model)
+    _, test, _ = load_training_data(cfg.data, tokenizer, None)
+    again = heldout_accuracy(model, test, 4, tokenizer.pad_token_id, "cpu")
+    assert again["pairwise_accuracy"] == result["pairwise_accuracy"]
+    assert again["margins"] == pytest.approx(result["margins"], abs=1e-4)
+
+
+def test_bradley_terry_loss_by_hand():
+    import math
+
+    import torch
+
+    from iopo.train_rm import bradley_terry_loss
+
+    loss, metrics = bradley_terry_loss(torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0]))
+    # -(log σ(1) + log σ(-1)) / 2 = (log(1+e^-1) + log(1+e)) / 2
+    assert loss.item() == pytest.approx((math.log1p(math.exp(-1)) + math.log1p(math.e)) / 2, rel=1e-6)
+    assert metrics["accuracy"] == 0.5 and metrics["margin"] == 0.0
+
+
+def test_refusing_to_overwrite_a_reward_model(work, capsys):
+    code = iopo_main(
+        [
+            "train-rm",
+            f"model={work['base']}",
+            f"data={work['data']}",
+            *TINY_DATA,
+            f"output_dir={work['rm']}",
+            "optim.max_steps=1",
+        ]
+    )
+    assert code == 2 and "overwrite=true" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- iopo eval
+
+
+def _distinct_items(out: Path, model: Path) -> tuple[int, int]:
+    """(distinct pairwise questions over both orders, distinct answers to score) of an eval folder's generations:
+    identical questions are asked once (a tiny random model may give two prompts the same answer)."""
+    files = sorted((out / "generations").glob("*.jsonl"))
+    by_file = {f.stem: _records(f) for f in files}
+    model_file = model.name
+    base_file = next(k for k in by_file if k != model_file)
+    pairs = set()
+    for m, b in zip(by_file[model_file], by_file[base_file], strict=True):
+        prompt = json.dumps(m["prompt"])
+        pairs |= {(prompt, m["answer"], b["answer"]), (prompt, b["answer"], m["answer"])}
+    answers = {(json.dumps(r["prompt"]), r["answer"]) for recs in by_file.values() for r in recs}
+    return len(pairs), len(answers)
+
+
+def _tables(result: dict) -> dict:
+    """The judged tables of an eval.json without the per-invocation request counts."""
+    out = {}
+    for judge, entry in result["judges"].items():
+        for model, tables in entry["models"].items():
+            for name in ("table1", "table2"):
+                if name in tables:
+                    out[judge, model, name] = {k: v for k, v in tables[name].items() if k != "requests"}
+    return out
+
+
+def _eval_args(work, out, *extra):
+    return [
+        "eval",
+        f"{work['other']}",
+        f"baseline={work['base']}",
+        f"data={work['data']}",
+        *TINY_DATA,
+        f"output_dir={out}",
+        "generation.max_new_tokens=8",
+        "generation.n=2",
+        "progress_bar=false",
+        "bootstrap=200",
+        "judges.rm.type=reward_model",
+        f"judges.rm.model={work['rm'] / 'final'}",
+        "judges.rm.tie_margin=0.01",
+        "judges.loc.type=local",
+        f"judges.loc.model={work['base']}",
+        *extra,
+    ]
+
+
+def test_eval_end_to_end_then_repeated_eval_asks_no_judge(work, tmp_path, capsys):
+    out = tmp_path / "ev"
+    assert iopo_main(_eval_args(work, out)) == 0
+    printed = capsys.readouterr().out
+    assert "Table 1" in printed and "margin reward" in printed and "Judge ledger" in printed
+    result = json.loads((out / "eval.json").read_text())
+    label = Path(work["other"]).name
+    metrics = result["metrics"][label]
+    assert metrics["n_pairs"] == 6 and len(metrics["margins"]) == 6
+    for judge in ("rm", "loc"):
+        table = result["judges"][judge]["models"][label]["table1"]
+        assert table["n"] + table["invalid"] == 12  # 6 prompts x 2 answers
+        assert table["win"] + table["tie"] + table["lose"] == pytest.approx(1.0)
+        for outcome in ("win", "tie", "lose"):
+            low, high = table["ci"][outcome]
+            assert low <= table[outcome] <= high
+    # The local judge saw each pair in both orders, the RM scored each answer; identical questions asked once.
+    n_pairwise, n_answers = _distinct_items(out, Path(work["other"]))
+    assert 12 < n_pairwise <= 24 and 12 < n_answers <= 24
+    ledger = result["ledger"]["this_run"]
+    assert ledger["loc"]["requests"] == n_pairwise and ledger["rm"]["requests"] == n_answers
+    with sqlite3.connect(out / "store.sqlite") as db:
+        assert db.execute("SELECT COUNT(*) FROM judgments").fetchone()[0] == n_pairwise + n_answers
+        assert db.execute("SELECT COUNT(*) FROM generations").fetchone()[0] == 24
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert len(list((out / "generations").glob("*.jsonl"))) == 2
+
+    # Again: every answer and judgment is reused; no judge is asked anything, the tables are the same.
+    assert iopo_main(_eval_args(work, out)) == 0
+    again = json.loads((out / "eval.json").read_text())
+    assert again["ledger"]["this_run"] == {}
+    assert all(g["answers"] == 0 for g in again["generations"].values())
+    assert _tables(again) == _tables(result)
+    with sqlite3.connect(out / "store.sqlite") as db:
+        assert db.execute("SELECT COUNT(*) FROM judgments").fetchone()[0] == n_pairwise + n_answers
+
+    # A wider tie margin re-reads the stored rewards: still no request, more ties.
+    assert iopo_main(_eval_args(work, out, "judges.rm.tie_margin=1000")) == 0
+    wide = json.loads((out / "eval.json").read_text())
+    assert wide["ledger"]["this_run"] == {} and wide["judges"]["rm"]["models"][label]["table1"]["tie"] == 1.0
+
+
+def test_eval_of_a_run_folder_takes_its_data_and_starting_model(work, tmp_path):
+    from iopo import trainer
+
+    from tiny import run_overrides
+
+    cfg = load_config(
+        None, run_overrides(work["base"], work["data"], tmp_path / "run", "iopo.n_iter=1", "eval_steps=1")
+    )
+    trained = trainer.train(cfg)
+    out = tmp_path / "ev"
+    code = iopo_main(
+        [
+            "eval",
+            str(tmp_path / "run"),
+            f"output_dir={out}",
+            "generation.max_new_tokens=4",
+            "progress_bar=false",
+            "bootstrap=50",
+        ]
+    )
+    assert code == 0
+    result = json.loads((out / "eval.json").read_text())
+    assert result["n_pairs"] == trained["n_pairs"] == 4  # the run's own test split (data.test_size=4)
+    assert result["beta"] == 0.5  # the run's loss.beta
+    # Standalone metrics equal the end-of-training ones: same split, same reference (the starting model).
+    assert result["metrics"]["run"]["margin_reward"] == pytest.approx(trained["margin_reward"], abs=1e-5)
+    assert result["metrics"]["run"]["pairwise_accuracy"] == trained["pairwise_accuracy"]
+
+
+def test_eval_errors_are_one_line(work, tmp_path, capsys):
+    assert iopo_main(["eval", f"output_dir={tmp_path / 'x'}"]) == 2
+    assert "name at least one model" in capsys.readouterr().err
+    assert iopo_main(["eval", str(tmp_path / "missing-folder"), f"output_dir={tmp_path / 'x'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no such folder" in err
+    assert iopo_main(["eval", str(work["other"]), "judges.j.type=openai"]) == 2
+    assert "needs base_url" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- plots and report
+
+
+def test_plot_and_report_from_run_and_eval_folders(work, tmp_path):
+    from iopo import trainer
+    from iopo.plots import make_plots
+    from iopo.report import write_report
+
+    from tiny import eval_records, run_overrides
+
+    runs = []
+    for method in ("iopo", "dpo"):
+        cfg = load_config(
+            None,
+            run_overrides(
+                work["base"],
+                work["data"],
+                tmp_path / method,
+                f"method={method}",
+                "optim.max_steps=4",
+                "iopo.n_iter=2",
+                "eval_steps=1",
+            ),
+        )
+        trainer.train(cfg)
+        assert [r["step"] for r in eval_records(cfg.run_dir)] == [1, 2, 3, 4]  # eval_steps=1 and the end
+        runs.append(str(cfg.run_dir))
+    out = tmp_path / "ev"
+    assert iopo_main(_eval_args(work, out)) == 0
+    made = make_plots([*runs, str(out), str(work["rm"])], tmp_path / "plots")
+    assert set(made) == {
+        "margins_density.png",
+        "margins_count.png",
+        "curves.png",
+        "win_tie_lose.png",
+        "training.png",
+    }
+    assert made["curves.png"]["series"] == ["iopo", "dpo"]
+    assert made["margins_density.png"]["series"] == ["iopo", "dpo", Path(work["other"]).name]  # no RM margins
+    label = Path(work["other"]).name
+    assert made["win_tie_lose.png"]["series"] == [f"{label}|rm|table1", f"{label}|loc|table1"]
+    assert (
+        "iopo protagonist" in made["training.png"]["series"]
+        and "dpo policy" in made["training.png"]["series"]
+    )
+    from PIL import Image
+
+    for name in made:
+        with Image.open(tmp_path / "plots" / name) as image:
+            assert image.size[0] >= 700 and image.size[1] >= 300
+    report = write_report([*runs, str(out), str(work["rm"])], tmp_path / "r" / "report.md")
+    text = report.read_text()
+    for needle in (
+        "## Training runs",
+        "## Reward models",
+        "### Table 1",
+        "### Judge ledger",
+        "![curves.png]",
+    ):
+        assert needle in text
+    for link in (line.split("](")[1].rstrip(")") for line in text.splitlines() if line.startswith("![")):
+        assert (report.parent / link).is_file()
+
+
+# ---------------------------------------------------------------- an OpenAI-compatible judge's faults
+
+
+class _Stub(BaseHTTPRequestHandler):
+    plan: list = []  # what to answer, one entry per request: an int status, "garbage", "sleep" or a reply text
+    seen: list = []
+
+    def do_POST(self):  # noqa: N802
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).seen.append({"body": body, "auth": self.headers.get("Authorization")})
+        action = type(self).plan.pop(0) if type(self).plan else '{"winner": "A"}'
+        if action == "sleep":
+            import time
+
+            time.sleep(1.5)
+            action = '{"winner": "A"}'
+        if isinstance(action, int):
+            self.send_response(action)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b'{"error": {"message": "stub failure"}}')
+            return
+        reply = (
+            b"not json at all"
+            if action == "garbage"
+            else json.dumps(
+                {
+                    "choices": [{"message": {"content": action}, "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 100, "completion_tokens": 5},
+                }
+            ).encode()
+        )
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(reply)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def stub():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Stub)
+    _Stub.plan, _Stub.seen = [], []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+    server.server_close()
+
+
+def _openai_judge(url, **extra):
+    from iopo.judges.openai import OpenAIJudge
+
+    options = {"type": "openai", "base_url": url, "max_retries": 2, "timeout_s": 5, "concurrency": 1, **extra}
+    return OpenAIJudge("llm", JudgeConfig(**options))
+
+
+def test_openai_judge_retries_5xx_and_429_and_counts_them(stub):
+    _Stub.plan = [500, 429, '{"winner": "B"}']
+    judge = _openai_judge(stub, price_per_1k_prompt_tokens=0.0174, price_per_1k_completion_tokens=0.0174)
+    [(index, result, spent)] = list(judge.pairwise([("Q?", "a", "b")]))
+    assert result == {"winner": "B", "valid": True, "raw": '{"winner": "B"}'}
+    assert spent["requests"] == 3 and spent["prompt_tokens"] == 100
+    assert spent["cost"] == pytest.approx(105 / 1000 * 0.0174)
+    sent = _Stub.seen[-1]["body"]
+    assert sent["temperature"] == 0.0 and sent["response_format"]["type"] == "json_schema"
+
+
+def test_openai_judge_unparseable_reply_is_invalid_not_a_tie(stub):
+    _Stub.plan = ["I think both are fine", "7"]
+    judge = _openai_judge(stub)
+    [(_, verdict, _)] = list(judge.pairwise([("Q?", "a", "b")]))
+    [(_, score, _)] = list(judge.score([("Q?", "a")]))
+    assert verdict["winner"] is None and verdict["valid"] is False
+    assert score["score"] is None and score["valid"] is False
+
+
+def test_openai_judge_errors_name_the_url(stub, tmp_path, monkeypatch):
+    from iopo.openai_client import ServerError
+
+    _Stub.plan = ["garbage"]
+    with pytest.raises(ServerError, match="not JSON"):
+        list(_openai_judge(stub).pairwise([("Q?", "a", "b")]))
+    _Stub.plan = [500, 500, 500]
+    with pytest.raises(ServerError, match=r"HTTP 500.*after 3 attempts"):
+        list(_openai_judge(stub).pairwise([("Q?", "a", "b")]))
+    _Stub.plan = ["sleep", "sleep"]
+    with pytest.raises(ServerError, match="no reply within"):
+        list(_openai_judge(stub, timeout_s=0.5, max_retries=1).pairwise([("Q?", "a", "b")]))
+    _Stub.plan = [400]  # a client error is not retried
+    with pytest.raises(ServerError, match="HTTP 400"):
+        list(_openai_judge(stub, json_schema=False).pairwise([("Q?", "a", "b")]))
+    # Nobody listening: one line naming the URL, exit status 1, no traceback.
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    with pytest.raises(ServerError, match=f"{dead}/chat/completions: cannot connect"):
+        list(_openai_judge(dead, max_retries=0).pairwise([("Q?", "a", "b")]))
+
+
+def test_api_key_is_sent_but_never_stored(stub, tmp_path, monkeypatch, work):
+    monkeypatch.setenv("STUB_KEY", "sk-secret-123")
+    judge = _openai_judge(stub, api_key_env="STUB_KEY")
+    list(judge.pairwise([("Q?", "a", "b")]))
+    assert _Stub.seen[-1]["auth"] == "Bearer sk-secret-123"
+    monkeypatch.delenv("STUB_KEY")
+    from iopo.openai_client import ServerError
+
+    with pytest.raises(ServerError, match="STUB_KEY") as caught:
+        list(_openai_judge(stub, api_key_env="STUB_KEY").pairwise([("Q?", "a", "b")]))
+    assert "sk-secret" not in str(caught.value)
+
+
+def test_a_server_without_json_schema_falls_back_to_parsing(stub):
+    _Stub.plan = [400, "A"]  # refuses response_format, then answers in free text
+    judge = _openai_judge(stub)
+    [(_, result, spent)] = list(judge.pairwise([("Q?", "a", "b")]))
+    assert result["winner"] == "A" and spent["requests"] == 2
+    assert "response_format" not in _Stub.seen[-1]["body"]
+
+
+def test_eval_killed_mid_judging_resumes_without_paying_twice(work, tmp_path, stub, capsys):
+    """The stub fails for good after some verdicts: the finished ones are stored; the rerun asks only the rest."""
+    out = tmp_path / "ev"
+    base = [
+        "eval",
+        str(work["other"]),
+        f"baseline={work['base']}",
+        f"data={work['data']}",
+        *TINY_DATA,
+        f"output_dir={out}",
+        "generation.max_new_tokens=4",
+        "progress_bar=false",
+        "bootstrap=50",
+        "judges.llm.type=openai",
+        f"judges.llm.base_url={stub}",
+        "judges.llm.max_retries=0",
+        "judges.llm.concurrency=1",
+        "judges.llm.modes=[pairwise]",
+    ]
+    _Stub.plan = ['{"winner": "A"}'] * 5 + [500]
+    assert iopo_main(base) == 1
+    assert "HTTP 500" in capsys.readouterr().err
+    with sqlite3.connect(out / "store.sqlite") as db:
+        assert db.execute("SELECT COUNT(*) FROM judgments").fetchone()[0] == 5
+    before = len(_Stub.seen)
+    _Stub.plan = []
+    assert iopo_main(base) == 0
+    n_pairwise, _ = _distinct_items(out, Path(work["other"]))
+    assert (
+        len(_Stub.seen) - before == n_pairwise - 5
+    )  # 6 prompts x 2 orders (distinct ones), 5 already paid for
+    result = json.loads((out / "eval.json").read_text())
+    table = result["judges"]["llm"]["models"][Path(work["other"]).name]["table1"]
+    # The stub always says "A": both orders disagree on every pair, so every pair is a tie (MT-Bench's rule).
+    assert table["tie"] == 1.0 and table["order_disagreement"] == 1.0 and table["first_position_share"] == 1.0
+    assert (
+        result["ledger"]["all_runs"]["llm"]["requests"] == n_pairwise + 1
+    )  # every verdict + the failed request
