@@ -196,6 +196,7 @@ def train_rm(cfg: TrainRMConfig) -> dict:
     model.train()
     position = 0
     for step in range(1, total + 1):
+        tick = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
         for k in range(accum):
@@ -217,6 +218,7 @@ def train_rm(cfg: TrainRMConfig) -> dict:
         sums["learning_rate"] = optimizer.param_groups[0]["lr"]
         optimizer.step()
         scheduler.step()
+        sums["step_seconds"] = time.perf_counter() - tick
         if step % cfg.logging_steps == 0 or step == total:
             log_record({"step": step, **sums})
         if cfg.eval_steps and step % cfg.eval_steps == 0 and step < total and test_pairs:
