@@ -86,15 +86,19 @@ def judge_rates(n_pairs: int, concurrency: int) -> dict:
     prompts = _prompts(n_pairs)
     items = [(p["prompt"], "I can't help with that.", "Sure, here is how.") for p in prompts]
     out = {}
-    for workers in (1, concurrency):
-        with running_llama_server(find_embedded_gguf(), threads=1, parallel=max(workers, 1)) as url:
-            judge = OpenAIJudge(
-                "bench", JudgeConfig(type="openai", base_url=url, concurrency=workers, max_tokens=16)
-            )
+    for schema, workers, max_tokens in (("object", 1, 64), ("enum", 1, 8), ("enum", concurrency, 8)):
+        with running_llama_server(find_embedded_gguf(), threads=1, parallel=workers) as url:
+            options = {
+                "base_url": url,
+                "concurrency": workers,
+                "max_tokens": max_tokens,
+                "json_schema": schema,
+            }
+            judge = OpenAIJudge("bench", JudgeConfig(type="openai", **options))
             tick = time.perf_counter()
             results = [r for _, r, _ in judge.pairwise(items)]
             seconds = time.perf_counter() - tick
-        out[f"concurrency_{workers}"] = {
+        out[f"{schema}_schema_concurrency_{workers}"] = {
             "requests": len(items),
             "seconds": round(seconds, 2),
             "requests_per_s": round(len(items) / seconds, 2),
@@ -120,7 +124,7 @@ def main() -> None:
             "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(),
         },
-        "settings": vars(args),
+        "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "generation": generation_rates(args.prompts, args.max_new_tokens, args.batch),
         "judge": judge_rates(args.prompts, args.concurrency),
     }

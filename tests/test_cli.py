@@ -85,3 +85,23 @@ def test_cli_unloadable_model_is_one_line(tmp_path):
     assert done.returncode == 2
     assert done.stderr.startswith("iopo: error: cannot load the tokenizer of model")
     assert "Traceback" not in done.stderr and done.stderr.strip().count("\n") == 0
+
+
+def test_iopo_help_lists_every_command():
+    done = iopo("--help")
+    assert done.returncode == 0
+    for command in ("train", "train-rm", "generate", "eval", "plot", "report"):
+        assert command in done.stdout
+    shown = iopo(
+        "eval", "runs/a", "runs/b", "judges.rm.type=reward_model", "judges.rm.model=rm", "--print-config"
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert "- runs/a\n- runs/b" in shown.stdout and "type: reward_model" in shown.stdout
+
+
+def test_plots_and_reports_never_import_torch():
+    code = "import sys, iopo.plots, iopo.report, iopo.stats; print('torch' in sys.modules)"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"

@@ -478,7 +478,7 @@ def test_openai_judge_errors_name_the_url(stub, tmp_path, monkeypatch):
         list(_openai_judge(stub, timeout_s=0.5, max_retries=1).pairwise([("Q?", "a", "b")]))
     _Stub.plan = [400]  # a client error is not retried
     with pytest.raises(ServerError, match="HTTP 400"):
-        list(_openai_judge(stub, json_schema=False).pairwise([("Q?", "a", "b")]))
+        list(_openai_judge(stub, json_schema="off").pairwise([("Q?", "a", "b")]))
     # Nobody listening: one line naming the URL, exit status 1, no traceback.
     import socket
 
@@ -548,3 +548,53 @@ def test_eval_killed_mid_judging_resumes_without_paying_twice(work, tmp_path, st
     assert (
         result["ledger"]["all_runs"]["llm"]["requests"] == n_pairwise + 1
     )  # every verdict + the failed request
+
+
+def test_models_resolve_from_runs_checkpoints_and_adapters(work, tmp_path):
+    """A LoRA run exported as an adapter, its checkpoint, and the adapter folder give the same greedy answers."""
+    from iopo import trainer
+    from iopo.models import load_inference_model, model_fingerprint, resolve_model
+
+    from tiny import run_overrides
+
+    cfg = load_config(
+        None,
+        run_overrides(
+            work["base"],
+            work["data"],
+            tmp_path / "lora",
+            "model.lora=true",
+            "model.lora_r=4",
+            "merge_lora=false",
+            "iopo.n_iter=1",
+        ),
+    )
+    trainer.train(cfg)
+    run = resolve_model(str(cfg.run_dir))
+    checkpoint = resolve_model(str(next((cfg.run_dir / "checkpoints").iterdir())))
+    adapter = resolve_model(f"mine={cfg.run_dir / 'final' / 'protagonist'}")
+    assert run.adapter_base and checkpoint.adapter_base and adapter.adapter_base  # all three are adapters
+    assert adapter.label == "mine" and run.run_config["method"] == "iopo"
+    fingerprints = {model_fingerprint(load_inference_model(s)[0]) for s in (run, checkpoint, adapter)}
+    assert len(fingerprints) == 1
+    base = model_fingerprint(load_inference_model(resolve_model(str(work["base"])))[0])
+    assert base not in fingerprints  # the adapter was merged: not the base's weights
+
+    outputs = {}
+    for name, spec in (("run", cfg.run_dir), ("checkpoint", next((cfg.run_dir / "checkpoints").iterdir()))):
+        out = tmp_path / f"{name}.jsonl"
+        code = iopo_main(
+            [
+                "generate",
+                f"model={spec}",
+                f"data={work['data']}",
+                *TINY_DATA,
+                f"output={out}",
+                "generation.temperature=0",
+                "generation.max_new_tokens=6",
+                "progress_bar=false",
+            ]
+        )
+        assert code == 0
+        outputs[name] = {r["prompt_id"]: r["answer"] for r in _records(out)}
+    assert outputs["run"] == outputs["checkpoint"]

@@ -32,10 +32,18 @@ def server_url():
         yield url
 
 
-def test_llm_judge_pairwise_and_scores_on_a_real_server(server_url):
+@pytest.mark.parametrize(("schema", "max_tokens"), [("object", 64), ("enum", 8)])
+def test_llm_judge_pairwise_and_scores_on_a_real_server(server_url, schema, max_tokens):
     from iopo.judges.openai import OpenAIJudge
 
-    judge = OpenAIJudge("llm", JudgeConfig(type="openai", base_url=server_url, concurrency=2, max_tokens=16))
+    options = {
+        "type": "openai",
+        "base_url": server_url,
+        "concurrency": 2,
+        "max_tokens": max_tokens,
+        "json_schema": schema,
+    }
+    judge = OpenAIJudge("llm", JudgeConfig(**options))
     question = [{"role": "user", "content": "How do I make a bomb?"}]
     items = [
         (question, "I can't help with that; it could hurt people.", "Mix these chemicals: ..."),
@@ -45,7 +53,8 @@ def test_llm_judge_pairwise_and_scores_on_a_real_server(server_url):
     assert set(verdicts) == {0, 1}
     for result, spent in verdicts.values():
         assert result["valid"] and result["winner"] in ("A", "B", "tie")  # the JSON schema holds the reply
-        assert json.loads(result["raw"])["winner"] == result["winner"]
+        reply = json.loads(result["raw"])  # the schema holds: {"winner": "A"} (object) or "A" (enum)
+        assert (reply["winner"] if schema == "object" else reply) == result["winner"]
         assert spent["requests"] == 1 and spent["prompt_tokens"] > 50 and spent["completion_tokens"] > 0
     scores = [r for _, r, _ in judge.score([(question, "I can't help with that."), ("What is 2+2?", "4")])]
     assert all(r["valid"] and r["score"] in (0, 1, 2, 3) for r in scores)

@@ -225,7 +225,11 @@ class JudgeConfig(_Part):
         0.0, ge=0, description="reward_model: |score gap| <= this is a tie; local: |P(A) - 0.5| <= this."
     )
     base_url: str | None = Field(None, description="openai: e.g. http://127.0.0.1:8080/v1")
-    api_model: str | None = Field(None, description="openai: the model name sent to the server.")
+    api_model: str | None = Field(
+        None,
+        description="openai: the model name sent to the server; with it, stored verdicts are reused whatever the "
+        "URL (without it, the URL is the judge's identity).",
+    )
     api_key_env: str | None = Field(
         None, description="openai: environment variable holding the API key (never logged, never written)."
     )
@@ -233,8 +237,11 @@ class JudgeConfig(_Part):
     timeout_s: float = Field(120.0, gt=0)
     max_retries: int = Field(4, ge=0, le=20)
     max_tokens: int = Field(64, gt=0, le=4096, description="openai: reply length limit.")
-    json_schema: bool = Field(
-        True, description="openai: ask for a JSON-schema-constrained reply (the fallback parser stays on)."
+    json_schema: Literal["object", "enum", "off"] = Field(
+        "object",
+        description='openai: constrain the reply by a JSON schema - object: {"winner": "A"} (OpenAI\'s '
+        'structured outputs need an object); enum: the bare value "A" / 2 (vLLM, llama.cpp: a few tokens '
+        "instead of dozens); off: free text. The strict fallback parser reads every form.",
     )
     price_per_1k_prompt_tokens: float = Field(
         0.0, ge=0, description="Money per 1k prompt tokens (paper: ERNIE at 0.0174)."

@@ -25,15 +25,12 @@ class OpenAIJudge:
         self.name, self.cfg = name, cfg
         self.modes = cfg.effective_modes()
         self.endpoint = Endpoint(cfg.base_url, cfg.api_key_env, cfg.timeout_s, cfg.max_retries)
-        identity = [
-            cfg.base_url.rstrip("/"),
-            cfg.api_model,
-            cfg.max_tokens,
-            cfg.json_schema,
-            P.TEMPLATE_VERSION,
-        ]
+        # Who answers: the model name when given (the same model behind another URL or port gives the same
+        # verdicts), else the server's URL.
+        who = cfg.api_model or cfg.base_url.rstrip("/")
+        identity = [who, cfg.max_tokens, cfg.json_schema, P.TEMPLATE_VERSION]
         self.judge_id = "openai:" + text_key(*identity)[:20]
-        self._schema_ok = cfg.json_schema
+        self._schema_ok = cfg.json_schema != "off"
         self._lock = threading.Lock()
 
     def _ask(self, user: str, schema_name: str, schema: dict) -> tuple[str | None, dict]:
@@ -47,6 +44,8 @@ class OpenAIJudge:
             payload["model"] = self.cfg.api_model
         started, attempts = time.perf_counter(), 0
         if self._schema_ok:
+            if self.cfg.json_schema == "enum":
+                schema = schema["properties"][next(iter(schema["properties"]))]  # the bare value
             with_schema = {
                 **payload,
                 "response_format": {
