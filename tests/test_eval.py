@@ -598,3 +598,52 @@ def test_models_resolve_from_runs_checkpoints_and_adapters(work, tmp_path):
         assert code == 0
         outputs[name] = {r["prompt_id"]: r["answer"] for r in _records(out)}
     assert outputs["run"] == outputs["checkpoint"]
+
+
+def test_eval_on_multi_turn_chat_prompts(work, tmp_path):
+    """Chat-message prompts (hh-style, several turns) go through the chat template in generation, the reward model
+    and the local judge; nothing is dropped."""
+    chat = tmp_path / "chat.jsonl"
+    with chat.open("w") as f:
+        for i in range(12):
+            history = [
+                {"role": "user", "content": f"Hello, question {i}?"},
+                {"role": "assistant", "content": "Hi! What would you like to know?"},
+                {"role": "user", "content": f"Tell me about the sea, part {i}."},
+            ]
+            f.write(
+                json.dumps(
+                    {
+                        "prompt": history,
+                        "chosen": [{"role": "assistant", "content": "Waves roll in and out."}],
+                        "rejected": [{"role": "assistant", "content": "No."}],
+                    }
+                )
+                + "\n"
+            )
+    out = tmp_path / "ev"
+    args = [
+        "eval",
+        str(work["other"]),
+        f"baseline={work['base']}",
+        f"data={chat}",
+        "data.max_length=96",
+        "data.max_prompt_length=64",
+        "data.test_size=4",
+        f"output_dir={out}",
+        "generation.max_new_tokens=5",
+        "progress_bar=false",
+        "bootstrap=50",
+        "judges.rm.type=reward_model",
+        f"judges.rm.model={work['rm'] / 'final'}",
+        "judges.loc.type=local",
+        f"judges.loc.model={work['base']}",
+    ]
+    assert iopo_main(args) == 0
+    result = json.loads((out / "eval.json").read_text())
+    assert result["n_pairs"] == 4 and result["metrics"]["other"]["n_pairs"] == 4
+    records = _records(out / "generations" / "other.jsonl")
+    assert all(isinstance(r["prompt"], list) and len(r["prompt"]) == 3 for r in records)
+    assert all(r["prompt_tokens"] > 20 for r in records)  # the rendered template, not just the last message
+    for judge in ("rm", "loc"):
+        assert result["judges"][judge]["models"]["other"]["table1"]["n"] == 4

@@ -94,11 +94,16 @@ def margin_sets(found: dict) -> dict[str, list[float]]:
         margins = run["eval"].get("margins")
         if margins:
             sets[run["label"]] = [m for m in margins if m is not None]
+    seen = {tuple(round(m, 5) for m in values) for values in sets.values()}
     for ev in found["evals"]:
         for model, metrics in (ev["eval"].get("metrics") or {}).items():
             if isinstance(metrics, dict) and metrics.get("margins"):
-                label = model if model not in sets else f"{model} [{ev['label']}]"
-                sets[label] = [m for m in metrics["margins"] if m is not None]
+                values = [m for m in metrics["margins"] if m is not None]
+                key = tuple(round(m, 5) for m in values)
+                if key in seen:  # the same model on the same pairs as a run given too: drawn once
+                    continue
+                seen.add(key)
+                sets[model if model not in sets else f"{model} [{ev['label']}]"] = values
     return sets
 
 
@@ -247,6 +252,8 @@ def plot_win_tie_lose(found: dict, out_dir: Path) -> dict:
             value = row.get(outcome)
             if value is None or (isinstance(value, float) and math.isnan(value)):
                 continue
+            if outcome == "bad" and row["table"] != "table2":
+                continue  # bad cases exist only for 0-3 scores
             ci = (row.get("ci") or {}).get(outcome) or [value, value]
             lo, hi = (value if c is None else c for c in ci)
             y = i + (k - (len(outcomes) - 1) / 2) * height
@@ -260,7 +267,8 @@ def plot_win_tie_lose(found: dict, out_dir: Path) -> dict:
             ax.errorbar(
                 value, y, xerr=[[value - lo], [hi - value]], fmt="none", ecolor="black", capsize=3, lw=1
             )
-            ax.text(min(hi, 1.0) + 0.01, y, f"{value:.2f}", va="center", fontsize=8)
+            if value > 0 or hi > 0:
+                ax.text(min(hi, 1.0) + 0.01, y, f"{value:.2f}", va="center", fontsize=8)
     ax.set_yticks(np.arange(len(rows)))
     ax.set_yticklabels(labels, fontsize=8)
     ax.invert_yaxis()

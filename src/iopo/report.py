@@ -47,14 +47,14 @@ def _reward_models_section(runs: list[dict]) -> list[str]:
         "Bradley-Terry reward models (paper Eq. 2); held-out pairwise accuracy = share of held-out pairs whose "
         "chosen answer gets the higher reward.",
         "",
-        "| run | backbone | steps | training pairs | held-out pairs | held-out pairwise accuracy | mean reward margin |",
+        "| run | backbone | steps | pairs trained on (of the split's) | held-out pairs | held-out pairwise accuracy | mean reward margin |",
         "|---|---|---|---|---|---|---|",
     ]
     for run in runs:
         cfg, ev = _config(run["folder"]), run["eval"]
         backbone = _get(cfg, "model.name_or_path") or "embedded SmolLM2-135M-Instruct"
         lines.append(
-            f"| {run['folder'].name} | {backbone} | {ev.get('steps')} | {ev.get('n_train_pairs')} | {ev.get('n_pairs')} | "
+            f"| {run['folder'].name} | {backbone} | {ev.get('steps')} | {ev.get('pairs_seen', '?')} (of {ev.get('n_train_pairs')}) | {ev.get('n_pairs')} | "
             f"{_f(ev.get('pairwise_accuracy'), 4)} | {_f(ev.get('mean_margin'), 3)} |"
         )
     return lines + [""]

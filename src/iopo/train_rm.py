@@ -236,7 +236,14 @@ def train_rm(cfg: TrainRMConfig) -> dict:
     if bar is not None:
         bar.close()
 
-    results = {"kind": "reward_model", "n_train_pairs": len(train_pairs), "steps": total}
+    results = {
+        "kind": "reward_model",
+        "n_train_pairs": len(train_pairs),  # available in the training split
+        "pairs_seen": total
+        * global_batch
+        * accum,  # used by the optimizer steps (repeats when over one epoch)
+        "steps": total,
+    }
     if test_pairs:
         held = evaluate_now()
         log_record(

@@ -44,8 +44,9 @@ class OpenAIJudge:
             payload["model"] = self.cfg.api_model
         started, attempts = time.perf_counter(), 0
         if self._schema_ok:
-            if self.cfg.json_schema == "enum":
-                schema = schema["properties"][next(iter(schema["properties"]))]  # the bare value
+            if self.cfg.json_schema == "enum":  # the bare value, as a string: "A" / "2" (a few tokens)
+                field = schema["properties"][next(iter(schema["properties"]))]
+                schema = {"type": "string", "enum": [str(v) for v in field["enum"]]}
             with_schema = {
                 **payload,
                 "response_format": {
