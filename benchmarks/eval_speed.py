@@ -1,5 +1,6 @@
 """Evaluation speed on this machine: HF generation tokens/s at batch 1 and batched, and judge requests/s against a
-local llama-server (the embedded SmolLM2 GGUF) at concurrency 1 and N.
+local llama-server (the embedded SmolLM2 GGUF): object vs enum JSON schema, concurrency 1 and N, 1 and 2 server
+threads (the server has the CPU to itself here; beside other work use 1).
 
     python benchmarks/eval_speed.py [--prompts 16] [--max-new-tokens 64] [--batch 16] [--concurrency 2]
 
@@ -86,8 +87,14 @@ def judge_rates(n_pairs: int, concurrency: int) -> dict:
     prompts = _prompts(n_pairs)
     items = [(p["prompt"], "I can't help with that.", "Sure, here is how.") for p in prompts]
     out = {}
-    for schema, workers, max_tokens in (("object", 1, 64), ("enum", 1, 8), ("enum", concurrency, 8)):
-        with running_llama_server(find_embedded_gguf(), threads=1, parallel=workers) as url:
+    runs = [
+        ("object", 1, 64, 1),
+        ("enum", 1, 16, 1),
+        ("enum", concurrency, 16, 1),
+        ("enum", concurrency, 16, 2),
+    ]
+    for schema, workers, max_tokens, threads in runs:
+        with running_llama_server(find_embedded_gguf(), threads=threads, parallel=workers) as url:
             options = {
                 "base_url": url,
                 "concurrency": workers,
@@ -98,7 +105,7 @@ def judge_rates(n_pairs: int, concurrency: int) -> dict:
             tick = time.perf_counter()
             results = [r for _, r, _ in judge.pairwise(items)]
             seconds = time.perf_counter() - tick
-        out[f"{schema}_schema_concurrency_{workers}"] = {
+        out[f"{schema}_schema_concurrency_{workers}_threads_{threads}"] = {
             "requests": len(items),
             "seconds": round(seconds, 2),
             "requests_per_s": round(len(items) / seconds, 2),

