@@ -21,6 +21,17 @@ class ConfigError(ValueError):
     """A bad setting; its message names the key."""
 
 
+def _expand(values: Any, **fields: str) -> Any:
+    """Shorthands: a string given for a section (e.g. `data=pairs.jsonl`) sets that section's main field."""
+    if not isinstance(values, dict):
+        return values
+    values = dict(values)
+    for section, field in fields.items():
+        if isinstance(values.get(section), str):
+            values[section] = {field: values[section]}
+    return values
+
+
 class _Part(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -166,13 +177,7 @@ class TrainConfig(_Part):
     @classmethod
     def _shorthands(cls, values: Any) -> Any:
         # `model=path` and `data=path` are shorthands for model.name_or_path / data.path.
-        if isinstance(values, dict):
-            values = dict(values)
-            if isinstance(values.get("model"), str):
-                values["model"] = {"name_or_path": values["model"]}
-            if isinstance(values.get("data"), str):
-                values["data"] = {"path": values["data"]}
-        return values
+        return _expand(values, model="name_or_path", data="path")
 
     @property
     def run_dir(self) -> Path:
@@ -286,9 +291,7 @@ class GenerateConfig(_Part):
     @model_validator(mode="before")
     @classmethod
     def _shorthands(cls, values: Any) -> Any:
-        if isinstance(values, dict) and isinstance(values.get("data"), str):
-            values = {**values, "data": {"path": values["data"]}}
-        return values
+        return _expand(values, data="path")
 
 
 class EvalConfig(_Part):
@@ -336,12 +339,9 @@ class EvalConfig(_Part):
     @model_validator(mode="before")
     @classmethod
     def _shorthands(cls, values: Any) -> Any:
-        if isinstance(values, dict):
-            values = dict(values)
-            if isinstance(values.get("data"), str):
-                values["data"] = {"path": values["data"]}
-            if isinstance(values.get("models"), str):
-                values["models"] = [values["models"]]
+        values = _expand(values, data="path")
+        if isinstance(values, dict) and isinstance(values.get("models"), str):
+            values = {**values, "models": [values["models"]]}  # one model given as a string
         return values
 
 

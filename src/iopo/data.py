@@ -261,6 +261,20 @@ def collate_pairs(batch: list[TokenizedPair], pad_token_id: int) -> dict[str, to
     return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
 
 
+def pad_sequences(
+    sequences: list[list[int]], pad_token_id: int, side: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), each (N, T), padded on the left (generation, next-token judges) or the right."""
+    width = max(len(seq) for seq in sequences)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)  # (N, T)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)  # (N, T)
+    for row, seq in enumerate(sequences):
+        span = slice(width - len(seq), width) if side == "left" else slice(0, len(seq))
+        input_ids[row, span] = torch.tensor(seq, dtype=torch.long)
+        attention_mask[row, span] = 1
+    return input_ids, attention_mask
+
+
 def _duplicates(pairs: list[PreferencePair]) -> int:
     keys = {json.dumps([p.prompt, p.chosen, p.rejected], ensure_ascii=False) for p in pairs}
     return len(pairs) - len(keys)

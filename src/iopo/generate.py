@@ -153,7 +153,7 @@ def generate_hf(
     """
     import torch
 
-    from iopo.data import render_prompt
+    from iopo.data import pad_sequences, render_prompt
 
     stop = _stop_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
@@ -180,15 +180,10 @@ def generate_hf(
     for index, batch in enumerate(batches):
         if all(k in done for k in keys_of(batch)):
             continue
-        width = max(len(ids) for _, ids in batch)
-        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)  # (B, T) left-padded
-        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, (_, ids) in enumerate(batch):
-            input_ids[row, width - len(ids) :] = torch.tensor(ids)
-            attention_mask[row, width - len(ids) :] = 1
-        torch.manual_seed(
-            gen.seed + index
-        )  # the batch's place in the plan, so a resumed run samples the same
+        input_ids, attention_mask = pad_sequences([ids for _, ids in batch], pad, "left")  # (B, T)
+        width = input_ids.shape[1]
+        # Seeded by the batch's place in the plan, so a resumed run samples the same.
+        torch.manual_seed(gen.seed + index)
         sampling = gen.temperature > 0
         with torch.inference_mode():
             out = model.generate(

@@ -117,6 +117,17 @@ def _figure(width=8.0, height=4.8):
     return plt, fig, ax
 
 
+def _finish(plt, fig, ax, path: Path, title: str, xlabel: str, ylabel: str) -> None:
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8, loc="upper left")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def plot_margins(sets: dict[str, list[float]], out_dir: Path) -> dict:
     import numpy as np
 
@@ -142,14 +153,15 @@ def plot_margins(sets: dict[str, list[float]], out_dir: Path) -> dict:
             ax.plot(xs, pdf, color=color, lw=2, label=f"{label}: normal fit μ={mean:.3f}, σ={std:.3f}")
         ax.axvline(mean, color=color, ls="--", lw=1)
     ax.axvline(0, color="black", lw=0.8)
-    ax.set_title("Margin reward on held-out pairs: r(x, y_w) − r(x, y_l), per method")
-    ax.set_xlabel("margin reward  β·[log π/π_ref (y_w) − log π/π_ref (y_l)]")
-    ax.set_ylabel("density")
-    ax.legend(fontsize=8, loc="upper left")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out_dir / "margins_density.png")
-    plt.close(fig)
+    _finish(
+        plt,
+        fig,
+        ax,
+        out_dir / "margins_density.png",
+        "Margin reward on held-out pairs: r(x, y_w) − r(x, y_l), per method",
+        "margin reward  β·[log π/π_ref (y_w) − log π/π_ref (y_l)]",
+        "density",
+    )
     made["margins_density.png"] = {"series": list(sets)}
 
     plt, fig, ax = _figure()
@@ -162,14 +174,8 @@ def plot_margins(sets: dict[str, list[float]], out_dir: Path) -> dict:
         label=list(sets),
     )
     ax.axvline(0, color="black", lw=0.8)
-    ax.set_title("Margin reward on held-out pairs: counts per bin")
-    ax.set_xlabel("margin reward")
-    ax.set_ylabel("pairs")
-    ax.legend(fontsize=8, loc="upper left")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out_dir / "margins_count.png")
-    plt.close(fig)
+    title = "Margin reward on held-out pairs: counts per bin"
+    _finish(plt, fig, ax, out_dir / "margins_count.png", title, "margin reward", "pairs")
     made["margins_count.png"] = {"series": list(sets)}
     return made
 

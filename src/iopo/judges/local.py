@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import torch
 
-from iopo.data import prompt_as_text
+from iopo.data import pad_sequences, prompt_as_text
 from iopo.judges import prompts as P
 from iopo.judges.base import usage
 
@@ -57,12 +57,7 @@ class LocalJudge:
         order = sorted(range(len(items)), key=lambda i: -len(encoded[i]))
         for start in range(0, len(order), self.cfg.batch_size):
             chunk = order[start : start + self.cfg.batch_size]
-            width = max(len(encoded[i]) for i in chunk)
-            input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)  # (B, T) left-padded
-            attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, i in enumerate(chunk):
-                input_ids[row, width - len(encoded[i]) :] = torch.tensor(encoded[i])
-                attention_mask[row, width - len(encoded[i]) :] = 1
+            input_ids, attention_mask = pad_sequences([encoded[i] for i in chunk], pad, "left")  # (B, T)
             tick = time.perf_counter()
             logits = (
                 self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, -1].float()

@@ -46,19 +46,14 @@ class RewardModelJudge:
 
     @torch.inference_mode()
     def score(self, items) -> Iterator[tuple[int, dict, dict]]:
-        from iopo.data import answer_ids
+        from iopo.data import answer_ids, pad_sequences
 
         pad = self.tokenizer.pad_token_id
         encoded = [answer_ids(p, a, self.tokenizer, self.cfg.max_length) for p, a in items]
         order = sorted(range(len(items)), key=lambda i: -len(encoded[i]))
         for start in range(0, len(order), self.cfg.batch_size):
             chunk = order[start : start + self.cfg.batch_size]
-            width = max(len(encoded[i]) for i in chunk)
-            input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)  # (B, T) right-padded
-            attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, i in enumerate(chunk):
-                input_ids[row, : len(encoded[i])] = torch.tensor(encoded[i])
-                attention_mask[row, : len(encoded[i])] = 1
+            input_ids, attention_mask = pad_sequences([encoded[i] for i in chunk], pad, "right")  # (B, T)
             tick = time.perf_counter()
             rewards = (
                 self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
