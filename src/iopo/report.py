@@ -199,6 +199,19 @@ def _eval_section(ev: dict) -> list[str]:
                     f"{row.get('completion_tokens') or 0} | {_f(row.get('seconds') or 0.0, 1)} | {_f(row.get('cost') or 0.0, 4)} |"
                 )
         lines.append("")
+    settings = ev["folder"] / "config.yaml"
+    if settings.is_file():  # judge settings name the API key's variable, never the key
+        text = settings.read_text(encoding="utf-8").rstrip()
+        lines += [
+            "<details><summary>settings of this evaluation</summary>",
+            "",
+            "```yaml",
+            text,
+            "```",
+            "",
+            "</details>",
+            "",
+        ]
     generations = data.get("generations") or {}
     if generations:
         lines += [
