@@ -317,3 +317,61 @@ def test_bf16_autocast_run_keeps_float32_logps(tmp_path, tiny_model_dir):
     assert math.isfinite(results["margin_reward"])
     saved = load_file(cfg.run_dir / "final" / "model.safetensors")
     assert all(t.dtype == torch.float32 for t in saved.values())  # master weights stay fp32
+
+
+def test_checkpoint_files_load_weights_only_and_a_pickle_bomb_is_refused(tmp_path, tiny_model_dir):
+    """Every state file of a checkpoint loads with weights_only=True; a file that would run code on unpickling is
+    refused with one line naming it, and its code never runs."""
+    cfg = make_cfg(tmp_path, tiny_model_dir, "iopo.n_iter=1")
+    trainer.train(cfg)
+    checkpoint = next((cfg.run_dir / "checkpoints").iterdir())
+    for path in checkpoint.glob("*.pt"):
+        torch.load(path, weights_only=True)  # raises on anything but tensors and plain containers
+
+    marker = tmp_path / "pwned"
+
+    class Bomb:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    torch.save({"state": Bomb()}, checkpoint / "protagonist.optimizer.pt")
+    from iopo.cli import main
+
+    resumed = run_overrides(
+        tiny_model_dir, tmp_path / "pairs.jsonl", cfg.run_dir, "iopo.n_iter=2", "resume=true"
+    )
+    assert main(["train", *resumed]) == 2
+    assert not marker.exists()
+
+
+def test_a_diverging_run_stops_at_the_first_non_finite_step_and_exports_nothing(
+    tmp_path, tiny_model_dir, capsys
+):
+    from iopo.cli import main
+
+    args = run_overrides(
+        tiny_model_dir,
+        write_pairs(tmp_path / "pairs.jsonl"),
+        tmp_path / "run",
+        "optim.learning_rate=1e30",
+        "optim.max_grad_norm=null",
+        "iopo.n_iter=4",
+        "save_steps=1",
+    )
+    assert main(["train", *args]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("iopo: error:")]
+    assert len(errors) == 1 and "non-finite" in errors[0] and "at step" in errors[0] and "of the " in errors[0]
+    assert not (tmp_path / "run" / "final").exists() and not (tmp_path / "run" / "eval.json").exists()
+    from safetensors.torch import load_file
+
+    for checkpoint in (tmp_path / "run" / "checkpoints").glob("step-*"):
+        for weights in checkpoint.glob("*/model.safetensors"):
+            assert all(torch.isfinite(t).all() for t in load_file(weights).values()), weights
+
+
+@pytest.mark.parametrize("bad", ["optim.learning_rate=inf", "optim.learning_rate=nan", "loss.beta=.inf"])
+def test_infinite_and_nan_settings_are_refused(bad):
+    from iopo.config import ConfigError
+
+    with pytest.raises(ConfigError, match=bad.split("=")[0]):
+        load_config(None, [bad])

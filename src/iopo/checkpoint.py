@@ -124,18 +124,42 @@ def check_resume_config(saved: dict, cfg: TrainConfig) -> None:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state in a form `torch.load(weights_only=True)` reads (tensors, ints, floats, strings, lists):
+    loading a checkpoint never unpickles arbitrary objects."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_state_file(path: Path):
+    """torch.load with weights_only=True: tensors and plain containers only, never code. A file that needs more (an
+    older iopo's RNG pickle, a tampered checkpoint) or cannot be read is one ConfigError naming it."""
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except FileNotFoundError:
+        raise ConfigError(f"checkpoint file {path} is missing") from None
+    except (
+        Exception
+    ) as e:  # UnpicklingError (unsafe content), RuntimeError (damaged zip), EOFError (truncated)
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"cannot load checkpoint file {path} safely (weights only): {reason}") from None
 
 
 def begin_write(run_dir: Path, step: int) -> tuple[Path, Path]:

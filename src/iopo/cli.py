@@ -112,10 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, FileNotFoundError) as e:  # the user's input, said in one line
         print(f"iopo: error: {e}", file=sys.stderr)
         return 2
-    except Exception as e:  # a judge server or model that fails: one line, not a traceback
+    except Exception as e:  # a judge server that fails, a run that diverges: one line, not a traceback
         from iopo.openai_client import ServerError
+        from iopo.trainer import NonFiniteError
 
-        if isinstance(e, ServerError):
+        if isinstance(e, ServerError | NonFiniteError):
             print(f"iopo: error: {e}", file=sys.stderr)
             return 1
         raise

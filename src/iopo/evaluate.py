@@ -25,17 +25,6 @@ from iopo.judges import run_judge
 from iopo.store import Store
 
 
-def _json_safe(value):
-    """Strict JSON: NaN and infinities become null (the caller flags what they mean)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    return value
-
-
 def _unique_labels(sources) -> None:
     seen: dict[str, int] = {}
     for source in sources:
@@ -298,7 +287,9 @@ def evaluate(cfg: EvalConfig) -> dict:
         store.close()
     results["timings"] = timings
     results["seconds"] = time.time() - started
-    (out_dir / "eval.json").write_text(json.dumps(_json_safe(results), indent=2), encoding="utf-8")
+    (out_dir / "eval.json").write_text(
+        json.dumps(stats.json_safe(results), indent=2, allow_nan=False), encoding="utf-8"
+    )
     print(format_eval(results))
     print(f"[iopo] eval done in {results['seconds']:.0f}s; results in {out_dir / 'eval.json'}")
     return results
@@ -331,7 +322,11 @@ def format_eval(results: dict) -> str:
             if "skipped" in m:
                 lines.append(f"{label:<28} skipped: {m['skipped']}")
                 continue
-            lines.append(f"{label:<28} {m['margin_reward']:>14.4f} {m['pairwise_accuracy']:>14.4f}")
+            margin, accuracy = (
+                _pct(m[k]).strip() if m[k] is None else f"{m[k]:.4f}"
+                for k in ("margin_reward", "pairwise_accuracy")
+            )
+            lines.append(f"{label:<28} {margin:>14} {accuracy:>14}")
     conf = results.get("generation", {})
     for name, judge in results.get("judges", {}).items():
         for label, entry in judge["models"].items():

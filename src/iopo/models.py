@@ -81,10 +81,16 @@ def resolve_model_path(cfg: ModelConfig) -> str:
     return cfg.name_or_path if cfg.name_or_path else str(embedded_model_dir())
 
 
+def _say_remote_code(path: str, trust_remote_code: bool) -> None:
+    if trust_remote_code:
+        print(f"[iopo] trust_remote_code=true: '{path}' may run its own Python code on loading", flush=True)
+
+
 def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
     path = resolve_model_path(cfg)
+    _say_remote_code(path, cfg.trust_remote_code)
     kwargs = {"trust_remote_code": cfg.trust_remote_code}
     if cfg.gguf_file:
         kwargs["gguf_file"] = cfg.gguf_file
@@ -107,6 +113,7 @@ def load_model(cfg: ModelConfig):
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     path = resolve_model_path(cfg)
+    _say_remote_code(path, cfg.trust_remote_code)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:

@@ -27,15 +27,20 @@ def offline_metrics(
     rejected_rewards = beta * (policy_rejected_logps.double() - reference_rejected_logps.double())  # (N,)
     margins = chosen_rewards - rejected_rewards
     n = margins.numel()
+    finite = torch.isfinite(margins)
+    non_finite = int((~finite).sum())
+    # Accuracy is never computed from NaN: with a non-finite margin the metrics are None and the count says why.
+    ok = n > 0 and non_finite == 0
     return {
         "n_pairs": n,
         "beta": beta,
-        "margin_reward": margins.mean().item() if n else math.nan,
-        "margin_reward_std": margins.std().item() if n > 1 else math.nan,
-        "pairwise_accuracy": (margins > 0).double().mean().item() if n else math.nan,
-        "reward_chosen": chosen_rewards.mean().item() if n else math.nan,
-        "reward_rejected": rejected_rewards.mean().item() if n else math.nan,
-        "margins": [round(m, 6) for m in margins.tolist()],
+        "margin_reward": margins.mean().item() if ok else None,
+        "margin_reward_std": margins.std().item() if ok and n > 1 else None,
+        "pairwise_accuracy": (margins > 0).double().mean().item() if ok else None,
+        "reward_chosen": chosen_rewards.mean().item() if ok else None,
+        "reward_rejected": rejected_rewards.mean().item() if ok else None,
+        "non_finite_pairs": non_finite,
+        "margins": [round(m, 6) if math.isfinite(m) else None for m in margins.tolist()],
     }
 
 
@@ -89,15 +94,21 @@ class _SingleProcess:
     device = torch.device("cpu")
 
 
+def _num(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
 def format_table(results: dict, title: str) -> str:
     rows = [
         ("pairs", f"{results['n_pairs']}"),
         ("beta", f"{results['beta']:g}"),
-        ("margin reward", f"{results['margin_reward']:.4f}"),
-        ("pairwise accuracy", f"{results['pairwise_accuracy']:.4f}"),
-        ("reward chosen", f"{results['reward_chosen']:.4f}"),
-        ("reward rejected", f"{results['reward_rejected']:.4f}"),
+        ("margin reward", _num(results["margin_reward"])),
+        ("pairwise accuracy", _num(results["pairwise_accuracy"])),
+        ("reward chosen", _num(results["reward_chosen"])),
+        ("reward rejected", _num(results["reward_rejected"])),
     ]
+    if results.get("non_finite_pairs"):
+        rows.append(("non-finite pairs", f"{results['non_finite_pairs']}"))
     width = max(len(k) for k, _ in rows)
     lines = [title, "-" * max(len(title), width + 12)]
     lines += [f"{k:<{width}}  {v:>10}" for k, v in rows]

@@ -122,8 +122,12 @@ def agreement_rate(a: Sequence[str | None], b: Sequence[str | None]) -> tuple[fl
     return sum(x == y for x, y in both) / len(both), len(both)
 
 
-def finite_or_none(value: float | None) -> float | None:
-    """JSON has no NaN: non-finite numbers are written as null."""
-    if value is None or not math.isfinite(value):
-        return None
+def json_safe(value):
+    """Strict JSON has no NaN or infinity: they become null (callers add a flag saying what that means)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
     return value

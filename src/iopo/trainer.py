@@ -26,8 +26,21 @@ from iopo.logprobs import SequenceLogProbs, sequence_logps
 from iopo.losses import LOSSES
 from iopo.models import adapter_parameters, add_lora_adapters, load_model, load_tokenizer
 from iopo.scoring import dataset_logps, format_table, offline_metrics
+from iopo.stats import json_safe
 
 BASE = "<base>"  # the LoRA reference: the shared base with every adapter disabled
+
+
+class NonFiniteError(RuntimeError):
+    """A non-finite loss or gradient norm; the step's update was not applied. The trainer adds the step number."""
+
+    def __init__(self, quantity: str, value: float, player: str, step: int | None = None, kept: str = ""):
+        self.quantity, self.value, self.player, self.step = quantity, value, player, step
+        at = f"step {step}" if step is not None else "a step"
+        super().__init__(
+            f"non-finite {quantity} ({value}) at {at} of the {player}: the update was not applied and nothing was "
+            f"exported{kept} (lower optim.learning_rate, check the data, or use float32)"
+        )
 
 
 @dataclass
@@ -230,6 +243,12 @@ def train_step(
         for key, value in {"loss": loss.detach(), **metrics}.items():
             sums[key] = _combine(key, sums.get(key), float(value), n_micro)
     sums["grad_norm"] = _clip(accelerator, agent.params, max_grad_norm)
+    # Before the update: a non-finite loss or gradient (the norm is the same on every process after the gradient
+    # all-reduce) stops the run here, so no NaN reaches the weights, a checkpoint or the export.
+    for quantity in ("loss", "grad_norm"):
+        if not math.isfinite(sums[quantity]):
+            agent.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteError(quantity, sums[quantity], agent.name)
     sums["learning_rate"] = agent.optimizer.param_groups[0]["lr"]  # the rate this step used
     agent.optimizer.step()
     if agent.scheduler is not None:
@@ -312,15 +331,11 @@ def train(cfg: TrainConfig) -> dict:
             )
         step, position = resume_state["step"], resume_state["micro_batches"]
         for player in players.values():
-            player.optimizer.load_state_dict(
-                torch.load(resume_dir / f"{player.name}.optimizer.pt", weights_only=False)
-            )
-            player.scheduler.load_state_dict(
-                torch.load(resume_dir / f"{player.name}.scheduler.pt", weights_only=False)
-            )
+            player.optimizer.load_state_dict(ckpt.load_state_file(resume_dir / f"{player.name}.optimizer.pt"))
+            player.scheduler.load_state_dict(ckpt.load_state_file(resume_dir / f"{player.name}.scheduler.pt"))
         rng_file = resume_dir / f"rng_state_{accelerator.process_index}.pt"
         if rng_file.is_file():
-            ckpt.set_rng_state(torch.load(rng_file, weights_only=False))
+            ckpt.set_rng_state(ckpt.load_state_file(rng_file))
         log(f"[iopo] resumed from {resume_dir} at step {step}/{len(schedule)}")
 
     # --- reference log-probs of the test split, from the starting model, once (so no third copy is kept)
@@ -380,9 +395,18 @@ def train(cfg: TrainConfig) -> dict:
                 mine = indices[accelerator.process_index * micro : (accelerator.process_index + 1) * micro]
                 micro_batches.append(collate_pairs([train_pairs[i] for i in mine], tokenizer.pad_token_id))
             tick = time.perf_counter()
-            sums = train_step(
-                agent, env, players, micro_batches, step_loss, accelerator, cfg.optim.max_grad_norm
-            )
+            try:
+                sums = train_step(
+                    agent, env, players, micro_batches, step_loss, accelerator, cfg.optim.max_grad_norm
+                )
+            except NonFiniteError as e:
+                saved = ckpt.list_checkpoints(run_dir)
+                kept = (
+                    f"; {saved[-1]} holds the last finite state saved"
+                    if saved
+                    else "; no checkpoint was saved"
+                )
+                raise NonFiniteError(e.quantity, e.value, e.player, step + 1, kept) from None
             sums["step_seconds"] = time.perf_counter() - tick
             step += 1
             position += len(micro_batches)  # only a finished step moves the data position
@@ -431,7 +455,8 @@ def train(cfg: TrainConfig) -> dict:
     if results and cfg.eval_at_end:
         results.update(method=cfg.method, player=final_player.name, reference="starting model", step=step)
         if accelerator.is_main_process:
-            (run_dir / "eval.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
+            text = json.dumps(json_safe(results), indent=2, allow_nan=False)  # strict JSON
+            (run_dir / "eval.json").write_text(text, encoding="utf-8")
         title = f"{cfg.method}: {final_player.name} vs the starting model on {len(test_pairs)} test pairs"
         log(format_table(results, title))
     log(f"[iopo] done in {time.time() - started:.0f}s; run folder: {run_dir}")
