@@ -7,8 +7,10 @@
 #   4. iopo report    -> runs/quickstart/report.md with its figures
 # Steps 2-4 are scripts/evaluate_quickstart.sh, which can be run again on its own.
 # Extra arguments are overrides of the training config, e.g. `bash scripts/quickstart.sh model.lora=true`.
+# resume=true: a finished quickstart is not trained again (it is exported and scored again); pass overwrite=true
+# (with resume=false) to start it over, or output_dir=... for another run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/iopo train --config configs/quickstart.yaml overwrite=true "$@"
+.venv/bin/iopo train --config configs/quickstart.yaml resume=true "$@"
 exec bash scripts/evaluate_quickstart.sh

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tiny import run_overrides, write_pairs
 
 
@@ -105,3 +107,36 @@ def test_plots_and_reports_never_import_torch():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
+
+
+def test_iopo_never_cleans_a_folder_it_does_not_own(tmp_path, tiny_model_dir):
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    mine = tmp_path / "my-stuff"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    (mine / "eval.json").write_text("{}")  # a name iopo also writes: still not iopo's
+    args = run_overrides(tiny_model_dir, data, mine, "iopo.n_iter=1", "overwrite=true")
+    done = iopo("train", *args)
+    assert done.returncode == 2 and "not an iopo run folder" in done.stderr and "thesis.tex" in done.stderr
+    assert (mine / "thesis.tex").read_text() == "years of work" and (mine / "eval.json").read_text() == "{}"
+
+    # A run's own folder is marked, and its inputs are never deleted by a fresh run into it.
+    run = tmp_path / "run"
+    assert iopo("train", *run_overrides(tiny_model_dir, data, run, "iopo.n_iter=1")).returncode == 0
+    assert (run / ".iopo-run").is_file()
+    again = iopo("train", *run_overrides(run / "final", data, run, "iopo.n_iter=1", "overwrite=true"))
+    assert again.returncode == 2 and "lies in" in again.stderr
+    assert (run / "final" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("output_dir=", "must name a folder"),
+        ("output_dir=runs/{name}", "no other braces"),
+        ("output_dir=  ", "must name"),
+    ],
+)
+def test_output_dir_must_be_a_plain_folder_name(value, message):
+    done = iopo("train", value, "--print-config")
+    assert done.returncode == 2 and message in done.stderr and done.stderr.count("\n") == 1

@@ -360,7 +360,9 @@ def test_a_diverging_run_stops_at_the_first_non_finite_step_and_exports_nothing(
     )
     assert main(["train", *args]) == 1
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("iopo: error:")]
-    assert len(errors) == 1 and "non-finite" in errors[0] and "at step" in errors[0] and "of the " in errors[0]
+    assert (
+        len(errors) == 1 and "non-finite" in errors[0] and "at step" in errors[0] and "of the " in errors[0]
+    )
     assert not (tmp_path / "run" / "final").exists() and not (tmp_path / "run" / "eval.json").exists()
     from safetensors.torch import load_file
 

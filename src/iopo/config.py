@@ -180,6 +180,20 @@ class TrainConfig(_Part):
         # `model=path` and `data=path` are shorthands for model.name_or_path / data.path.
         return _expand(values, model="name_or_path", data="path")
 
+    @model_validator(mode="after")
+    def _plain_output_dir(self) -> TrainConfig:
+        if not self.output_dir.strip():
+            raise ValueError(
+                "output_dir must name a folder (an empty one would make the current folder the run)"
+            )
+        try:
+            self.output_dir.format(method=self.method)
+        except (KeyError, IndexError, ValueError):
+            raise ValueError(
+                "output_dir may use {method} and no other braces (write {{ and }} for literal ones)"
+            ) from None
+        return self
+
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir.format(method=self.method))
@@ -360,7 +374,7 @@ class TrainRMConfig(_Part):
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     optim: RMOptimConfig = Field(default_factory=RMOptimConfig)
-    output_dir: str = Field("runs/rm", description="Run folder; the model goes to final/.")
+    output_dir: str = Field("runs/rm", min_length=1, description="Run folder; the model goes to final/.")
     seed: int = Field(42, ge=0, lt=2**32)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     logging_steps: int = Field(1, gt=0)

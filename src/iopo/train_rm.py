@@ -107,7 +107,10 @@ def _load_backbone(cfg: TrainRMConfig, tokenizer):
 
 
 def _prepare_dir(cfg: TrainRMConfig) -> Path:
+    from iopo.checkpoint import check_run_dir, mark_run_dir
+
     run_dir = cfg.run_dir
+    check_run_dir(run_dir, RM_ARTIFACTS, [cfg.model.name_or_path, cfg.data.path, cfg.data.test_path])
     if (run_dir / "final").exists() or (run_dir / "metrics.jsonl").exists():
         if not cfg.overwrite:
             raise ConfigError(
@@ -121,7 +124,7 @@ def _prepare_dir(cfg: TrainRMConfig) -> Path:
                 shutil.rmtree(path)
             elif path.exists():
                 path.unlink()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    mark_run_dir(run_dir)
     return run_dir
 
 
