@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from iopo import trainer
-from iopo.config import load_config
+from iopo.config import ConfigError, load_config
 from iopo.data import collate_pairs, load_training_data
 from iopo.losses import LOSSES
 from iopo.models import load_tokenizer
@@ -377,3 +377,47 @@ def test_infinite_and_nan_settings_are_refused(bad):
 
     with pytest.raises(ConfigError, match=bad.split("=")[0]):
         load_config(None, [bad])
+
+
+def test_resume_skips_stray_folders_detects_damage_and_works_from_a_moved_folder(tmp_path, tiny_model_dir):
+    import shutil
+
+    from iopo.cli import main
+
+    data = write_pairs(tmp_path / "pairs.jsonl")
+    straight = tmp_path / "straight"
+    assert main(["train", *run_overrides(tiny_model_dir, data, straight, "iopo.n_iter=2")]) == 0
+
+    run = tmp_path / "run"
+    more = run_overrides(tiny_model_dir, data, run, "iopo.n_iter=2", "save_steps=1")
+    assert main(["train", *more]) == 0  # the two newest checkpoints are kept, each with checksums.json
+    checkpoints = sorted((run / "checkpoints").glob("step-*"))
+    assert [p.name for p in checkpoints] == ["step-0000003", "step-0000004"]
+    assert all((p / "checksums.json").is_file() for p in checkpoints)
+
+    # A stray empty newer step folder is not a checkpoint.
+    (run / "checkpoints" / "step-0000009").mkdir()
+    # A flipped byte in the newest checkpoint: one line naming it and the newest intact one.
+    damaged = checkpoints[-1] / "protagonist.optimizer.pt"
+    blob = bytearray(damaged.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    damaged.write_bytes(bytes(blob))
+    with pytest.raises(
+        ConfigError, match=r"step-0000004 is damaged \(protagonist.optimizer.pt does not match"
+    ):
+        trainer.train(load_config(None, [*more, "resume=true"]))
+    try:
+        trainer.train(load_config(None, [*more, "resume=true"]))
+    except ConfigError as e:
+        assert f"resume={checkpoints[0]}" in str(e)
+
+    # A moved run folder resumes (from its intact checkpoint) and ends where the uninterrupted run ends.
+    moved = tmp_path / "moved"
+    shutil.copytree(run, moved)
+    shutil.rmtree(moved / "checkpoints" / "step-0000004")
+    shutil.rmtree(moved / "final")
+    resumed = run_overrides(tiny_model_dir, data, moved, "iopo.n_iter=2", "save_steps=1", "resume=true")
+    assert main(["train", *resumed]) == 0
+    a, b = _final_weights(straight), _final_weights(moved)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)

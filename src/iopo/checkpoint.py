@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -21,6 +22,7 @@ STATE_FILE = "trainer_state.json"
 # Settings that may differ between a run and its resumption without changing what is computed.
 RESUME_FREE_KEYS = {
     "resume",
+    "output_dir",  # a moved run folder resumes
     "overwrite",
     "progress_bar",
     "tensorboard",
@@ -45,9 +47,51 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [
-        (int(m.group(1)), p) for p in root.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir()
+        (int(m.group(1)), p)
+        for p in root.iterdir()
+        if (m := CHECKPOINT_RE.match(p.name))
+        and (p / STATE_FILE).is_file()  # a stray empty step folder is not one
     ]
     return [p for _, p in sorted(found)]
+
+
+CHECKSUMS = "checksums.json"
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_checksums(folder: Path) -> None:
+    """sha256 of every file of a checkpoint, written last (the checkpoint is complete when this file is)."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS)
+    sums = {str(p.relative_to(folder)): _sha256(p) for p in files}
+    (folder / CHECKSUMS).write_text(json.dumps(sums, indent=1), encoding="utf-8")
+
+
+def damage_of(folder: Path) -> str | None:
+    """Why a checkpoint cannot be trusted (a missing, changed or truncated file), or None when it verifies.
+    Checkpoints of an older iopo carry no checksums: they are taken as they are."""
+    sums_file = folder / CHECKSUMS
+    if not sums_file.is_file():
+        return None
+    try:
+        sums = json.loads(sums_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return f"{CHECKSUMS} is unreadable"
+    for name, expected in sums.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if _sha256(path) != expected:
+            return f"{name} does not match its checksum"
+    return None
 
 
 def resolve_resume(cfg: TrainConfig) -> Path | None:
@@ -57,11 +101,23 @@ def resolve_resume(cfg: TrainConfig) -> Path | None:
         path = Path(cfg.resume)
         if not (path / STATE_FILE).is_file():
             raise ConfigError(f"resume={cfg.resume}: not a checkpoint folder (no {STATE_FILE})")
+        damage = damage_of(path)
+        if damage is not None:
+            raise ConfigError(f"resume={cfg.resume}: the checkpoint is damaged ({damage})")
         return path
     want = cfg.resume is True or (isinstance(cfg.resume, str) and cfg.resume.lower() == "true")
     existing = list_checkpoints(run_dir)
     if want and existing:
-        return existing[-1]
+        damage = damage_of(existing[-1])
+        if damage is None:
+            return existing[-1]
+        intact = next((p for p in reversed(existing[:-1]) if damage_of(p) is None), None)
+        offer = (
+            f"resume={intact} continues from the newest intact one"
+            if intact
+            else "no older intact one is left"
+        )
+        raise ConfigError(f"the newest checkpoint {existing[-1]} is damaged ({damage}); {offer}")
     inputs = [cfg.model.name_or_path, cfg.data.path, cfg.data.test_path]
     check_run_dir(run_dir, RUN_ARTIFACTS, inputs)  # a fresh start: may it write (and clean) here?
     started = existing or (run_dir / "metrics.jsonl").exists()
@@ -203,11 +259,15 @@ def load_state_file(path: Path):
         return torch.load(path, weights_only=True, map_location="cpu")
     except FileNotFoundError:
         raise ConfigError(f"checkpoint file {path} is missing") from None
-    except (
-        Exception
-    ) as e:  # UnpicklingError (unsafe content), RuntimeError (damaged zip), EOFError (truncated)
-        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"cannot load checkpoint file {path} safely (weights only): {reason}") from None
+    except pickle.UnpicklingError:
+        raise ConfigError(
+            f"{path} holds objects other than tensors and plain containers (an older iopo's RNG state, or a "
+            "tampered file) and is not unpickled; start over with overwrite=true, or resume from a checkpoint "
+            "this version wrote"
+        ) from None
+    except Exception as e:  # RuntimeError (damaged zip), EOFError (truncated), ...
+        reason = " ".join(str(e).split())[:200] or type(e).__name__
+        raise ConfigError(f"cannot load checkpoint file {path}: {reason}") from None
 
 
 def begin_write(run_dir: Path, step: int) -> tuple[Path, Path]:
@@ -227,6 +287,7 @@ def write_common(tmp: Path, cfg: TrainConfig, state: dict) -> None:
 
 
 def finish_write(tmp: Path, final: Path, keep: int | None) -> None:
+    write_checksums(tmp)
     if final.exists():  # re-saving the same step (e.g. Ctrl-C right after resuming from it)
         shutil.rmtree(final)
     os.replace(tmp, final)
