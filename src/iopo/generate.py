@@ -192,7 +192,9 @@ def generate_hf(
                 do_sample=sampling,
                 temperature=gen.temperature if sampling else None,
                 top_p=gen.top_p if sampling else None,
-                top_k=None,
+                top_k=0
+                if sampling
+                else None,  # plain temperature + top_p sampling, whatever the model's defaults
                 max_new_tokens=gen.max_new_tokens,
                 num_return_sequences=gen.n,
                 pad_token_id=pad,
