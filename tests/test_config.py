@@ -130,3 +130,27 @@ def test_cli_bad_override_is_one_line(capsys):
     assert main(["train", "optim.nope=1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("iopo: error: ") and err.count("\n") == 1 and "optim.nope" in err
+
+
+def test_hostile_config_files_and_values_are_one_bounded_line(tmp_path):
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("method: iopo\n# caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(latin1)
+    for bad in ("seed=-1", "seed=99999999999", "data.split_seed=4294967296"):
+        with pytest.raises(ConfigError, match="seed"):
+            load_config(None, [bad])
+    huge = "x" * 100_000
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, [f"loss.beta={huge}"])
+    assert len(str(caught.value)) < 1200 and "\n" not in str(caught.value)
+    bomb = tmp_path / "bomb.yaml"  # a YAML alias bomb (~10^6 leaves from a few hundred bytes)
+    lines = ['a: &a ["x","x","x","x","x","x","x","x","x","x"]']
+    for i, name in enumerate("bcdef"):
+        prev = "abcdef"[i]
+        lines.append(f"{name}: &{name} [" + ",".join([f"*{prev}"] * 10) + "]")
+    lines.append("method: *f")
+    bomb.write_text("\n".join(lines))
+    with pytest.raises(ConfigError) as caught:
+        load_config(bomb)
+    assert len(str(caught.value)) < 1200

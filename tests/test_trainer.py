@@ -421,3 +421,12 @@ def test_resume_skips_stray_folders_detects_damage_and_works_from_a_moved_folder
     a, b = _final_weights(straight), _final_weights(moved)
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
+
+
+def test_conflicting_schedule_settings_and_a_zero_first_step_are_said(tmp_path, tiny_model_dir, capsys):
+    cfg = make_cfg(tmp_path, tiny_model_dir, "iopo.n_iter=1", "optim.max_steps=7", "optim.warmup_ratio=0.5")
+    trainer.train(cfg)
+    out = capsys.readouterr().out
+    assert "optim.max_steps=7 is not used" in out
+    assert "first step runs at learning rate 0" in out
+    assert [r["learning_rate"] for r in train_records(cfg.run_dir)] == [0.0, 0.0]  # what was said happened

@@ -74,7 +74,7 @@ class DataConfig(_Part):
     test_size: float = Field(
         0.1, gt=0, description="Held-out share (<1) or number of pairs (>=1), split by prompt."
     )
-    split_seed: int = Field(42, description="Seed of the prompt-grouped train/test split.")
+    split_seed: int = Field(42, ge=0, lt=2**32, description="Seed of the prompt-grouped train/test split.")
     format: Literal["auto", "standard", "conversational", "implicit", "hh", "sharegpt"] = "auto"
     columns: dict[str, str] = Field(
         default_factory=dict,
@@ -149,7 +149,7 @@ class TrainConfig(_Part):
     iopo: IOPOConfig = Field(default_factory=IOPOConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     output_dir: str = Field("runs/{method}", description="Run folder; {method} is filled in.")
-    seed: int = 42
+    seed: int = Field(42, ge=0, lt=2**32, description="Seed of every RNG (numpy's range).")
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     logging_steps: int = Field(1, gt=0)
     save_steps: int | None = Field(
@@ -492,8 +492,19 @@ def _format_error(err: ValidationError, source: str) -> str:
         if e["type"] == "extra_forbidden":
             parts.append(f"unknown key '{loc}'")
         else:
-            parts.append(f"'{loc or '(top)'}': {e['msg']} (got {e.get('input')!r})")
-    return f"bad config{source}: " + "; ".join(parts)
+            parts.append(f"'{loc or '(top)'}': {e['msg']} (got {_short(e.get('input'))})")
+    message = f"bad config{source}: " + "; ".join(parts)
+    return message if len(message) <= 1000 else message[:1000] + f"… ({len(parts)} problems)"
+
+
+def _short(value: Any) -> str:
+    """The offending value, bounded: a huge or deeply nested input never floods the one-line error."""
+    import reprlib
+
+    bounded = reprlib.Repr()  # never builds the full repr of a huge or aliased structure
+    bounded.maxstring, bounded.maxother, bounded.maxlist, bounded.maxdict, bounded.maxlevel = 80, 80, 4, 4, 3
+    text = bounded.repr(value)
+    return text if len(text) <= 160 else text[:160] + "…"
 
 
 def load_config(
@@ -510,6 +521,8 @@ def load_config(
             text = Path(path).read_text(encoding="utf-8")
         except OSError as e:
             raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config {path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
         try:
             loaded = yaml.safe_load(text)
         except yaml.YAMLError as e:

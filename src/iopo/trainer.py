@@ -309,10 +309,25 @@ def train(cfg: TrainConfig) -> dict:
     micro = cfg.optim.batch_size
     global_batch = micro * accelerator.num_processes
     schedule = build_schedule(cfg, len(train_pairs), global_batch)
+    if (
+        cfg.method == "iopo"
+        and cfg.iopo.n_iter
+        and cfg.optim.max_steps
+        and cfg.optim.max_steps != len(schedule)
+    ):
+        log(
+            f"[iopo] iopo.n_iter={cfg.iopo.n_iter} sets the schedule ({len(schedule)} steps = n_iter x (n_mu + n_nu)); "
+            f"optim.max_steps={cfg.optim.max_steps} is not used (unset n_iter to let max_steps decide)"
+        )
     for player in players.values():
         own_steps = sum(agent == player.name for agent, _ in schedule)
         player.optimizer = accelerator.prepare_optimizer(_optimizer(player.params, cfg))
         player.scheduler = _scheduler(player.optimizer, cfg, own_steps)
+        if own_steps and player.scheduler.get_last_lr()[0] == 0.0:
+            log(
+                f"[iopo] warning: the {player.name}'s first step runs at learning rate 0 (warm-up over "
+                f"{own_steps} steps of its own); set optim.warmup_ratio=0 for short runs"
+            )
     loss_fn = functools.partial(LOSSES[cfg.method], **_loss_options(cfg))
     log(
         f"[iopo] method={cfg.method} players={names} lora={cfg.model.lora} steps={len(schedule)} "
