@@ -187,17 +187,22 @@ RUN_ARTIFACTS = (
 )
 
 
+def clear_artifacts(run_dir: Path, artifacts: tuple[str, ...]) -> None:
+    """Delete an earlier run's own files and folders by name (check_run_dir has made sure the folder is iopo's)."""
+    for name in artifacts:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
 def prepare_run_dir(run_dir: Path, resume_step: int | None) -> None:
     """Fresh start: clear an earlier run's artifacts (allowed by overwrite=true, checked in resolve_resume).
     Resume: drop the metrics logged after the checkpoint, which the resumed run logs again."""
     mark_run_dir(run_dir)
     if resume_step is None:
-        for name in RUN_ARTIFACTS:
-            path = run_dir / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
+        clear_artifacts(run_dir, RUN_ARTIFACTS)
         return
     metrics = run_dir / "metrics.jsonl"
     if metrics.is_file():

@@ -103,11 +103,15 @@ def load_tokenizer(cfg: ModelConfig):
     return tokenizer
 
 
-def load_model(cfg: ModelConfig):
-    """A dense causal LM in cfg.dtype, in train mode, with use_cache off (we never generate while training)."""
-    from transformers import AutoModelForCausalLM
+def load_model(cfg: ModelConfig, reward_head: bool = False):
+    """A dense causal LM in cfg.dtype, in train mode, with use_cache off (we never generate while training).
+    reward_head=True: the same backbone with a scalar head (AutoModelForSequenceClassification, num_labels=1)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    auto, what = (AutoModelForCausalLM, "as a causal LM") if not reward_head else (None, "with a reward head")
     kwargs = {"dtype": _DTYPES[cfg.dtype], "trust_remote_code": cfg.trust_remote_code}
+    if reward_head:
+        auto, kwargs["num_labels"] = AutoModelForSequenceClassification, 1
     if cfg.gguf_file:
         kwargs["gguf_file"] = cfg.gguf_file
     if cfg.attn_implementation:
@@ -115,9 +119,9 @@ def load_model(cfg: ModelConfig):
     path = resolve_model_path(cfg)
     _say_remote_code(path, cfg.trust_remote_code)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = auto.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot load model '{path}' as a causal LM: {_first_line(e)}") from None
+        raise ConfigError(f"cannot load model '{path}' {what}: {_first_line(e)}") from None
     if cfg.gguf_file:
         _drop_gguf_marker(model)
     model.config.use_cache = False

@@ -11,7 +11,6 @@ num_labels=1, reading the last non-padding token); the result is a standard fold
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 
 from iopo.config import ConfigError, TrainRMConfig, dump_config
 from iopo.data import TokenizedPair, collate_pairs, load_training_data
-from iopo.models import _DTYPES, _first_line, load_tokenizer, resolve_model_path
+from iopo.models import load_model, load_tokenizer, resolve_model_path
 
 RM_ARTIFACTS = ("final", "metrics.jsonl", "eval.json", "tensorboard", "rejects.jsonl", "config.yaml")
 
@@ -71,27 +70,8 @@ def heldout_accuracy(model, pairs: list[TokenizedPair], batch_size: int, pad_tok
 
 
 def _load_backbone(cfg: TrainRMConfig, tokenizer):
-    from transformers import AutoModelForSequenceClassification
-
-    path = resolve_model_path(cfg.model)
-    kwargs = {
-        "num_labels": 1,
-        "dtype": _DTYPES[cfg.model.dtype],
-        "trust_remote_code": cfg.model.trust_remote_code,
-    }
-    if cfg.model.gguf_file:
-        kwargs["gguf_file"] = cfg.model.gguf_file
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot load '{path}' with a reward head: {_first_line(e)}") from None
-    if cfg.model.gguf_file:
-        from iopo.models import _drop_gguf_marker
-
-        _drop_gguf_marker(model)
+    model = load_model(cfg.model, reward_head=True)
     model.config.pad_token_id = tokenizer.pad_token_id  # the head reads the last non-padding token
-    if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.model.lora:
         from peft import LoraConfig, get_peft_model
 
@@ -107,7 +87,7 @@ def _load_backbone(cfg: TrainRMConfig, tokenizer):
 
 
 def _prepare_dir(cfg: TrainRMConfig) -> Path:
-    from iopo.checkpoint import check_run_dir, mark_run_dir
+    from iopo.checkpoint import check_run_dir, clear_artifacts, mark_run_dir
 
     run_dir = cfg.run_dir
     check_run_dir(run_dir, RM_ARTIFACTS, [cfg.model.name_or_path, cfg.data.path, cfg.data.test_path])
@@ -116,14 +96,7 @@ def _prepare_dir(cfg: TrainRMConfig) -> Path:
             raise ConfigError(
                 f"{run_dir} already holds a reward model run; pass overwrite=true or another output_dir"
             )
-        import shutil
-
-        for name in RM_ARTIFACTS:
-            path = run_dir / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
+        clear_artifacts(run_dir, RM_ARTIFACTS)
     mark_run_dir(run_dir)
     return run_dir
 
@@ -134,7 +107,7 @@ def train_rm(cfg: TrainRMConfig) -> dict:
     from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
 
-    from iopo.trainer import _has_accelerator, _optimizer, _scheduler, micro_batch_indices
+    from iopo.trainer import _has_accelerator, _optimizer, _scheduler, micro_batch_indices, optimizer_steps
 
     AcceleratorState._reset_state(reset_partial_state=False)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not _has_accelerator())
@@ -159,8 +132,7 @@ def train_rm(cfg: TrainRMConfig) -> dict:
     micro = cfg.optim.batch_size
     global_batch = micro * accelerator.num_processes
     accum = cfg.optim.gradient_accumulation_steps
-    steps_per_epoch = max(1, math.ceil(len(train_pairs) / (global_batch * accum)))
-    total = cfg.optim.max_steps or max(1, math.ceil(cfg.optim.num_epochs * steps_per_epoch))
+    total = optimizer_steps(cfg.optim, len(train_pairs), global_batch)
     optimizer = _optimizer(params, cfg)
     scheduler = _scheduler(optimizer, cfg, total)
     model, optimizer = accelerator.prepare(model, optimizer)

@@ -69,10 +69,15 @@ def iopo_schedule(n_iter: int, n_mu: int, n_nu: int) -> list[tuple[str, int]]:
     return [(agent, i) for i in range(n_iter) for agent in one_round]
 
 
+def optimizer_steps(optim, n_train: int, global_batch: int) -> int:
+    """optim.max_steps, else the steps that num_epochs over n_train pairs take (at least one)."""
+    steps_per_epoch = max(1, math.ceil(n_train / (global_batch * optim.gradient_accumulation_steps)))
+    return optim.max_steps or max(1, math.ceil(optim.num_epochs * steps_per_epoch))
+
+
 def build_schedule(cfg: TrainConfig, n_train: int, global_batch: int) -> list[tuple[str, int]]:
     """The agent of every optimizer step, from max_steps / num_epochs (baselines) or n_iter (IOPO)."""
-    steps_per_epoch = max(1, math.ceil(n_train / (global_batch * cfg.optim.gradient_accumulation_steps)))
-    wanted = cfg.optim.max_steps or max(1, math.ceil(cfg.optim.num_epochs * steps_per_epoch))
+    wanted = optimizer_steps(cfg.optim, n_train, global_batch)
     if cfg.method != "iopo":
         return [("policy", 0)] * wanted
     n_iter = cfg.iopo.n_iter or max(1, math.ceil(wanted / (cfg.iopo.n_mu + cfg.iopo.n_nu)))
