@@ -647,3 +647,12 @@ def test_eval_on_multi_turn_chat_prompts(work, tmp_path):
     assert all(r["prompt_tokens"] > 20 for r in records)  # the rendered template, not just the last message
     for judge in ("rm", "loc"):
         assert result["judges"][judge]["models"]["other"]["table1"]["n"] == 4
+
+
+def test_eval_writes_only_into_an_empty_or_its_own_folder(work, tmp_path, capsys):
+    mine = tmp_path / "notes"
+    mine.mkdir()
+    (mine / "config.yaml").write_text("my: settings\n")
+    assert iopo_main(_eval_args(work, mine)) == 2
+    assert "not an iopo run folder" in capsys.readouterr().err
+    assert (mine / "config.yaml").read_text() == "my: settings\n" and not (mine / "eval.json").exists()

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from iopo import stats
+from iopo.checkpoint import check_run_dir, mark_run_dir
 from iopo.config import ConfigError, DataConfig, EvalConfig, dump_config
 from iopo.data import load_split, tokenize_pairs, unique_prompts
 from iopo.judges import run_judge
@@ -180,9 +181,10 @@ def evaluate(cfg: EvalConfig) -> dict:
         )
     models, baseline, data_cfg, beta = resolve_eval_inputs(cfg)
     out_dir = Path(cfg.output_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"output_dir {out_dir} is a file")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # The eval folder is continued, never cleaned; but config.yaml and eval.json are rewritten, so only an empty
+    # folder or one iopo marked as its own is used.
+    check_run_dir(out_dir, (), [])
+    mark_run_dir(out_dir)
     resolved = cfg.model_copy(update={"data": data_cfg, "beta": beta})
     (out_dir / "config.yaml").write_text(dump_config(resolved), encoding="utf-8")
     session = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
