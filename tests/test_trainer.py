@@ -292,6 +292,41 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_model_dir, monkeypatch, lora
     assert resumed["margin_reward"] == pytest.approx(straight_eval["margin_reward"], abs=1e-5)
 
 
+@pytest.mark.parametrize(("method", "lora"), [("iopo", False), ("dpo", True)])
+def test_two_fits_on_one_session_equal_one_fit_over_the_whole_schedule(
+    tmp_path, tiny_model_dir, method, lora
+):
+    """The online rounds call fit() again and again on one session: the split must not change what is computed."""
+    extra = ["iopo.n_iter=3", "optim.max_steps=6", f"model.lora={str(lora).lower()}", "model.lora_r=4"]
+    cfg = make_cfg(tmp_path, tiny_model_dir, *extra, method=method)
+
+    def weights(split: int):
+        from accelerate.utils import set_seed
+
+        accelerator = trainer.open_accelerator(cfg)
+        set_seed(cfg.seed)
+        tokenizer = trainer.open_tokenizer(cfg, accelerator)
+        pairs, _, _ = load_training_data(cfg.data, tokenizer, None)
+        schedule = trainer.build_schedule(cfg, len(pairs), 4)
+        session = trainer.open_session(cfg, accelerator, tokenizer, schedule)
+        trainer.fit(session, pairs, schedule[:split])
+        trainer.fit(session, pairs, schedule[split:])
+        assert session.step == 6 and session.position == 6
+        return {k: v.detach().clone() for k, v in session.policy.module.named_parameters() if v.requires_grad}
+
+    whole, split = weights(6), weights(2)
+    moved = weights(0)  # the same as whole: a sanity check of the comparison itself
+    assert whole.keys() == split.keys() and len(whole) > 0
+    for key in whole:
+        torch.testing.assert_close(whole[key], split[key], atol=0, rtol=0)
+        torch.testing.assert_close(whole[key], moved[key], atol=0, rtol=0)
+    start = trainer.build_players(cfg, trainer.open_accelerator(cfg), trainer.player_names(method), None)[0]
+    first = next(iter(start.values())).module
+    assert any(
+        not torch.equal(p.detach(), whole[n]) for n, p in first.named_parameters() if n in whole
+    )  # and training moved the weights
+
+
 def test_reversed_adversary_and_symmetric_clip_run(tmp_path, tiny_model_dir):
     cfg = make_cfg(
         tmp_path,

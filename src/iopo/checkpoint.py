@@ -286,6 +286,12 @@ def begin_write(run_dir: Path, step: int) -> tuple[Path, Path]:
     return tmp, final
 
 
+def begin_folder(tmp: Path) -> None:
+    """An empty temp folder for a checkpoint at a chosen place (the online rounds' round_k/checkpoint)."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+
+
 def write_common(tmp: Path, cfg: TrainConfig, state: dict) -> None:
     (tmp / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=2), encoding="utf-8")

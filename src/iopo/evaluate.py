@@ -22,7 +22,7 @@ from iopo import stats
 from iopo.checkpoint import check_run_dir, mark_run_dir
 from iopo.config import ConfigError, DataConfig, EvalConfig, dump_config
 from iopo.data import load_split, tokenize_pairs, unique_prompts
-from iopo.judges import run_judge
+from iopo.judges.compare import judge_against
 from iopo.store import Store
 
 
@@ -89,82 +89,6 @@ def _model_metrics(
         ref_logps["rejected_logps"],
         beta,
     )
-
-
-def _judge_model(judge, store, session, cfg, jcfg, prompts, model_recs, base_recs, progress) -> dict:
-    """Table 1 (and Table 2 for rubric scores) of one model against the baseline, by one judge."""
-    n = cfg.generation.n
-    out: dict = {"n_prompts": len(prompts), "n_answers": len(model_recs)}
-    boot = {"n_boot": cfg.bootstrap, "confidence": cfg.confidence, "seed": cfg.seed}
-
-    def summary(outcomes_by_prompt: list[list[str]]) -> dict:
-        flat = [o for group in outcomes_by_prompt for o in group]
-        table = stats.outcome_rates(flat)
-        table["ci"] = stats.bootstrap_rates(
-            outcomes_by_prompt, boot["n_boot"], boot["confidence"], boot["seed"]
-        )
-        table["n"] = sum(o != "invalid" for o in flat)
-        table["invalid"] = sum(o == "invalid" for o in flat)
-        return table
-
-    if "pairwise" in judge.modes:
-        items_ab = [
-            (m["prompt"], m["answer"], b["answer"]) for m, b in zip(model_recs, base_recs, strict=True)
-        ]
-        items_ba = [(p, b, a) for p, a, b in items_ab]
-        results, counts = run_judge(judge, store, "pairwise", items_ab + items_ba, session, progress)
-        half = len(items_ab)
-        combined = [
-            stats.pairwise_outcome(results[i].get("winner"), results[half + i].get("winner"))
-            for i in range(half)
-        ]
-        outcomes = [[o for o, _ in combined[k * n : (k + 1) * n]] for k in range(len(prompts))]
-        table = summary(outcomes)
-        both_valid = [d for o, d in combined if o != "invalid"]
-        table["order_disagreement"] = sum(both_valid) / len(both_valid) if both_valid else math.nan
-        first_a = [r.get("winner") == "A" for r in results if r.get("valid")]
-        table["first_position_share"] = sum(first_a) / len(first_a) if first_a else math.nan
-        table["requests"] = counts
-        out["table1"] = table
-
-    if "score" in judge.modes:
-        items = [(r["prompt"], r["answer"]) for r in model_recs + base_recs]
-        results, counts = run_judge(judge, store, "score", items, session, progress)
-        scores = [r.get("score") if r.get("valid") else None for r in results]
-        model_scores, base_scores = scores[: len(model_recs)], scores[len(model_recs) :]
-        model_groups = [model_scores[k * n : (k + 1) * n] for k in range(len(prompts))]
-        base_groups = [base_scores[k * n : (k + 1) * n] for k in range(len(prompts))]
-        mean = {
-            "model": _mean(model_scores),
-            "baseline": _mean(base_scores),
-            "model_ci": stats.bootstrap_mean(model_groups, **boot),
-            "baseline_ci": stats.bootstrap_mean(base_groups, **boot),
-        }
-        if jcfg.type == "reward_model":  # a reward gap is Table 1's verdict
-            outcomes = [
-                [stats.score_gap_outcome(m, b, jcfg.tie_margin) for m, b in zip(mg, bg, strict=True)]
-                for mg, bg in zip(model_groups, base_groups, strict=True)
-            ]
-            table = summary(outcomes)
-            table["tie_margin"] = jcfg.tie_margin
-            table["mean_reward"] = mean
-            table["requests"] = counts
-            out["table1"] = table
-        else:  # 0-3 rubric: Table 2
-            outcomes = [
-                [stats.rubric_outcome(m, b) for m, b in zip(mg, bg, strict=True)]
-                for mg, bg in zip(model_groups, base_groups, strict=True)
-            ]
-            table = summary(outcomes)
-            table["mean_score"] = mean
-            table["requests"] = counts
-            out["table2"] = table
-    return out
-
-
-def _mean(values: list) -> float:
-    kept = [v for v in values if v is not None]
-    return sum(kept) / len(kept) if kept else math.nan
 
 
 def evaluate(cfg: EvalConfig) -> dict:
@@ -268,16 +192,16 @@ def evaluate(cfg: EvalConfig) -> dict:
             try:
                 entry = {"type": jcfg.type, "judge_id": judge.judge_id, "modes": judge.modes, "models": {}}
                 for source in models:
-                    entry["models"][source.label] = _judge_model(
+                    entry["models"][source.label] = judge_against(
                         judge,
                         store,
                         session,
-                        cfg,
                         jcfg,
-                        prompts,
                         answers[source.label],
                         answers[baseline.label],
-                        cfg.progress_bar,
+                        n=cfg.generation.n,
+                        boot={"n_boot": cfg.bootstrap, "confidence": cfg.confidence, "seed": cfg.seed},
+                        progress=cfg.progress_bar,
                     )
                 results["judges"][name] = entry
             finally:

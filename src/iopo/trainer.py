@@ -261,18 +261,53 @@ def train_step(
     return sums
 
 
-# ---------------------------------------------------------------- the loop
+# ---------------------------------------------------------------- the session and its fit
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Train with cfg.method, checkpoint, export the protagonist/policy and evaluate it. Returns eval results."""
+@dataclass
+class Session:
+    """What lives across fits: the accelerator, tokenizer, players with their optimizer states, the frozen reference,
+    the loss, and where training stands (optimizer steps done, micro-batches read of the current data).
+
+    `fit` reads data only from its arguments, so a driver (the `train` command, the online rounds) may hand it new
+    pairs and a new schedule again and again on the same players.
+    """
+
+    cfg: TrainConfig
+    accelerator: object
+    tokenizer: object
+    players: dict[str, Player]
+    reference: Player | None
+    loss_fn: object
+    global_batch: int
+    total_steps: int  # of the whole run, for the logging of the last step
+    step: int = 0  # optimizer steps done
+    position: int = 0  # micro-batches read of the current data stream
+    log: object = print
+    metrics_file: Path | None = None
+    writer: object = None
+    bar: object = None
+    last_saved: Path | None = None  # the newest checkpoint written, named when a step turns non-finite
+
+    @property
+    def policy(self) -> Player:
+        """The protagonist (IOPO) or the policy (baselines): the player that is exported and evaluated."""
+        return next(iter(self.players.values()))
+
+
+def player_names(method: str) -> list[str]:
+    return ["protagonist", "adversary"] if method == "iopo" else ["policy"]
+
+
+def open_accelerator(cfg: TrainConfig):
+    """The accelerator of a run (once per process and run), with iopo's DDP settings; DeepSpeed is refused."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-    from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
+    from accelerate.utils import DistributedDataParallelKwargs, DistributedType
 
     # Under LoRA IOPO one DDP module holds both adapters and only the agent's gets gradients in a phase.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.model.lora and cfg.method == "iopo")
-    # A second train() in one process (a notebook, the tests) may ask for another precision: accelerate keeps its
+    # A second run in one process (a notebook, the tests) may ask for another precision: accelerate keeps its
     # settings in a process-wide singleton, so drop them first (the process group, in PartialState, stays).
     AcceleratorState._reset_state(reset_partial_state=False)
     # cpu=True on a machine without accelerators: accelerate then treats torchrun's processes as MULTI_CPU (gloo).
@@ -284,6 +319,186 @@ def train(cfg: TrainConfig) -> dict:
             "DeepSpeed is not supported yet: accelerate's integration takes one model and one optimizer, while "
             "iopo keeps a separate optimizer per player; use FSDP or DDP (see docs/distributed.md)"
         )
+    return accelerator
+
+
+def open_tokenizer(cfg: TrainConfig, accelerator):
+    with accelerator.main_process_first():  # the first call converts the embedded model into the cache
+        return load_tokenizer(cfg.model)
+
+
+def open_session(
+    cfg: TrainConfig,
+    accelerator,
+    tokenizer,
+    schedule: list[tuple[str, int]],
+    resume_dir: Path | None = None,
+) -> Session:
+    """Players (from the starting model, or from the checkpoint `resume_dir` with its optimizer, scheduler and RNG
+    states, step and data position), each with its own optimizer and a scheduler over its own steps of `schedule`
+    (the whole run's)."""
+    log = _printer(accelerator)
+    names = player_names(cfg.method)
+    players, reference = build_players(cfg, accelerator, names, resume_dir)
+    global_batch = cfg.optim.batch_size * accelerator.num_processes
+    for player in players.values():
+        own_steps = sum(agent == player.name for agent, _ in schedule)
+        player.optimizer = accelerator.prepare_optimizer(_optimizer(player.params, cfg))
+        player.scheduler = _scheduler(player.optimizer, cfg, own_steps)
+        if own_steps and player.scheduler.get_last_lr()[0] == 0.0:
+            log(
+                f"[iopo] warning: the {player.name}'s first step runs at learning rate 0 (warm-up over "
+                f"{own_steps} steps of its own); set optim.warmup_ratio=0 for short runs"
+            )
+    session = Session(
+        cfg=cfg,
+        accelerator=accelerator,
+        tokenizer=tokenizer,
+        players=players,
+        reference=reference,
+        loss_fn=functools.partial(LOSSES[cfg.method], **_loss_options(cfg)),
+        global_batch=global_batch,
+        total_steps=len(schedule),
+        log=log,
+    )
+    if resume_dir is not None:
+        state = ckpt.read_state(resume_dir)
+        if state["global_batch"] != global_batch:
+            raise ConfigError(
+                f"checkpoint was written with {state['global_batch']} pairs per micro-batch over all "
+                f"processes, now {global_batch}: keep batch_size x processes equal to resume"
+            )
+        session.step, session.position = state["step"], state["micro_batches"]
+        for player in players.values():
+            player.optimizer.load_state_dict(ckpt.load_state_file(resume_dir / f"{player.name}.optimizer.pt"))
+            player.scheduler.load_state_dict(ckpt.load_state_file(resume_dir / f"{player.name}.scheduler.pt"))
+        rng_file = resume_dir / f"rng_state_{accelerator.process_index}.pt"
+        if rng_file.is_file():
+            ckpt.set_rng_state(ckpt.load_state_file(rng_file))
+        session.last_saved = resume_dir
+    return session
+
+
+def fit(
+    session: Session, pairs: list[TokenizedPair], schedule: list[tuple[str, int]], on_step=None, **fields
+):
+    """Run the optimizer steps of `schedule` (one (agent, round) per step) on `pairs`, continuing the session's step
+    count and data position. `on_step(session)` runs after every step (checkpoints, evaluation); `fields` are added
+    to every logged record (e.g. the online round)."""
+    cfg, accelerator = session.cfg, session.accelerator
+    micro = cfg.optim.batch_size
+    for agent_name, round_index in schedule:
+        agent = session.players[agent_name]
+        env = session.reference if cfg.method != "iopo" else session.players[_other(agent_name)]
+        # The adversary="reversed" ablation: the adversary's action prefers y_l over y_w (Sec. 4.1).
+        reverse = cfg.method == "iopo" and cfg.iopo.adversary == "reversed" and agent_name == "adversary"
+        step_loss = (
+            functools.partial(session.loss_fn, reverse_preference=reverse)
+            if cfg.method == "iopo"
+            else session.loss_fn
+        )
+        micro_batches = []
+        for k in range(cfg.optim.gradient_accumulation_steps):
+            indices = micro_batch_indices(session.position + k, session.global_batch, len(pairs), cfg.seed)
+            mine = indices[accelerator.process_index * micro : (accelerator.process_index + 1) * micro]
+            micro_batches.append(collate_pairs([pairs[i] for i in mine], session.tokenizer.pad_token_id))
+        tick = time.perf_counter()
+        try:
+            sums = train_step(
+                agent, env, session.players, micro_batches, step_loss, accelerator, cfg.optim.max_grad_norm
+            )
+        except NonFiniteError as e:
+            kept = (
+                f"; {session.last_saved} holds the last finite state saved"
+                if session.last_saved
+                else "; no checkpoint was saved"
+            )
+            raise NonFiniteError(e.quantity, e.value, e.player, session.step + 1, kept) from None
+        sums["step_seconds"] = time.perf_counter() - tick
+        session.step += 1
+        session.position += len(micro_batches)  # only a finished step moves the data position
+        if session.step % cfg.logging_steps == 0 or session.step == session.total_steps:
+            record = _reduce(accelerator, sums)
+            record.update(
+                step=session.step,
+                agent=agent_name,
+                round=round_index,
+                epoch=session.position * session.global_batch / len(pairs),
+                **fields,
+            )
+            log_metrics(session, record)
+        if session.bar is not None:
+            session.bar.set_postfix(loss=f"{sums['loss']:.4f}", phase=f"{agent_name}@{round_index}")
+            session.bar.update(1)
+        if on_step is not None:
+            on_step(session)
+
+
+def save_session(session: Session, tmp: Path | None = None, final: Path | None = None) -> Path:
+    """Both players (full weights or adapters), optimizer/scheduler/RNG states and the data position, written
+    atomically: into `tmp`, renamed to `final` (default: checkpoints/step-N of the run, pruned to save_total_limit)."""
+    cfg, accelerator = session.cfg, session.accelerator
+    accelerator.wait_for_everyone()
+    keep = None
+    if final is None:
+        keep = cfg.save_total_limit
+        tmp, final = (
+            ckpt.begin_write(cfg.run_dir, session.step) if accelerator.is_main_process else (None, None)
+        )
+    elif accelerator.is_main_process:
+        ckpt.begin_folder(tmp)
+    names = [str(tmp) if tmp else None, str(final) if final else None]
+    if accelerator.num_processes > 1:
+        torch.distributed.broadcast_object_list(names, src=0)
+    tmp, final = Path(names[0]), Path(names[1])
+    if accelerator.is_main_process:
+        for player in session.players.values():
+            inner = _unwrap(player.module).model
+            if player.adapter is None:
+                inner.save_pretrained(tmp / player.name, safe_serialization=True)
+            else:
+                inner.save_pretrained(tmp, selected_adapters=[player.adapter])  # -> tmp/<adapter>/
+            torch.save(player.optimizer.state_dict(), tmp / f"{player.name}.optimizer.pt")
+            torch.save(player.scheduler.state_dict(), tmp / f"{player.name}.scheduler.pt")
+        state = {
+            "step": session.step,
+            "micro_batches": session.position,
+            "total_steps": session.total_steps,
+            "global_batch": session.global_batch,
+        }
+        ckpt.write_common(tmp, cfg, state)
+    torch.save(ckpt.rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        ckpt.finish_write(tmp, final, keep)
+    accelerator.wait_for_everyone()
+    session.last_saved = final
+    return final
+
+
+def session_logps(session: Session, pairs: list[TokenizedPair], progress: str | None = None) -> dict:
+    """The policy's chosen/rejected log-probs of `pairs` (no autograd, eval mode)."""
+    return _test_logps(
+        session.policy, session.players, pairs, session.cfg, session.tokenizer, session.accelerator, progress
+    )
+
+
+def log_metrics(session: Session, record: dict) -> None:
+    _log_metrics(session.accelerator, record, session.metrics_file, session.writer)
+
+
+def export_policy(session: Session, out: Path) -> Path:
+    return _export(session.cfg, session.accelerator, session.policy, session.tokenizer, out)
+
+
+# ---------------------------------------------------------------- the train command
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train with cfg.method, checkpoint, export the protagonist/policy and evaluate it. Returns eval results."""
+    from accelerate.utils import set_seed
+
+    accelerator = open_accelerator(cfg)
     log = _printer(accelerator)
     set_seed(cfg.seed)
     run_dir = cfg.run_dir
@@ -298,21 +513,15 @@ def train(cfg: TrainConfig) -> dict:
     accelerator.wait_for_everyone()
     started = time.time()
 
-    # --- data
-    with accelerator.main_process_first():  # the first call converts the embedded model into the cache
-        tokenizer = load_tokenizer(cfg.model)
+    # --- data, schedule, session
+    tokenizer = open_tokenizer(cfg, accelerator)
     train_pairs, test_pairs, report = load_training_data(
         cfg.data, tokenizer, run_dir if accelerator.is_main_process else None
     )
     log(f"[iopo] data: {json.dumps(report)}")
     if not train_pairs:
         raise ConfigError("no training pairs left after loading; check data.path and the rejects file")
-
-    # --- players, schedule, optimizers
-    names = ["protagonist", "adversary"] if cfg.method == "iopo" else ["policy"]
-    players, reference = build_players(cfg, accelerator, names, resume_dir)
-    micro = cfg.optim.batch_size
-    global_batch = micro * accelerator.num_processes
+    global_batch = cfg.optim.batch_size * accelerator.num_processes
     schedule = build_schedule(cfg, len(train_pairs), global_batch)
     if (
         cfg.method == "iopo"
@@ -324,165 +533,105 @@ def train(cfg: TrainConfig) -> dict:
             f"[iopo] iopo.n_iter={cfg.iopo.n_iter} sets the schedule ({len(schedule)} steps = n_iter x (n_mu + n_nu)); "
             f"optim.max_steps={cfg.optim.max_steps} is not used (unset n_iter to let max_steps decide)"
         )
-    for player in players.values():
-        own_steps = sum(agent == player.name for agent, _ in schedule)
-        player.optimizer = accelerator.prepare_optimizer(_optimizer(player.params, cfg))
-        player.scheduler = _scheduler(player.optimizer, cfg, own_steps)
-        if own_steps and player.scheduler.get_last_lr()[0] == 0.0:
-            log(
-                f"[iopo] warning: the {player.name}'s first step runs at learning rate 0 (warm-up over "
-                f"{own_steps} steps of its own); set optim.warmup_ratio=0 for short runs"
-            )
-    loss_fn = functools.partial(LOSSES[cfg.method], **_loss_options(cfg))
+    session = open_session(cfg, accelerator, tokenizer, schedule, resume_dir)
+    policy = session.policy
     log(
-        f"[iopo] method={cfg.method} players={names} lora={cfg.model.lora} steps={len(schedule)} "
+        f"[iopo] method={cfg.method} players={list(session.players)} lora={cfg.model.lora} steps={len(schedule)} "
         f"global_batch={global_batch}x{cfg.optim.gradient_accumulation_steps} processes={accelerator.num_processes} "
         f"distributed={accelerator.distributed_type.value} "
-        f"trainable/player={sum(p.numel() for p in players[names[0]].params):,}"
+        f"trainable/player={sum(p.numel() for p in policy.params):,}"
     )
-
-    # --- resume
-    step, position = 0, 0
-    if resume_state is not None:
-        if resume_state["global_batch"] != global_batch:
-            raise ConfigError(
-                f"checkpoint was written with {resume_state['global_batch']} pairs per micro-batch over all "
-                f"processes, now {global_batch}: keep batch_size x processes equal to resume"
-            )
-        step, position = resume_state["step"], resume_state["micro_batches"]
-        for player in players.values():
-            player.optimizer.load_state_dict(ckpt.load_state_file(resume_dir / f"{player.name}.optimizer.pt"))
-            player.scheduler.load_state_dict(ckpt.load_state_file(resume_dir / f"{player.name}.scheduler.pt"))
-        rng_file = resume_dir / f"rng_state_{accelerator.process_index}.pt"
-        if rng_file.is_file():
-            ckpt.set_rng_state(ckpt.load_state_file(rng_file))
-        log(f"[iopo] resumed from {resume_dir} at step {step}/{len(schedule)}")
+    if resume_dir is not None:
+        log(f"[iopo] resumed from {resume_dir} at step {session.step}/{len(schedule)}")
 
     # --- reference log-probs of the test split, from the starting model, once (so no third copy is kept)
-    final_player = players[names[0]]
     ref_file = run_dir / "eval_reference_logps.pt"
     eval_ref = None
     if (cfg.eval_at_end or cfg.eval_steps) and test_pairs:
         if ref_file.is_file():
             eval_ref = torch.load(ref_file, weights_only=True)
         if eval_ref is None or eval_ref["chosen_logps"].numel() != len(test_pairs):
-            if step > 0:
+            if session.step > 0:
                 raise ConfigError(
                     f"{ref_file} is missing or stale; cannot recover the starting model's log-probs"
                 )
-            eval_ref = _test_logps(final_player, players, test_pairs, cfg, tokenizer, accelerator)
+            eval_ref = session_logps(session, test_pairs)
             if accelerator.is_main_process:
                 torch.save(eval_ref, ref_file)
 
-    writer = _tensorboard(cfg, run_dir, accelerator)
-    metrics_file = run_dir / "metrics.jsonl"
-    bar = _progress(cfg, accelerator, len(schedule), step)
-
-    def save(at_step: int) -> None:
-        _save_checkpoint(cfg, accelerator, players, at_step, position, len(schedule), global_batch)
+    session.writer = _tensorboard(cfg, run_dir, accelerator)
+    session.metrics_file = run_dir / "metrics.jsonl"
+    session.bar = _progress(cfg, accelerator, len(schedule), session.step)
 
     def test_metrics(label: str | None) -> dict:
         """Margin reward and pairwise accuracy of the protagonist/policy vs the starting model on the test split."""
-        policy = _test_logps(final_player, players, test_pairs, cfg, tokenizer, accelerator, label)
-        return offline_metrics(
-            policy["chosen_logps"],
-            policy["rejected_logps"],
-            eval_ref["chosen_logps"],
-            eval_ref["rejected_logps"],
-            cfg.loss.beta,
-        )
+        return policy_metrics(session, test_pairs, eval_ref, label)
 
-    def log_eval(at_step: int, metrics: dict) -> None:
-        keys = ("margin_reward", "pairwise_accuracy", "reward_chosen", "reward_rejected", "margin_reward_std")
-        record = {"step": at_step, **{f"eval/{k}": metrics[k] for k in keys}}
-        _log_metrics(accelerator, record, metrics_file, writer)
+    def between_steps(s: Session) -> None:
+        if cfg.save_steps and s.step % cfg.save_steps == 0 and s.step < len(schedule):
+            save_session(s)
+        if (
+            eval_ref is not None
+            and cfg.eval_steps
+            and s.step % cfg.eval_steps == 0
+            and s.step < len(schedule)
+        ):
+            log_eval(s, s.step, test_metrics(None))
 
     # --- the optimizer-step loop
     try:
-        while step < len(schedule):
-            agent_name, round_index = schedule[step]
-            agent = players[agent_name]
-            env = reference if cfg.method != "iopo" else players[_other(agent_name)]
-            # The adversary="reversed" ablation: the adversary's action prefers y_l over y_w (Sec. 4.1).
-            reverse = cfg.method == "iopo" and cfg.iopo.adversary == "reversed" and agent_name == "adversary"
-            step_loss = (
-                functools.partial(loss_fn, reverse_preference=reverse) if cfg.method == "iopo" else loss_fn
-            )
-
-            micro_batches = []
-            for k in range(cfg.optim.gradient_accumulation_steps):
-                indices = micro_batch_indices(position + k, global_batch, len(train_pairs), cfg.seed)
-                mine = indices[accelerator.process_index * micro : (accelerator.process_index + 1) * micro]
-                micro_batches.append(collate_pairs([train_pairs[i] for i in mine], tokenizer.pad_token_id))
-            tick = time.perf_counter()
-            try:
-                sums = train_step(
-                    agent, env, players, micro_batches, step_loss, accelerator, cfg.optim.max_grad_norm
-                )
-            except NonFiniteError as e:
-                saved = ckpt.list_checkpoints(run_dir)
-                kept = (
-                    f"; {saved[-1]} holds the last finite state saved"
-                    if saved
-                    else "; no checkpoint was saved"
-                )
-                raise NonFiniteError(e.quantity, e.value, e.player, step + 1, kept) from None
-            sums["step_seconds"] = time.perf_counter() - tick
-            step += 1
-            position += len(micro_batches)  # only a finished step moves the data position
-
-            if step % cfg.logging_steps == 0 or step == len(schedule):
-                record = _reduce(accelerator, sums)
-                record.update(
-                    step=step,
-                    agent=agent_name,
-                    round=round_index,
-                    epoch=position * global_batch / len(train_pairs),
-                )
-                _log_metrics(accelerator, record, metrics_file, writer)
-            if bar is not None:
-                bar.set_postfix(loss=f"{sums['loss']:.4f}", phase=f"{agent_name}@{round_index}")
-                bar.update(1)
-            if cfg.save_steps and step % cfg.save_steps == 0 and step < len(schedule):
-                save(step)
-            if (
-                eval_ref is not None
-                and cfg.eval_steps
-                and step % cfg.eval_steps == 0
-                and step < len(schedule)
-            ):
-                log_eval(step, test_metrics(None))
+        fit(session, train_pairs, schedule[session.step :], between_steps)
     except KeyboardInterrupt:
-        if accelerator.num_processes == 1 and step > 0:
-            log(f"\n[iopo] interrupted: saving step {step} so resume=true continues from it")
-            save(step)
+        if accelerator.num_processes == 1 and session.step > 0:
+            log(f"\n[iopo] interrupted: saving step {session.step} so resume=true continues from it")
+            save_session(session)
         raise
-    if bar is not None:
-        bar.close()
-    if not (resume_state and resume_state["step"] == step):  # else that checkpoint is this state already
-        save(step)
+    if session.bar is not None:
+        session.bar.close()
+    if not (
+        resume_state and resume_state["step"] == session.step
+    ):  # else that checkpoint is this state already
+        save_session(session)
 
     # --- export and evaluation
     if cfg.export:
-        export_dir = _export(cfg, accelerator, final_player, tokenizer, run_dir)
-        log(f"[iopo] exported {final_player.name} to {export_dir}")
+        export_dir = export_policy(session, run_dir / "final")
+        log(f"[iopo] exported {policy.name} to {export_dir}")
     results: dict = {}
     if eval_ref is not None and (cfg.eval_at_end or cfg.eval_steps):
-        results = test_metrics(f"eval {final_player.name}" if cfg.progress_bar else None)
-        log_eval(step, results)
-    if writer is not None:
-        writer.close()
+        results = test_metrics(f"eval {policy.name}" if cfg.progress_bar else None)
+        log_eval(session, session.step, results)
+    if session.writer is not None:
+        session.writer.close()
     if results and cfg.eval_at_end:
-        results.update(method=cfg.method, player=final_player.name, reference="starting model", step=step)
+        results.update(method=cfg.method, player=policy.name, reference="starting model", step=session.step)
         if accelerator.is_main_process:
             text = json.dumps(json_safe(results), indent=2, allow_nan=False)  # strict JSON
             (run_dir / "eval.json").write_text(text, encoding="utf-8")
-        title = f"{cfg.method}: {final_player.name} vs the starting model on {len(test_pairs)} test pairs"
+        title = f"{cfg.method}: {policy.name} vs the starting model on {len(test_pairs)} test pairs"
         log(format_table(results, title))
     log(f"[iopo] done in {time.time() - started:.0f}s; run folder: {run_dir}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results
+
+
+def policy_metrics(session: Session, test_pairs, ref_logps: dict, label: str | None = None) -> dict:
+    """Margin reward and pairwise accuracy of the policy vs the reference log-probs `ref_logps` of `test_pairs`."""
+    policy = session_logps(session, test_pairs, label)
+    return offline_metrics(
+        policy["chosen_logps"],
+        policy["rejected_logps"],
+        ref_logps["chosen_logps"],
+        ref_logps["rejected_logps"],
+        session.cfg.loss.beta,
+    )
+
+
+def log_eval(session: Session, at_step: int, metrics: dict, **fields) -> None:
+    keys = ("margin_reward", "pairwise_accuracy", "reward_chosen", "reward_rejected", "margin_reward_std")
+    record = {"step": at_step, **{f"eval/{k}": metrics[k] for k in keys}, **fields}
+    log_metrics(session, record)
 
 
 # ---------------------------------------------------------------- helpers of the loop
@@ -529,8 +678,8 @@ def _reduce(accelerator, sums: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def _log_metrics(accelerator, record: dict, path: Path, writer) -> None:
-    if not accelerator.is_main_process:
+def _log_metrics(accelerator, record: dict, path: Path | None, writer) -> None:
+    if not accelerator.is_main_process or path is None:
         return
     with path.open("a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
@@ -578,35 +727,8 @@ def _test_logps(
     return dataset_logps(forward, pairs, cfg.eval_batch_size, tokenizer.pad_token_id, accelerator, progress)
 
 
-def _save_checkpoint(cfg, accelerator, players, step, position, total, global_batch) -> None:
-    """Both players (full weights or adapters), optimizer/scheduler/RNG states and the data position."""
-    accelerator.wait_for_everyone()
-    tmp, final = ckpt.begin_write(cfg.run_dir, step) if accelerator.is_main_process else (None, None)
-    tmp_name = [str(tmp) if tmp else None]
-    if accelerator.num_processes > 1:
-        torch.distributed.broadcast_object_list(tmp_name, src=0)
-    tmp = Path(tmp_name[0])
-    if accelerator.is_main_process:
-        for player in players.values():
-            inner = _unwrap(player.module).model
-            if player.adapter is None:
-                inner.save_pretrained(tmp / player.name, safe_serialization=True)
-            else:
-                inner.save_pretrained(tmp, selected_adapters=[player.adapter])  # -> tmp/<adapter>/
-            torch.save(player.optimizer.state_dict(), tmp / f"{player.name}.optimizer.pt")
-            torch.save(player.scheduler.state_dict(), tmp / f"{player.name}.scheduler.pt")
-        state = {"step": step, "micro_batches": position, "total_steps": total, "global_batch": global_batch}
-        ckpt.write_common(tmp, cfg, state)
-    torch.save(ckpt.rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        ckpt.finish_write(tmp, final, cfg.save_total_limit)
-    accelerator.wait_for_everyone()
-
-
-def _export(cfg, accelerator, player: Player, tokenizer, run_dir: Path) -> Path:
+def _export(cfg, accelerator, player: Player, tokenizer, out: Path) -> Path:
     """The protagonist/policy as a standard HF folder that AutoModelForCausalLM.from_pretrained loads."""
-    out = run_dir / "final"
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         inner = _unwrap(player.module).model
