@@ -49,6 +49,12 @@ COMMANDS = {
         positional="models",
         example="iopo eval runs/quickstart judges.rm.type=reward_model judges.rm.model=runs/rm/final",
     ),
+    "online": Command(
+        C.OnlineConfig,
+        "iopo.online:online",
+        "online rounds: Iter-DPO with a judge, or IOPO / DPO on the human pairs, resumable stage by stage",
+        example="iopo online --config configs/online.yaml method=iter_dpo judge.model=runs/rm/final",
+    ),
     "plot": Command(
         C.PlotConfig,
         "iopo.plots:plot_command",

@@ -141,6 +141,17 @@ class OptimConfig(_Part):
     )
 
 
+def _check_output_dir(output_dir: str, method: str) -> None:
+    if not output_dir.strip():
+        raise ValueError("output_dir must name a folder (an empty one would make the current folder the run)")
+    try:
+        output_dir.format(method=method)
+    except (KeyError, IndexError, ValueError):
+        raise ValueError(
+            "output_dir may use {method} and no other braces (write {{ and }} for literal ones)"
+        ) from None
+
+
 class TrainConfig(_Part):
     method: Literal["iopo", "dpo", "ipo", "hinge", "kto_pair", "sft"] = "iopo"
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -182,16 +193,7 @@ class TrainConfig(_Part):
 
     @model_validator(mode="after")
     def _plain_output_dir(self) -> TrainConfig:
-        if not self.output_dir.strip():
-            raise ValueError(
-                "output_dir must name a folder (an empty one would make the current folder the run)"
-            )
-        try:
-            self.output_dir.format(method=self.method)
-        except (KeyError, IndexError, ValueError):
-            raise ValueError(
-                "output_dir may use {method} and no other braces (write {{ and }} for literal ones)"
-            ) from None
+        _check_output_dir(self.output_dir, self.method)
         return self
 
     @property
@@ -394,6 +396,171 @@ class TrainRMConfig(_Part):
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir)
+
+
+class OnlineGenerationConfig(GenerationConfig):
+    """Generation in the online rounds: two answers per prompt at the paper's temperature 0.8."""
+
+    n: int = Field(2, gt=0, le=64, description="Answers per prompt (iter_dpo needs at least 2 to make a pair).")
+    max_new_tokens: int = Field(128, gt=0, le=32768)
+
+
+class OnlineConfig(_Part):
+    """`iopo online`: K rounds of {prompts -> generate -> judge -> pairs -> train -> score} (iter_dpo, the paper's
+    costly baseline), or the same rounds and optimizer steps on the human pairs only (iopo: the game goes on with no
+    judge; dpo: the offline control). Every stage leaves its files under round_k/ and the same command resumes."""
+
+    method: Literal["iter_dpo", "iopo", "dpo"] = "iter_dpo"
+    rounds: int = Field(3, gt=0, le=10000, description="Online rounds K.")
+    steps_per_round: int = Field(
+        8,
+        gt=0,
+        description="Optimizer steps per round, the same for every method (IOPO: the steps of both players "
+        "together, rounded up to whole game rounds of n_mu + n_nu).",
+    )
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(
+        default_factory=DataConfig,
+        description="Human pairs: the prompt pool (its train split), the held-out split scored each round, and "
+        "the training pairs of iopo/dpo.",
+    )
+    loss: LossConfig = Field(default_factory=LossConfig)
+    iopo: IOPOConfig = Field(default_factory=IOPOConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    # --- iter_dpo: where the round's pairs come from
+    prompts_per_round: int = Field(32, gt=0, description="P prompts per round from the pool.")
+    prompt_split: Literal["train", "test", "all"] = Field("train", description="The prompt pool's split.")
+    reuse_prompts: bool = Field(
+        False, description="Draw every round from the whole pool (else no prompt is used twice)."
+    )
+    generation: OnlineGenerationConfig = Field(
+        default_factory=OnlineGenerationConfig,
+        description="Answers of the current policy (n per prompt; the paper's temperature 0.8); hf only.",
+    )
+    judge: JudgeConfig | None = Field(
+        None,
+        description="The annotating judge of iter_dpo (and the scoring judge unless score_judge is set).",
+    )
+    annotate_by: Literal["auto", "score", "pairwise"] = Field(
+        "auto",
+        description="score: best vs worst answer by score (reward model, 0-3 rubric); pairwise: A/B in both "
+        "orders, kept when the orders agree; auto: score for a reward model, pairwise otherwise.",
+    )
+    keep_ratio: float = Field(
+        0.2,
+        gt=0,
+        le=1,
+        description="Keep this top share of the separated pairs by judged confidence (paper: 1:5 = 0.2).",
+    )
+    human_pairs_per_round: int = Field(
+        0, ge=0, description="Human pairs from the train split mixed into each round's pairs."
+    )
+    reference: Literal["initial", "previous_round"] = Field(
+        "initial",
+        description="iter_dpo's DPO reference: the starting model, or the policy as the round began.",
+    )
+    # --- scoring each round
+    score_judge: JudgeConfig | None = Field(
+        None, description="Judge of the per-round win rate against the starting policy; unset = judge."
+    )
+    score_prompts: int = Field(
+        32,
+        ge=0,
+        description="Held-out prompts answered and judged each round (0 = implicit-reward metrics only).",
+    )
+    bootstrap: int = Field(1000, ge=0, le=100000)
+    confidence: float = Field(0.95, gt=0, lt=1)
+    # --- budget
+    max_judge_requests: int | None = Field(
+        None, gt=0, description="Stop at the stage boundary before the judge requests would pass this."
+    )
+    max_cost: float | None = Field(
+        None, gt=0, description="Stop at the first stage boundary where the judges' money reaches this."
+    )
+    # --- run
+    output_dir: str = Field("runs/online-{method}", description="Run folder; {method} is filled in.")
+    seed: int = Field(42, ge=0, lt=2**32)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    judge_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="dtype of in-process judges."
+    )
+    keep_checkpoints: int = Field(
+        1,
+        gt=0,
+        description="Keep the newest N rounds' checkpoints (IOPO full fine-tuning: ~2x weights+Adam each).",
+    )
+    overwrite: bool = Field(
+        False, description="Start over in an output_dir that holds an earlier online run."
+    )
+    logging_steps: int = Field(1, gt=0)
+    eval_batch_size: int = Field(8, gt=0)
+    logps_chunk_tokens: int = Field(1024, gt=0)
+    export: bool = True
+    merge_lora: bool = True
+    tensorboard: bool = True
+    progress_bar: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthands(cls, values: Any) -> Any:
+        return _expand(values, model="name_or_path", data="path")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> OnlineConfig:
+        _check_output_dir(self.output_dir, self.method)
+        if self.method == "iter_dpo" and self.judge is None:
+            raise ValueError(
+                "method=iter_dpo needs a judge (judge.type=reward_model judge.model=runs/rm/final, ...)"
+            )
+        if self.method == "iter_dpo" and self.generation.n < 2:
+            raise ValueError("method=iter_dpo needs generation.n >= 2 answers per prompt to make a pair")
+        if self.generation.backend != "hf":
+            raise ValueError(
+                "online rounds generate in process (generation.backend=hf): the policy changes every round"
+            )
+        if self.optim.max_steps is not None:
+            raise ValueError("optim.max_steps is not used online; set rounds and steps_per_round")
+        if self.method == "iter_dpo" and self.reference == "previous_round" and self.model.lora:
+            raise ValueError(
+                "reference=previous_round is not supported with model.lora yet (the reference would need a third "
+                "adapter); use full fine-tuning or reference=initial"
+            )
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir.format(method=self.method))
+
+    def train_config(self) -> TrainConfig:
+        """The TrainConfig of the training stages: dpo for iter_dpo, the whole run's steps as max_steps."""
+        method = "dpo" if self.method == "iter_dpo" else self.method
+        steps = self.rounds * self.round_steps
+        return TrainConfig(
+            method=method,
+            model=self.model,
+            data=self.data,
+            loss=self.loss,
+            iopo=self.iopo.model_copy(update={"n_iter": None}),
+            optim=self.optim.model_copy(update={"max_steps": steps}),
+            output_dir=str(self.run_dir).replace("{", "{{").replace("}", "}}"),
+            seed=self.seed,
+            mixed_precision=self.mixed_precision,
+            logging_steps=self.logging_steps,
+            save_total_limit=None,
+            eval_batch_size=self.eval_batch_size,
+            logps_chunk_tokens=self.logps_chunk_tokens,
+            merge_lora=self.merge_lora,
+            tensorboard=self.tensorboard,
+            progress_bar=self.progress_bar,
+        )
+
+    @property
+    def round_steps(self) -> int:
+        """Optimizer steps of one round (IOPO: whole game rounds)."""
+        if self.method != "iopo":
+            return self.steps_per_round
+        game = self.iopo.n_mu + self.iopo.n_nu
+        return -(-self.steps_per_round // game) * game
 
 
 class PlotConfig(_Part):

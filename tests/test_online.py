@@ -1,0 +1,294 @@
+"""`iopo online` on tiny models: the rounds' files and manifests, pair selection by a judge, the three methods, the
+ledger and budget, and resumption after kills between and inside stages (same weights, no judgment paid twice)."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from iopo import online as online_mod
+from iopo import trainer
+from iopo.cli import main as iopo_main
+from iopo.config import ConfigError, OnlineConfig, load_config
+
+from tiny import write_pairs
+
+TINY = [
+    "data.max_length=64",
+    "data.max_prompt_length=32",
+    "data.test_size=6",
+    "optim.batch_size=2",
+    "optim.learning_rate=1e-2",
+    "optim.warmup_ratio=0",
+    "optim.lr_scheduler=constant",
+    "loss.beta=0.5",
+    "progress_bar=false",
+    "tensorboard=false",
+    "eval_batch_size=4",
+    "generation.max_new_tokens=8",
+    "generation.batch_size=4",
+    "bootstrap=50",
+]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory, tiny_model_dir):
+    """Data, and a reward model trained for a few steps on it (the judge)."""
+    root = tmp_path_factory.mktemp("online")
+    data = write_pairs(root / "pairs.jsonl", n=36)
+    rm_args = [
+        "train-rm",
+        f"model={tiny_model_dir}",
+        f"data={data}",
+        "data.max_length=64",
+        "data.max_prompt_length=32",
+        "data.test_size=6",
+        "optim.max_steps=4",
+        "optim.learning_rate=3e-3",
+        f"output_dir={root / 'rm'}",
+        "progress_bar=false",
+        "tensorboard=false",
+    ]
+    assert iopo_main(rm_args) == 0
+    return {"root": root, "data": data, "base": tiny_model_dir, "rm": root / "rm" / "final"}
+
+
+def online_cfg(work, out, *extra, method="iter_dpo"):
+    return load_config(
+        None,
+        [
+            f"method={method}",
+            f"model={work['base']}",
+            f"data={work['data']}",
+            f"output_dir={out}",
+            "rounds=2",
+            "steps_per_round=2",
+            "prompts_per_round=6",
+            "score_prompts=4",
+            "keep_ratio=0.5",
+            "judge.type=reward_model",
+            f"judge.model={work['rm']}",
+            *TINY,
+            *extra,
+        ],
+        OnlineConfig,
+    )
+
+
+def policy_weights(run: Path) -> dict:
+    folder = max(run.glob("round_*/checkpoint"), key=lambda p: int(p.parent.name.split("_")[1]))
+    name = "protagonist" if (folder / "protagonist").is_dir() else "policy"
+    return load_file(folder / name / "model.safetensors")
+
+
+def ledger_requests(run: Path) -> int:
+    with sqlite3.connect(run / "store.sqlite") as db:
+        return db.execute("SELECT COALESCE(SUM(requests), 0) FROM ledger").fetchone()[0]
+
+
+def test_iter_dpo_rounds_leave_their_files_and_a_manifest(work, tmp_path, capsys):
+    out = tmp_path / "run"
+    summary = online_mod.online(online_cfg(work, out))
+    assert summary["status"] == "done" and [r["round"] for r in summary["rounds"]] == [1, 2]
+    for k in (1, 2):
+        folder = out / f"round_{k}"
+        for name in ("prompts.jsonl", "generations.jsonl", "judgments.jsonl", "pairs.jsonl", "scores.json"):
+            assert (folder / name).is_file(), name
+        manifest = json.loads((folder / "manifest.json").read_text())
+        assert list(manifest["stages"]) == ["prompts", "generate", "judge", "pairs", "train", "score"]
+        assert all(s["done"] and s["seconds"] >= 0 for s in manifest["stages"].values())
+        assert manifest["reference"] == "initial" and manifest["judge"]["type"] == "reward_model"
+        assert manifest["seeds"]["generation"] == k and len(manifest["policy_fingerprint_at_start"]) == 16
+        prompts = [json.loads(x) for x in (folder / "prompts.jsonl").read_text().splitlines()]
+        assert len(prompts) == 6
+        answers = [json.loads(x) for x in (folder / "generations.jsonl").read_text().splitlines()]
+        assert len(answers) == 12  # n=2 answers per prompt
+        # one reward-model score per answer; pairs: best vs worst, top half of the separated ones by score gap
+        judged = [json.loads(x) for x in (folder / "judgments.jsonl").read_text().splitlines()]
+        assert len(judged) == 12 and all(j["kind"] == "score" for j in judged)
+        pairs = [json.loads(x) for x in (folder / "pairs.jsonl").read_text().splitlines()]
+        stage = manifest["stages"]["pairs"]
+        assert stage["kept"] == len(pairs) == -(-stage["separated"] // 2)
+        for pair in pairs:
+            scores = {
+                j["answer"]: j["result"]["score"]
+                for j in judged
+                if prompts[j["prompt"]]["prompt_id"] == pair["prompt_id"]
+            }
+            texts = {a["answer"]: a["sample"] for a in answers if a["prompt_id"] == pair["prompt_id"]}
+            assert scores[texts[pair["chosen"]]] - scores[texts[pair["rejected"]]] == pytest.approx(
+                pair["confidence"]
+            )
+            assert pair["confidence"] > 0
+        gaps = [p["confidence"] for p in pairs]
+        assert gaps == sorted(gaps, reverse=True)
+        assert manifest["stages"]["train"]["steps"] == (2 if pairs else 0)
+    # no prompt is used twice across rounds
+    first, second = (
+        [json.loads(x)["prompt_id"] for x in (out / f"round_{k}/prompts.jsonl").read_text().splitlines()]
+        for k in (1, 2)
+    )
+    assert not set(first) & set(second)
+    # only the newest checkpoint is kept (keep_checkpoints=1), the export loads
+    assert not (out / "round_1" / "checkpoint").exists() and (out / "round_2" / "checkpoint").is_dir()
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out / "final")
+    # the ledger: annotation = one request per distinct answer, per round; scoring is counted apart
+    rounds = summary["rounds"]
+    assert all(r["annotation"]["requests"] >= 1 for r in rounds)
+    assert (
+        ledger_requests(out)
+        == summary["totals"]["annotation"]["requests"] + summary["totals"]["scoring"]["requests"]
+    )
+    assert all(r["scores"]["judged"]["n"] == 4 for r in rounds)
+    saved = json.loads((out / "online.json").read_text())
+    assert saved["status"] == "done" and saved["rounds"][1]["scores"]["step"] == 4
+    printed = capsys.readouterr().out
+    assert "Online iter_dpo: done" in printed
+
+
+@pytest.mark.parametrize("method", ["iopo", "dpo"])
+def test_iopo_and_dpo_rounds_train_on_human_pairs_with_no_judge_calls(work, tmp_path, method):
+    out = tmp_path / method
+    summary = online_mod.online(online_cfg(work, out, method=method))
+    assert summary["totals"]["annotation"]["requests"] == 0
+    assert summary["totals"]["scoring"]["requests"] > 0  # the win rate against the starting policy is judged
+    for k in (1, 2):
+        manifest = json.loads((out / f"round_{k}/manifest.json").read_text())
+        assert list(manifest["stages"]) == ["train", "score"]
+        assert manifest["stages"]["train"]["steps"] == 2 and manifest["stages"]["train"]["pairs"] == 30
+    # the same steps as an offline run of 4 steps over the human pairs: the rounds change nothing of the math
+    train_args = [
+        f"method={method}",
+        f"model={work['base']}",
+        f"data={work['data']}",
+        f"output_dir={tmp_path / 'offline'}",
+        "optim.max_steps=4",
+        "iopo.n_iter=2",
+        *[a for a in TINY if not a.startswith(("generation.", "bootstrap"))],
+    ]
+    trainer.train(load_config(None, train_args))
+    offline = load_file(tmp_path / "offline" / "final" / "model.safetensors")
+    online = policy_weights(out)
+    for key in offline:
+        torch.testing.assert_close(online[key], offline[key], atol=1e-6, rtol=1e-5)
+
+
+def test_reference_previous_round_moves_the_reference(work, tmp_path):
+    a = online_mod.online(online_cfg(work, tmp_path / "a", "keep_ratio=1"))
+    b = online_mod.online(online_cfg(work, tmp_path / "b", "keep_ratio=1", "reference=previous_round"))
+    manifest = json.loads((tmp_path / "b" / "round_2" / "manifest.json").read_text())
+    assert manifest["reference"] == "previous_round"
+    # round 1 is the same either way (the reference is the starting model at first); round 2 differs
+    assert a["rounds"][0]["scores"]["margin_reward"] == pytest.approx(
+        b["rounds"][0]["scores"]["margin_reward"]
+    )
+    assert a["rounds"][1]["scores"]["margin_reward"] != pytest.approx(
+        b["rounds"][1]["scores"]["margin_reward"]
+    )
+
+
+class Killed(BaseException):
+    """A kill at a chosen point (a BaseException, as KeyboardInterrupt is: nothing catches it on the way)."""
+
+
+def kill_at(monkeypatch, owner, name, nth=None, round_k=None):
+    """Make owner.name raise Killed on its nth call (a stage method: when called for round round_k)."""
+    real = getattr(owner, name)
+    calls = {"n": 0}
+    if name == "score":  # a judge's generator: die after the (nth - 1)th judgment is stored
+
+        def wrapper(self, items):
+            for item in real(self, items):
+                calls["n"] += 1
+                if calls["n"] == nth:
+                    raise Killed
+                yield item
+
+    elif round_k is not None:
+
+        def wrapper(self, k, folder, manifest):
+            if k == round_k:
+                raise Killed
+            return real(self, k, folder, manifest)
+
+    else:
+
+        def wrapper(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == nth:
+                raise Killed
+            return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, wrapper)
+
+
+def test_kills_between_and_inside_stages_resume_to_the_same_weights(work, tmp_path, monkeypatch):
+    from iopo.generate import JsonlSink
+    from iopo.judges.reward_model import RewardModelJudge
+
+    straight = tmp_path / "straight"
+    expected = online_mod.online(online_cfg(work, straight, "keep_ratio=1"))
+    assert all(r["trained_pairs"] for r in expected["rounds"])  # both rounds train
+    out = tmp_path / "killed"
+    cfg = online_cfg(work, out, "keep_ratio=1")
+    kills = [
+        (online_mod.Online, "stage_pairs", None, 1),  # between stages: round 1 judged, no pairs yet
+        (
+            JsonlSink,
+            "__call__",
+            2,
+            None,
+        ),  # inside generation: round 2's first batch (call 1: round 1's scoring)
+        (RewardModelJudge, "score", 3, None),  # inside judging: round 2's third judgment
+        (trainer, "train_step", 2, None),  # inside training: round 2's second optimizer step
+        (online_mod.Online, "stage_score", None, 2),  # between stages: round 2 trained, not scored
+    ]
+    for owner, name, nth, round_k in kills:
+        kill_at(monkeypatch, owner, name, nth, round_k)
+        with pytest.raises(Killed):
+            online_mod.online(cfg)
+        monkeypatch.undo()
+    summary = online_mod.online(cfg)
+    assert summary["status"] == "done"
+    a, b = policy_weights(straight), policy_weights(out)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=0, rtol=0)
+    assert ledger_requests(out) == ledger_requests(straight)  # no judgment was paid twice
+    for mine, theirs in zip(summary["rounds"], expected["rounds"], strict=True):
+        assert mine["scores"] == theirs["scores"] and mine["annotation"] == {
+            **theirs["annotation"],
+            "seconds": mine["annotation"]["seconds"],
+        }
+
+
+def test_a_budget_stops_at_a_stage_boundary_and_a_bigger_one_continues(work, tmp_path):
+    out = tmp_path / "budget"
+    summary = online_mod.online(online_cfg(work, out, "max_judge_requests=20", "score_prompts=0"))
+    assert summary["status"].startswith("stopped:") and "max_judge_requests=20" in summary["status"]
+    assert ledger_requests(out) <= 20
+    manifest = json.loads((out / "round_2" / "manifest.json").read_text())
+    assert "judge" not in manifest["stages"] and manifest["stages"]["generate"]["done"]
+    summary = online_mod.online(online_cfg(work, out, "max_judge_requests=100", "score_prompts=0"))
+    assert summary["status"] == "done" and ledger_requests(out) == 24
+
+
+def test_online_settings_errors_are_one_line(work, tmp_path, capsys):
+    with pytest.raises(ConfigError, match="needs a judge"):
+        load_config(None, ["method=iter_dpo"], OnlineConfig)
+    with pytest.raises(ConfigError, match="max_steps is not used"):
+        online_cfg(work, tmp_path / "x", "optim.max_steps=3")
+    args = ["online", f"model={work['base']}", f"data={work['data']}", f"output_dir={tmp_path / 'p'}", *TINY]
+    args += ["judge.type=reward_model", f"judge.model={work['rm']}", "rounds=10", "prompts_per_round=6"]
+    assert iopo_main(args) == 2
+    assert "prompt pool" in capsys.readouterr().err
+    out = tmp_path / "changed"
+    online_mod.online(online_cfg(work, out, "rounds=1", "score_prompts=0"))
+    with pytest.raises(ConfigError, match="other settings \\(keep_ratio\\)"):
+        online_mod.online(online_cfg(work, out, "rounds=1", "score_prompts=0", "keep_ratio=0.9"))
