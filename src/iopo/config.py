@@ -401,7 +401,9 @@ class TrainRMConfig(_Part):
 class OnlineGenerationConfig(GenerationConfig):
     """Generation in the online rounds: two answers per prompt at the paper's temperature 0.8."""
 
-    n: int = Field(2, gt=0, le=64, description="Answers per prompt (iter_dpo needs at least 2 to make a pair).")
+    n: int = Field(
+        2, gt=0, le=64, description="Answers per prompt (iter_dpo needs at least 2 to make a pair)."
+    )
     max_new_tokens: int = Field(128, gt=0, le=32768)
 
 
