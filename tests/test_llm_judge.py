@@ -141,3 +141,89 @@ def test_generate_through_the_server(server_url, tmp_path):
         assert len(records) == 6 and {r["sample"] for r in records} == {0, 1}
         assert all(r["finish_reason"] in ("stop", "length") and r["completion_tokens"] > 0 for r in records)
         assert all(r["model_fingerprint"].startswith("openai:") for r in records)
+
+
+def test_online_iter_dpo_with_the_llm_judge_killed_mid_judging(
+    server_url, tmp_path, tiny_model_dir, monkeypatch
+):
+    """Two Iter-DPO rounds on a tiny policy, annotated by SmolLM2 on llama-server (A/B in both orders, kept when the
+    orders agree) and mixed with 2 human pairs a round; round 1 is killed mid-judging and the rerun pays for no
+    judgment twice."""
+    from iopo import online as online_mod
+    from iopo.config import OnlineConfig, load_config
+    from iopo.judges.openai import OpenAIJudge
+
+    data = write_pairs(tmp_path / "pairs.jsonl", n=20)
+    out = tmp_path / "online"
+    cfg = load_config(
+        None,
+        [
+            f"model={tiny_model_dir}",
+            f"data={data}",
+            f"output_dir={out}",
+            "data.max_length=64",
+            "data.max_prompt_length=32",
+            "data.test_size=4",
+            "rounds=2",
+            "steps_per_round=2",
+            "prompts_per_round=3",
+            "human_pairs_per_round=2",
+            "keep_ratio=1",
+            "score_prompts=2",
+            "optim.batch_size=2",
+            "optim.warmup_ratio=0",
+            "generation.max_new_tokens=6",
+            "judge.type=openai",
+            f"judge.base_url={server_url}",
+            "judge.json_schema=enum",
+            "judge.max_tokens=8",
+            "judge.concurrency=1",
+            "judge.price_per_1k_prompt_tokens=0.0174",
+            "progress_bar=false",
+            "tensorboard=false",
+            "bootstrap=50",
+        ],
+        OnlineConfig,
+    )
+    real = OpenAIJudge.pairwise
+
+    class Killed(BaseException):
+        pass
+
+    def dies_after_two(self, items):
+        for n, item in enumerate(real(self, items), 1):
+            yield item
+            if n == 2:
+                raise Killed
+
+    monkeypatch.setattr(OpenAIJudge, "pairwise", dies_after_two)
+    with pytest.raises(Killed):
+        online_mod.online(cfg)
+    monkeypatch.undo()
+    with sqlite3.connect(out / "store.sqlite") as db:
+        assert db.execute("SELECT COUNT(*) FROM judgments").fetchone()[0] == 2  # stored as they came
+    summary = online_mod.online(cfg)
+    assert summary["status"] == "done"
+    with sqlite3.connect(out / "store.sqlite") as db:
+        judgments = db.execute("SELECT COUNT(*) FROM judgments").fetchone()[0]
+        requests = db.execute("SELECT SUM(requests) FROM ledger").fetchone()[0]
+    assert requests == judgments  # every judgment asked once: the two before the kill were not asked again
+    for k in (1, 2):
+        manifest = json.loads((out / f"round_{k}" / "manifest.json").read_text())
+        judged = manifest["stages"]["judge"]
+        assert judged["mode"] == "pairwise" and judged["judge_id"].startswith("openai:")
+        assert judged["new"] + judged["reused"] == 6  # 3 prompts x 1 pair x 2 orders
+        pairs = [json.loads(x) for x in (out / f"round_{k}" / "pairs.jsonl").read_text().splitlines()]
+        assert sum(p["origin"] == "human" for p in pairs) == 2
+        assert manifest["stages"]["train"]["steps"] == 2
+    rounds = summary["rounds"]
+    new = [
+        json.loads((out / f"round_{k}" / "manifest.json").read_text())["stages"]["judge"]["new"]
+        for k in (1, 2)
+    ]
+    assert new[0] <= 6 - 2  # the rerun asked only what the killed attempt had not stored
+    assert rounds[0]["annotation"]["requests"] == 2 + new[0] and rounds[1]["annotation"]["requests"] == new[1]
+    assert summary["totals"]["annotation"]["cost"] == pytest.approx(
+        summary["totals"]["annotation"]["prompt_tokens"] / 1000 * 0.0174
+    )
+    assert all(r["scores"]["judged"]["n"] + r["scores"]["judged"]["invalid"] == 2 for r in rounds)

@@ -292,3 +292,38 @@ def test_online_settings_errors_are_one_line(work, tmp_path, capsys):
     online_mod.online(online_cfg(work, out, "rounds=1", "score_prompts=0"))
     with pytest.raises(ConfigError, match="other settings \\(keep_ratio\\)"):
         online_mod.online(online_cfg(work, out, "rounds=1", "score_prompts=0", "keep_ratio=0.9"))
+
+
+def test_report_and_plots_put_the_methods_side_by_side(work, tmp_path):
+    runs = {}
+    for method in ("iter_dpo", "iopo"):
+        runs[method] = tmp_path / method
+        online_mod.online(online_cfg(work, runs[method], method=method))
+    report = tmp_path / "report.md"
+    assert iopo_main(["report", str(runs["iter_dpo"]), str(runs["iopo"]), f"output={report}"]) == 0
+    text = report.read_text()
+    assert "## Online rounds (`iopo online`)" in text
+    rows = {
+        line.split("|")[1].strip(): line
+        for line in text.splitlines()
+        if line.startswith("| iter_dpo |") or line.startswith("| iopo |")
+    }
+    assert set(rows) == {"iter_dpo", "iopo"}
+    for method, folder in runs.items():
+        summary = json.loads((folder / "online.json").read_text())
+        cells = [c.strip() for c in rows[method].split("|")[1:-1]]
+        last = summary["rounds"][-1]["scores"]
+        assert cells[1] == "2/2" and cells[2] == str(last["step"])
+        assert cells[3] == f"{last['margin_reward']:.4f}" and cells[4] == f"{last['pairwise_accuracy']:.4f}"
+        assert cells[8] == str(summary["totals"]["annotation"]["requests"])
+    assert rows["iopo"].split("|")[9].strip() == "0"  # IOPO bought no annotation
+    assert "### iter_dpo round by round" in text and "### iopo round by round" in text
+    plots = json.loads((tmp_path / "report_files" / "plots.json").read_text())
+    assert plots["online_rounds.png"]["series"] == ["iter_dpo", "iopo"]
+    assert plots["online_cost.png"]["series"] == ["iter_dpo", "iopo"]
+    from iopo.plots import online_points
+
+    summary = json.loads((runs["iter_dpo"] / "online.json").read_text())
+    points = online_points(summary, "pairwise_accuracy")
+    spent = [r["annotation"]["requests"] for r in summary["rounds"]]
+    assert [p[1] for p in points] == [spent[0], spent[0] + spent[1]]  # x = cumulative annotation requests

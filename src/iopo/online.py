@@ -891,6 +891,10 @@ def summarize(run: Path, cfg: OnlineConfig | None, status: str) -> dict:
     for r in rounds:
         for name, seconds in r["stage_seconds"].items():
             totals["stage_seconds"][name] = totals["stage_seconds"].get(name, 0.0) + (seconds or 0.0)
+    start = run / "start" / "manifest.json"
+    if start.is_file():  # the starting model's test log-probs and answers, once per run
+        stages = json.loads(start.read_text(encoding="utf-8"))["stages"]
+        totals["stage_seconds"]["start"] = sum(s.get("seconds") or 0.0 for s in stages.values())
     totals["seconds"] = sum(totals["stage_seconds"].values())
     method = cfg.method if cfg is not None else None
     return {

@@ -4,7 +4,9 @@
 - margins_count.png: the same margins as counts per bin (Fig. 4's view);
 - curves.png: margin reward and pairwise accuracy on the test split over optimizer steps, one line per run (Fig. 5);
 - win_tie_lose.png: judged win / tie / lose shares with their 95% intervals, per model and judge (Table 1);
-- training.png: training loss per step and player, and IOPO's mean importance weight.
+- training.png: training loss per step and player, and IOPO's mean importance weight;
+- online_rounds.png: per online run (`iopo online`), margin reward, pairwise accuracy and judged win rate per round;
+- online_cost.png: the same metrics against the cumulative annotation spent (money, or requests at price 0).
 
 Every figure is listed in plots.json with the series it holds, so a test (or a person) can check what is drawn.
 """
@@ -57,7 +59,7 @@ def _run_label(folder: Path) -> str:
 def collect(inputs: list[str]) -> dict:
     """What the folders hold: runs (metrics.jsonl, eval.json), evals (eval.json with judges) and reward models
     (`iopo train-rm` folders, whose margins are rewards, not implicit rewards: kept out of the margin figures)."""
-    runs, evals, reward_models = [], [], []
+    runs, evals, reward_models, online = [], [], [], []
     for item in inputs:
         folder = Path(item)
         if not folder.is_dir():
@@ -65,7 +67,20 @@ def collect(inputs: list[str]) -> dict:
 
             raise ConfigError(f"{folder}: not a run or eval folder")
         data = _read_json(folder / "eval.json")
-        if data is not None and "judges" in data:
+        summary = _read_json(folder / "online.json")
+        if summary is not None and summary.get("kind") == "iopo-online":
+            online.append(
+                {"folder": folder, "label": summary.get("method") or folder.name, "online": summary}
+            )
+            runs.append(
+                {
+                    "folder": folder,
+                    "label": _run_label(folder),
+                    "metrics": _read_jsonl(folder / "metrics.jsonl"),
+                    "eval": {},
+                }
+            )
+        elif data is not None and "judges" in data:
             evals.append({"folder": folder, "label": folder.name, "eval": data})
         elif data is not None and data.get("kind") == "reward_model":
             reward_models.append({"folder": folder, "label": folder.name, "eval": data})
@@ -84,7 +99,11 @@ def collect(inputs: list[str]) -> dict:
             raise ConfigError(
                 f"{folder}: neither a run folder (metrics.jsonl) nor an eval folder (eval.json)"
             )
-    return {"runs": runs, "evals": evals, "reward_models": reward_models}
+    labels = [o["label"] for o in online]
+    for o in online:  # two runs of one method: name them by folder
+        if labels.count(o["label"]) > 1:
+            o["label"] = f"{o['label']} ({o['folder'].name})"
+    return {"runs": runs, "evals": evals, "reward_models": reward_models, "online": online}
 
 
 def margin_sets(found: dict) -> dict[str, list[float]]:
@@ -337,6 +356,67 @@ def plot_training(found: dict, out_dir: Path) -> dict:
     return {"training.png": {"series": series}}
 
 
+ONLINE_METRICS = (
+    ("margin_reward", "margin reward"),
+    ("pairwise_accuracy", "pairwise accuracy"),
+    ("win", "judged win rate vs start"),
+)
+
+
+def online_points(summary: dict, key: str) -> list[tuple[int, float, float]]:
+    """(round, cumulative annotation spent, value) of one online run; the spend is money when any was paid, else
+    requests. Rounds not scored yet are left out."""
+    paid = any((r.get("annotation") or {}).get("cost") for r in summary.get("rounds", []))
+    spent, out = 0.0, []
+    for r in summary.get("rounds", []):
+        spent += (r.get("annotation") or {}).get("cost" if paid else "requests") or 0
+        scores = r.get("scores") or {}
+        value = (scores.get("judged") or {}).get("win") if key == "win" else scores.get(key)
+        if isinstance(value, int | float) and math.isfinite(value):
+            out.append((r["round"], spent, value))
+    return out
+
+
+def plot_online(found: dict, out_dir: Path) -> dict:
+    runs = [
+        o for o in found.get("online", []) if any(online_points(o["online"], k) for k, _ in ONLINE_METRICS)
+    ]
+    if not runs:
+        return {}
+    made = {}
+    paid = any((r.get("annotation") or {}).get("cost") for o in runs for r in o["online"].get("rounds", []))
+    for name, x_index, xlabel in (
+        ("online_rounds.png", 0, "round"),
+        ("online_cost.png", 1, "annotation cost" if paid else "annotation requests (cumulative)"),
+    ):
+        plt, fig, _ = _figure(13, 4.2)
+        fig.clf()
+        axes = fig.subplots(1, len(ONLINE_METRICS))
+        for i, run in enumerate(runs):
+            color = COLORS[i % len(COLORS)]
+            for ax, (key, title) in zip(axes, ONLINE_METRICS, strict=True):
+                points = online_points(run["online"], key)
+                if points:
+                    ax.plot(
+                        [p[x_index] for p in points],
+                        [p[2] for p in points],
+                        marker="o",
+                        color=color,
+                        label=run["label"],
+                    )
+                ax.set_title(title)
+        for ax in axes:
+            ax.set_xlabel(xlabel)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.suptitle("Online rounds (held-out split; vs the starting model)")
+        fig.tight_layout()
+        fig.savefig(out_dir / name)
+        plt.close(fig)
+        made[name] = {"series": [r["label"] for r in runs]}
+    return made
+
+
 def make_plots(inputs: list[str], output_dir: str | Path) -> dict:
     """Draw every figure the inputs allow into output_dir; returns {file: {"series": [...]}} (also plots.json)."""
     found = collect(inputs)
@@ -347,6 +427,7 @@ def make_plots(inputs: list[str], output_dir: str | Path) -> dict:
     made |= plot_curves(found, out)
     made |= plot_win_tie_lose(found, out)
     made |= plot_training(found, out)
+    made |= plot_online(found, out)
     (out / "plots.json").write_text(json.dumps(made, indent=2), encoding="utf-8")
     return made
 

@@ -230,6 +230,74 @@ def _eval_section(ev: dict) -> list[str]:
     return lines
 
 
+STAGE_ORDER = (
+    "prompts",
+    "generate",
+    "judge",
+    "pairs",
+    "train",
+    "score",
+)  # an online round's stages, in order
+
+
+def _online_section(online: list[dict]) -> list[str]:
+    """Table 2 of the online scenario plus the cost the paper argues about, then each run round by round."""
+    lines = [
+        "## Online rounds (`iopo online`)",
+        "",
+        "The last scored round of each run: implicit-reward metrics on the held-out human pairs against the starting "
+        "model, the judged win / tie / lose of the policy's answers against the starting policy's (95% bootstrap "
+        "interval over prompts), the annotation the training signal cost (judge requests, tokens, money at the "
+        "configured price) and the wall time.",
+        "",
+        "| method | rounds | optimizer steps | margin reward | pairwise accuracy | judged win | tie | lose | "
+        "annotation requests | annotation tokens | annotation cost | scoring requests | wall time (s) | status |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for run in online:
+        s = run["online"]
+        scored = [r for r in s.get("rounds", []) if r.get("scores")]
+        last = scored[-1]["scores"] if scored else {}
+        judged = last.get("judged") or {}
+        t = s.get("totals", {})
+        ann = t.get("annotation", {})
+        tokens = (ann.get("prompt_tokens") or 0) + (ann.get("completion_tokens") or 0)
+        lines.append(
+            f"| {run['label']} | {len(scored)}/{s.get('rounds_planned')} | {last.get('step', 'n/a')} | "
+            f"{_f(last.get('margin_reward'), 4)} | {_f(last.get('pairwise_accuracy'), 4)} | {_ci(judged, 'win')} | "
+            f"{_ci(judged, 'tie')} | {_ci(judged, 'lose')} | {ann.get('requests', 0)} | {tokens} | "
+            f"{_f(ann.get('cost'), 4)} | {t.get('scoring', {}).get('requests', 0)} | {_f(t.get('seconds'), 0)} | "
+            f"{s.get('status')} |"
+        )
+    lines.append("")
+    for run in online:
+        s = run["online"]
+        found = {name for r in s.get("rounds", []) for name in r.get("stage_seconds", {})}
+        stages = [st for st in STAGE_ORDER if st in found] + sorted(found - set(STAGE_ORDER))
+        lines += [
+            f"### {run['label']} round by round (`{run['folder']}`)",
+            "",
+            "| round | reference | pairs trained on | separated / kept / human | margin reward | pairwise accuracy | "
+            "judged win | annotation requests | annotation cost | "
+            + " | ".join(f"{st} (s)" for st in stages)
+            + " |",
+            "|---|---|---|---|---|---|---|---|---|" + "---|" * len(stages),
+        ]
+        for r in s.get("rounds", []):
+            sc = r.get("scores") or {}
+            pairs = r.get("pairs") or {}
+            split = "/".join(str(pairs.get(k, "-")) for k in ("separated", "kept", "human")) if pairs else "-"
+            secs = " | ".join(_f(r["stage_seconds"].get(st), 1) for st in stages)
+            lines.append(
+                f"| {r['round']} | {r.get('reference')} | {r.get('trained_pairs')} | {split} | "
+                f"{_f(sc.get('margin_reward'), 4)} | {_f(sc.get('pairwise_accuracy'), 4)} | "
+                f"{_f((sc.get('judged') or {}).get('win'))} | {r['annotation'].get('requests', 0)} | "
+                f"{_f(r['annotation'].get('cost'), 4)} | {secs} |"
+            )
+        lines.append("")
+    return lines
+
+
 def write_report(inputs: list[str], output: str | Path, title: str = "iopo report") -> Path:
     found = collect(inputs)
     output = Path(output)
@@ -242,8 +310,12 @@ def write_report(inputs: list[str], output: str | Path, title: str = "iopo repor
         f"Written {time.strftime('%Y-%m-%d %H:%M')} from: " + ", ".join(f"`{i}`" for i in inputs),
         "",
     ]
-    if found["runs"]:
-        lines += _runs_section(found["runs"])
+    if found.get("online"):
+        lines += _online_section(found["online"])
+    online_folders = {o["folder"] for o in found.get("online", [])}
+    plain_runs = [r for r in found["runs"] if r["folder"] not in online_folders]
+    if plain_runs:
+        lines += _runs_section(plain_runs)
     if found["reward_models"]:
         lines += _reward_models_section(found["reward_models"])
     for ev in found["evals"]:
@@ -256,6 +328,8 @@ def write_report(inputs: list[str], output: str | Path, title: str = "iopo repor
             "curves.png": "Margin reward and pairwise accuracy on the test split over training (Fig. 5).",
             "win_tie_lose.png": "Judged win / tie / lose with 95% bootstrap intervals (Table 1).",
             "training.png": "Training loss per step and player; IOPO's mean importance weight.",
+            "online_rounds.png": "Online runs: held-out metrics and judged win rate per round (Fig. 5's view, by round).",
+            "online_cost.png": "Online runs: the same metrics against the annotation spent to reach them.",
         }
         for name in made:
             rel = os.path.relpath(figures_dir / name, output.parent)
