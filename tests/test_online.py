@@ -59,25 +59,7 @@ def work(tmp_path_factory, tiny_model_dir):
 
 
 def online_cfg(work, out, *extra, method="iter_dpo"):
-    return load_config(
-        None,
-        [
-            f"method={method}",
-            f"model={work['base']}",
-            f"data={work['data']}",
-            f"output_dir={out}",
-            "rounds=2",
-            "steps_per_round=2",
-            "prompts_per_round=6",
-            "score_prompts=4",
-            "keep_ratio=0.5",
-            "judge.type=reward_model",
-            f"judge.model={work['rm']}",
-            *TINY,
-            *extra,
-        ],
-        OnlineConfig,
-    )
+    return load_config(None, [f"method={method}", *_cli_args(work, out, *extra)], OnlineConfig)
 
 
 def policy_weights(run: Path) -> dict:
@@ -327,3 +309,73 @@ def test_report_and_plots_put_the_methods_side_by_side(work, tmp_path):
     points = online_points(summary, "pairwise_accuracy")
     spent = [r["annotation"]["requests"] for r in summary["rounds"]]
     assert [p[1] for p in points] == [spent[0], spent[0] + spent[1]]  # x = cumulative annotation requests
+
+
+@pytest.mark.parametrize("method", ["iter_dpo", "iopo"])
+def test_lora_rounds_generate_with_the_policy_adapter_and_export_merged(work, tmp_path, method):
+    out = tmp_path / method
+    summary = online_mod.online(
+        online_cfg(work, out, "model.lora=true", "model.lora_r=4", "keep_ratio=1", method=method)
+    )
+    assert summary["status"] == "done"
+    fingerprints = [
+        json.loads((out / f"round_{k}" / "manifest.json").read_text())["policy_fingerprint_at_start"]
+        for k in (1, 2)
+    ]
+    assert fingerprints[0] != fingerprints[1]  # round 1 moved the adapter the round 2 answers came from
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+
+
+def test_kill_9_at_a_random_moment_then_the_same_command_finishes_the_same(work, tmp_path):
+    """A real SIGKILL while round 2 runs (whatever it is doing then): the rerun ends with the uninterrupted weights."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    straight = tmp_path / "straight"
+    online_mod.online(online_cfg(work, straight, "keep_ratio=1"))
+    out = tmp_path / "killed"
+    args = _cli_args(work, out, "keep_ratio=1")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "iopo", "online", *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while not (out / "round_1" / "checkpoint").is_dir() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (
+        not (out / "online.json").is_file()
+        or json.loads((out / "online.json").read_text())["status"] != "done"
+    )
+    assert iopo_main(["online", *args]) == 0
+    a, b = policy_weights(straight), policy_weights(out)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=0, rtol=0)
+    assert ledger_requests(out) == ledger_requests(straight)
+
+
+def _cli_args(work, out, *extra) -> list[str]:
+    return [
+        f"model={work['base']}",
+        f"data={work['data']}",
+        f"output_dir={out}",
+        "rounds=2",
+        "steps_per_round=2",
+        "prompts_per_round=6",
+        "score_prompts=4",
+        "keep_ratio=0.5",
+        "judge.type=reward_model",
+        f"judge.model={work['rm']}",
+        *TINY,
+        *extra,
+    ]
