@@ -379,3 +379,19 @@ def _cli_args(work, out, *extra) -> list[str]:
         *TINY,
         *extra,
     ]
+
+
+def test_the_vllm_engine_without_vllm_is_one_line(work, tmp_path, capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here")
+    args = ["online", *_cli_args(work, tmp_path / "v", "generation.engine=vllm")]
+    assert iopo_main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "iopo: error: generation.engine=vllm needs vLLM (a CUDA machine): pip install 'iopo[vllm]', or use engine=hf"
+    ]
+    assert not (tmp_path / "v").exists()  # refused before anything was written
+    with pytest.raises(ConfigError, match="engine=vllm takes full weights"):
+        online_cfg(work, tmp_path / "w", "generation.engine=vllm", "model.lora=true")

@@ -405,6 +405,14 @@ class OnlineGenerationConfig(GenerationConfig):
         2, gt=0, le=64, description="Answers per prompt (iter_dpo needs at least 2 to make a pair)."
     )
     max_new_tokens: int = Field(128, gt=0, le=32768)
+    engine: Literal["hf", "vllm"] = Field(
+        "hf",
+        description="hf: transformers generate on the live policy; vllm: vLLM in this process, the policy's weights "
+        "pushed into it after each train stage (GPU, full fine-tuning; untested here).",
+    )
+    vllm_gpu_memory_utilization: float = Field(
+        0.3, gt=0, lt=1, description="vllm: the GPU share vLLM may take (the players need the rest)."
+    )
 
 
 class OnlineConfig(_Part):
@@ -522,6 +530,8 @@ class OnlineConfig(_Part):
             )
         if self.optim.max_steps is not None:
             raise ValueError("optim.max_steps is not used online; set rounds and steps_per_round")
+        if self.generation.engine == "vllm" and self.model.lora:
+            raise ValueError("generation.engine=vllm takes full weights; with model.lora use engine=hf")
         if self.method == "iter_dpo" and self.reference == "previous_round" and self.model.lora:
             raise ValueError(
                 "reference=previous_round is not supported with model.lora yet (the reference would need a third "

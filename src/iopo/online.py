@@ -213,6 +213,13 @@ class Online:
         from accelerate.utils import set_seed
 
         cfg, tcfg = self.cfg, self.tcfg
+        if cfg.generation.engine == "vllm":
+            import importlib.util
+
+            if importlib.util.find_spec("vllm") is None:  # say it before anything is computed
+                raise ConfigError(
+                    "generation.engine=vllm needs vLLM (a CUDA machine): pip install 'iopo[vllm]', or use engine=hf"
+                )
         continued = _prepare_run_dir(cfg)
         (self.run / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
         self.accelerator = trainer.open_accelerator(tcfg)
@@ -348,6 +355,25 @@ class Online:
                 }
                 existing = read_records(output)
                 sink = JsonlSink(output)
+                if gen.engine == "vllm":
+                    meta["settings"]["engine"] = "vllm"  # its answers never mix with the HF path's
+                    engine = self.vllm_engine()
+                    engine.load_weights(model, fingerprint)
+                    engine.generate(
+                        self.tokenizer,
+                        prompts,
+                        gen,
+                        meta=meta,
+                        done=set(existing),
+                        sink=sink,
+                        max_prompt_length=self.cfg.data.max_prompt_length,
+                    )
+                    by_key = read_records(output)
+                    return [
+                        by_key[record_key(fingerprint, meta["settings"], p["prompt_id"], j)]
+                        for p in prompts
+                        for j in range(gen.n)
+                    ]
                 with self.accelerator.autocast():
                     generate_hf(
                         model,
@@ -369,6 +395,21 @@ class Online:
             for p in prompts
             for j in range(gen.n)
         ]
+
+    def vllm_engine(self):
+        if getattr(self, "_vllm", None) is None:
+            from iopo.models import resolve_model_path
+            from iopo.vllm_engine import VllmEngine
+
+            dtype = {"no": "float32", "bf16": "bfloat16", "fp16": "float16"}[self.cfg.mixed_precision]
+            self._vllm = VllmEngine(
+                resolve_model_path(self.cfg.model),
+                dtype,
+                self.cfg.data.max_prompt_length + self.cfg.generation.max_new_tokens,
+                self.cfg.generation.vllm_gpu_memory_utilization,
+                self.cfg.seed,
+            )
+        return self._vllm
 
     def policy_fingerprint(self) -> str:
         from iopo.models import model_fingerprint
