@@ -395,3 +395,42 @@ def test_the_vllm_engine_without_vllm_is_one_line(work, tmp_path, capsys):
     assert not (tmp_path / "v").exists()  # refused before anything was written
     with pytest.raises(ConfigError, match="engine=vllm takes full weights"):
         online_cfg(work, tmp_path / "w", "generation.engine=vllm", "model.lora=true")
+
+
+def test_pairwise_annotation_keeps_pairs_both_orders_agree_on_ranked_by_confidence(work, tmp_path):
+    """A local judge (P(A) vs P(B)) over every pair of 3 answers, both orders: a pair is kept only when the orders
+    agree, the most confident one per prompt, and the kept ones are ranked by the mean probability margin."""
+    out = tmp_path / "pw"
+    args = ["judge.type=local", f"judge.model={work['base']}", "judge.tie_margin=0.0001", "generation.n=3"]
+    online_mod.online(online_cfg(work, out, *args, "rounds=1", "keep_ratio=1", "score_prompts=0"))
+    folder = out / "round_1"
+    answers = [json.loads(x) for x in (folder / "generations.jsonl").read_text().splitlines()]
+    prompts = [json.loads(x) for x in (folder / "prompts.jsonl").read_text().splitlines()]
+    judged = [json.loads(x) for x in (folder / "judgments.jsonl").read_text().splitlines()]
+    assert len(judged) == 6 * 3 * 2 and {j["kind"] for j in judged} == {"pairwise"}
+    verdicts = {(j["prompt"], j["answer"], j["other"]): j["result"] for j in judged}
+    expected = []
+    for p, prompt in enumerate(prompts):
+        text = {a["sample"]: a["answer"] for a in answers if a["prompt_id"] == prompt["prompt_id"]}
+        best = None
+        for i, j in ((0, 1), (0, 2), (1, 2)):
+            first, second = verdicts[p, i, j], verdicts[p, j, i]
+            if first["winner"] == "A" and second["winner"] == "B":
+                better, worse = i, j
+            elif first["winner"] == "B" and second["winner"] == "A":
+                better, worse = j, i
+            else:
+                continue  # a tie or the orders disagree: not separated
+            if text[better] == text[worse]:
+                continue
+            confidence = (abs(first["p_a"] - 0.5) + abs(second["p_a"] - 0.5)) * 2 / 2
+            if best is None or confidence > best[0]:
+                best = (confidence, text[better], text[worse])
+        if best:
+            expected.append(best)
+    pairs = [json.loads(x) for x in (folder / "pairs.jsonl").read_text().splitlines()]
+    assert expected  # the tiny judge separates some pairs, so the comparison below has something to compare
+    assert sorted((round(c, 6), w, r) for c, w, r in expected) == sorted(
+        (round(p["confidence"], 6), p["chosen"], p["rejected"]) for p in pairs
+    )
+    assert [p["confidence"] for p in pairs] == sorted((p["confidence"] for p in pairs), reverse=True)
