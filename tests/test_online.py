@@ -397,9 +397,32 @@ def test_the_vllm_engine_without_vllm_is_one_line(work, tmp_path, capsys):
         online_cfg(work, tmp_path / "w", "generation.engine=vllm", "model.lora=true")
 
 
-def test_pairwise_annotation_keeps_pairs_both_orders_agree_on_ranked_by_confidence(work, tmp_path):
-    """A local judge (P(A) vs P(B)) over every pair of 3 answers, both orders: a pair is kept only when the orders
-    agree, the most confident one per prompt, and the kept ones are ranked by the mean probability margin."""
+class LengthJudge:
+    """A pairwise judge with a local judge's result fields whose P(A) follows the answers' lengths (and, a little,
+    the position, so the two orders sometimes disagree): a random tiny model's verdicts hardly depend on content."""
+
+    name, judge_id, modes = "annotator", "length-judge", ["pairwise"]
+
+    def pairwise(self, items):
+        import math
+
+        for i, (_, a, b) in enumerate(items):
+            p = 1 / (1 + math.exp(-(len(a) - len(b)) / 4 - 0.3))
+            winner = "A" if p > 0.5 else "B" if p < 0.5 else "tie"
+            yield i, {"winner": winner, "valid": True, "p_a": p}, {"requests": 1}
+
+    def close(self):
+        pass
+
+
+def test_pairwise_annotation_keeps_pairs_both_orders_agree_on_ranked_by_confidence(
+    work, tmp_path, monkeypatch
+):
+    """A pairwise judge over every pair of 3 answers, both orders: a pair is kept only when the orders agree, the
+    most confident one per prompt, and the kept ones are ranked by the mean probability margin."""
+    import iopo.judges
+
+    monkeypatch.setattr(iopo.judges, "build_judge", lambda *args: LengthJudge())
     out = tmp_path / "pw"
     args = ["judge.type=local", f"judge.model={work['base']}", "judge.tie_margin=0.0001", "generation.n=3"]
     online_mod.online(online_cfg(work, out, *args, "rounds=1", "keep_ratio=1", "score_prompts=0"))
@@ -409,7 +432,7 @@ def test_pairwise_annotation_keeps_pairs_both_orders_agree_on_ranked_by_confiden
     judged = [json.loads(x) for x in (folder / "judgments.jsonl").read_text().splitlines()]
     assert len(judged) == 6 * 3 * 2 and {j["kind"] for j in judged} == {"pairwise"}
     verdicts = {(j["prompt"], j["answer"], j["other"]): j["result"] for j in judged}
-    expected = []
+    expected, disagreed = [], 0
     for p, prompt in enumerate(prompts):
         text = {a["sample"]: a["answer"] for a in answers if a["prompt_id"] == prompt["prompt_id"]}
         best = None
@@ -420,6 +443,7 @@ def test_pairwise_annotation_keeps_pairs_both_orders_agree_on_ranked_by_confiden
             elif first["winner"] == "B" and second["winner"] == "A":
                 better, worse = j, i
             else:
+                disagreed += 1
                 continue  # a tie or the orders disagree: not separated
             if text[better] == text[worse]:
                 continue
@@ -429,7 +453,7 @@ def test_pairwise_annotation_keeps_pairs_both_orders_agree_on_ranked_by_confiden
         if best:
             expected.append(best)
     pairs = [json.loads(x) for x in (folder / "pairs.jsonl").read_text().splitlines()]
-    assert expected  # the tiny judge separates some pairs, so the comparison below has something to compare
+    assert expected and disagreed  # some pairs are separated, some not: both branches are exercised
     assert sorted((round(c, 6), w, r) for c, w, r in expected) == sorted(
         (round(p["confidence"], 6), p["chosen"], p["rejected"]) for p in pairs
     )
