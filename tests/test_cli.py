@@ -65,12 +65,12 @@ def test_cli_bad_row_is_one_line_naming_file_row_field(tmp_path, tiny_model_dir)
     assert done.returncode == 2
     message = done.stderr.strip()
     assert "\n" not in message and "Traceback" not in message
-    assert str(data) in message and "row 5" in message and "rejected" in message
+    assert str(data) in message and "line 6" in message and "rejected" in message  # lines counted from 1
 
     skipped = iopo("train", *base_args(tmp_path, tiny_model_dir, data), "data.skip_invalid=true")
     assert skipped.returncode == 0, skipped.stderr[-2000:]
     rejects = [json.loads(x) for x in (tmp_path / "run" / "rejects.jsonl").read_text().splitlines()]
-    assert len(rejects) == 1 and rejects[0]["row"] == 5
+    assert len(rejects) == 1 and rejects[0]["line"] == 6
     assert '"rejected": 1' in skipped.stdout
 
 

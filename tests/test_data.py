@@ -26,7 +26,7 @@ from iopo.data import (
 from tiny import build_tokenizer
 
 HH_SHA256 = "ebfaaed21162a4de120ae85366075b34425e2a6303fac59b99555002f7016f03"
-HH_EMPTY_REPLY_ROWS = [86, 516, 925, 1103]
+HH_EMPTY_REPLY_LINES = [87, 517, 926, 1104]  # as an editor numbers the lines of test.jsonl
 
 
 def user(text):
@@ -54,8 +54,8 @@ def test_standard_rows(tmp_path):
     pairs, rejects = load_pairs(str(path))
     assert rejects == []
     assert pairs == [
-        PreferencePair("question 0", "good 0", "bad 0", f"{path}:0"),
-        PreferencePair("question 1", "good 1", "bad 1", f"{path}:1"),
+        PreferencePair("question 0", "good 0", "bad 0", f"{path}:line 1"),
+        PreferencePair("question 1", "good 1", "bad 1", f"{path}:line 2"),
     ]
 
 
@@ -135,7 +135,7 @@ def test_explicit_format_is_honoured(tmp_path):
     (as_text,), _ = load_pairs(path, format="implicit")
     assert as_hh.prompt == [user("Q")]
     assert (as_text.prompt, as_text.chosen) == ("\n\nHuman: Q\n\nAssistant:", " yes")
-    with pytest.raises(DataError, match=r"row 0: field 'prompt': missing"):
+    with pytest.raises(DataError, match=r"line 1: field 'prompt': missing"):
         load_pairs(path, format="standard")
 
 
@@ -165,10 +165,20 @@ def test_file_types_give_the_same_pairs(tmp_path):
 
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "e.parquet")
     expected = [(r["prompt"], r["chosen"], r["rejected"]) for r in rows]
-    for name in ("a.json", "lines.json", "b.jsonl", "c.jsonl.gz", "d.json.gz", "e.parquet"):
+    where = {
+        "a.json": [f"row {i} (0-based)" for i in range(3)],
+        "lines.json": [f"line {i}" for i in (1, 2, 3)],
+        "b.jsonl": [
+            f"line {i}" for i in (2, 3, 4)
+        ],  # a blank first line: line numbers as an editor shows them
+        "c.jsonl.gz": [f"line {i}" for i in (1, 2, 3)],
+        "d.json.gz": [f"row {i} (0-based)" for i in range(3)],
+        "e.parquet": [f"row {i} (0-based)" for i in range(3)],
+    }
+    for name, places in where.items():
         pairs, _ = load_pairs(str(tmp_path / name))
         assert [(p.prompt, p.chosen, p.rejected) for p in pairs] == expected, name
-        assert [p.source for p in pairs] == [f"{tmp_path / name}:{i}" for i in range(3)], name
+        assert [p.source for p in pairs] == [f"{tmp_path / name}:{w}" for w in places], name
 
 
 def test_datasets_save_to_disk_folders(tmp_path):
@@ -182,7 +192,9 @@ def test_datasets_save_to_disk_folders(tmp_path):
     pairs, _ = load_pairs(str(tmp_path / "one"))
     assert [p.chosen for p in pairs] == ["good 0", "good 1", "good 2", "good 3"]
     test_pairs, _ = load_pairs(str(tmp_path / "dd"), split="test")
-    assert [(p.chosen, p.source) for p in test_pairs] == [("good 3", f"{tmp_path / 'dd'}[test]:0")]
+    assert [(p.chosen, p.source) for p in test_pairs] == [
+        ("good 3", f"{tmp_path / 'dd'}[test]:row 0 (0-based)")
+    ]
     with pytest.raises(DataError, match=r"no split 'validation'; splits: train, test"):
         load_pairs(str(tmp_path / "dd"), split="validation")
 
@@ -296,17 +308,18 @@ def _check_bad_row(path: Path, field: str, reason: str, record, **kwargs):
     with pytest.raises(DataError) as info:
         load_pairs(str(path), **kwargs)
     message = str(info.value)
-    assert message.startswith(f"{path}: row 1: field '{field}': ") and reason in message, message
+    assert message.startswith(f"{path}: line 2: field '{field}': ") and reason in message, message
     assert "\n" not in message
-    assert (info.value.row, info.value.field) == (1, field)
+    assert (info.value.row, info.value.field) == ("line 2", field)
 
     pairs, rejects = load_pairs(str(path), skip_invalid=True, **kwargs)
-    assert [p.source for p in pairs] == [f"{path}:0", f"{path}:2"]  # the good rows remain
+    assert [p.source for p in pairs] == [f"{path}:line 1", f"{path}:line 3"]  # the good rows remain
     assert len(rejects) == 1
     reject = rejects[0]
-    assert {k: reject[k] for k in ("source", "row", "field")} == {
+    assert {k: reject[k] for k in ("source", "where", "line", "field")} == {
         "source": str(path),
-        "row": 1,
+        "where": "line 2",
+        "line": 2,
         "field": field,
     }
     assert reason in reject["reason"]
@@ -340,14 +353,14 @@ def test_undecodable_bytes_and_invalid_json_name_their_row(tmp_path):
     bad_text = b'{"prompt": "p", "chosen": "caf\xe9", "rejected": "r"}'  # latin-1, not UTF-8
     path = tmp_path / "bytes.jsonl"
     path.write_bytes(b"\n".join([good, bad_text, good, b'{"prompt": ', good]) + b"\n")
-    with pytest.raises(DataError, match=rf"^{path}: row 1: field 'chosen': undecodable text"):
+    with pytest.raises(DataError, match=rf"^{path}: line 2: field 'chosen': undecodable text"):
         load_pairs(str(path))
     pairs, rejects = load_pairs(str(path), skip_invalid=True)
-    assert [p.source for p in pairs] == [f"{path}:0", f"{path}:2", f"{path}:4"]
-    assert [(r["row"], r["field"]) for r in rejects] == [(1, "chosen"), (3, "(record)")]
+    assert [p.source for p in pairs] == [f"{path}:line 1", f"{path}:line 3", f"{path}:line 5"]
+    assert [(r["line"], r["field"]) for r in rejects] == [(2, "chosen"), (4, "(record)")]
     assert rejects[0]["record"]["chosen"] == "caf\ufffd"
-    assert rejects[1]["reason"].startswith("not valid JSON (line 4")
-    assert rejects[1]["record"] == '{"prompt": '
+    assert rejects[1]["reason"].startswith("not valid JSON (column 12")
+    assert rejects[1]["record"] is None
 
 
 def test_hh_bad_rows(tmp_path):
@@ -360,11 +373,11 @@ def test_hh_bad_rows(tmp_path):
     ]
     pairs, rejects = load_pairs(str(write_jsonl(tmp_path / "hh.jsonl", rows)), skip_invalid=True)
     assert len(pairs) == 1
-    assert [(r["row"], r["field"], r["reason"]) for r in rejects] == [
-        (1, "chosen", "empty completion"),
-        (2, "rejected", "same as chosen"),
-        (3, "chosen", "chosen and rejected share no '\\n\\nHuman: … \\n\\nAssistant:' history"),
-        (4, "rejected", "expected a string, got number"),
+    assert [(r["line"], r["field"], r["reason"]) for r in rejects] == [
+        (2, "chosen", "empty completion"),
+        (3, "rejected", "same as chosen"),
+        (4, "chosen", "chosen and rejected share no '\\n\\nHuman: … \\n\\nAssistant:' history"),
+        (5, "rejected", "expected a string, got number"),
     ]
 
 
@@ -379,11 +392,11 @@ def test_unknown_layout_is_a_file_level_error(tmp_path):
 
 def test_hh_rlhf_harmless_base(shared_data):
     path = str(shared_data / "hh-rlhf" / "harmless-base" / "test.jsonl.gz")
-    with pytest.raises(DataError, match=rf"^{path}: row 86: field 'chosen': empty completion$"):
+    with pytest.raises(DataError, match=rf"^{path}: line 87: field 'chosen': empty completion$"):
         load_pairs(path)
     pairs, rejects = load_pairs(path, skip_invalid=True)
     assert len(pairs) == 2308
-    assert [r["row"] for r in rejects] == HH_EMPTY_REPLY_ROWS
+    assert [r["line"] for r in rejects] == HH_EMPTY_REPLY_LINES
     assert all(r["reason"] == "empty completion" for r in rejects)
     for pair in pairs:
         roles = [m["role"] for m in pair.prompt]
@@ -432,17 +445,17 @@ def test_pku_saferlhf_via_response_indices(shared_data):
 
 def test_ultrafeedback_sample(shared_data):
     path = str(shared_data / "ultrafeedback-binarized-sample" / "train_clean.jsonl")
-    with pytest.raises(DataError, match=r"row 306: field 'rejected': same as chosen"):
+    with pytest.raises(DataError, match=r"line 307: field 'rejected': same as chosen"):
         load_pairs(path)
     pairs, rejects = load_pairs(path, skip_invalid=True)
     assert len(pairs) == 994 and all(isinstance(p.prompt, str) for p in pairs)
-    assert [(r["row"], r["field"], r["reason"]) for r in rejects] == [
-        (306, "rejected", "same as chosen"),
-        (478, "rejected", "empty completion"),
-        (655, "rejected", "same as chosen"),
-        (833, "chosen", "empty completion"),
-        (910, "rejected", "same as chosen"),
-        (997, "rejected", "same as chosen"),
+    assert [(r["line"], r["field"], r["reason"]) for r in rejects] == [
+        (307, "rejected", "same as chosen"),
+        (479, "rejected", "empty completion"),
+        (656, "rejected", "same as chosen"),
+        (834, "chosen", "empty completion"),
+        (911, "rejected", "same as chosen"),
+        (998, "rejected", "same as chosen"),
     ]
     assert (
         rejects[0]["record"]["source_index"]
@@ -608,16 +621,18 @@ def test_a_template_that_rewrites_the_prompt_is_a_row_error():
         "{% for m in messages %}{{ m['role'] }}{% if messages[-1]['role'] == 'assistant' %}!{% endif %}: "
         "{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
     )
-    pair = PreferencePair([user("q")], [assistant("a")], [assistant("b")], "data.jsonl:3")
-    with pytest.raises(DataError, match=r"^data.jsonl: row 3: field 'chosen': the chat template's render"):
+    pair = PreferencePair([user("q")], [assistant("a")], [assistant("b")], "data.jsonl:line 3")
+    with pytest.raises(DataError, match=r"^data.jsonl: line 3: field 'chosen': the chat template's render"):
         tokenize_pairs([pair], tok, max_length=32, max_prompt_length=16)
     # With a rejects list (skip_invalid), the pair is set aside with its row and field; good pairs go on.
-    good = PreferencePair("plain q", "a", "b", "data.jsonl:4")
+    good = PreferencePair("plain q", "a", "b", "data.jsonl:line 4")
     rejects: list[dict] = []
     kept, stats = tokenize_pairs([pair, good], tok, max_length=32, max_prompt_length=16, rejects=rejects)
-    assert [k.source for k in kept] == ["data.jsonl:4"] and stats["pairs"] == 1
+    assert [k.source for k in kept] == ["data.jsonl:line 4"] and stats["pairs"] == 1
     assert len(rejects) == 1
-    assert rejects[0]["source"] == "data.jsonl" and rejects[0]["row"] == 3 and rejects[0]["field"] == "chosen"
+    assert (
+        rejects[0]["source"] == "data.jsonl" and rejects[0]["line"] == 3 and rejects[0]["field"] == "chosen"
+    )
     assert rejects[0]["reason"].startswith("the chat template's render")
     assert rejects[0]["record"]["chosen"] == [assistant("a")]
 
@@ -642,7 +657,7 @@ def test_load_training_data_on_the_embedded_data(tokenizer, tmp_path):
     assert not {tuple(p.prompt_ids) for p in train} & {tuple(p.prompt_ids) for p in test}
     assert report["prompts_truncated"] > 0 and report["max_tokens"] == 64
     lines = (tmp_path / "rejects.jsonl").read_text(encoding="utf-8").splitlines()
-    assert [json.loads(line)["row"] for line in lines] == HH_EMPTY_REPLY_ROWS
+    assert [json.loads(line)["line"] for line in lines] == HH_EMPTY_REPLY_LINES
     assert report["rejects_file"] == str(tmp_path / "rejects.jsonl")
     json.dumps(report)  # the trainer logs it as JSON
 
@@ -666,12 +681,12 @@ def test_load_training_data_on_user_files(tokenizer, tmp_path):
         path=str(path), test_path=str(test_path), max_eval_samples=2, max_length=64, max_prompt_length=32
     )
     train, test, report = load_training_data(cfg, tokenizer, None)
-    assert [p.source for p in test] == [f"{test_path}:0", f"{test_path}:1"]  # the given order, no shuffling
-    assert [p.source for p in train][:2] == [f"{path}:0", f"{path}:1"]
+    assert [p.source for p in test] == [f"{test_path}:line 1", f"{test_path}:line 2"]  # the given order
+    assert [p.source for p in train][:2] == [f"{path}:line 1", f"{path}:line 2"]
     assert report["test_prompts_in_train"] == 3
 
     write_jsonl(path, rows + [{"prompt": "p", "chosen": "x", "rejected": "x"}])
-    with pytest.raises(DataError, match=r"row 20: field 'rejected': same as chosen"):
+    with pytest.raises(DataError, match=r"line 21: field 'rejected': same as chosen"):
         load_training_data(DataConfig(path=str(path)), tokenizer, tmp_path)  # user data: strict by default
     _, _, report = load_training_data(DataConfig(path=str(path), skip_invalid=True), tokenizer, tmp_path)
     assert report["rejected"] == 1 and (tmp_path / "rejects.jsonl").is_file()

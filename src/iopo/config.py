@@ -15,6 +15,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 METHODS = ("iopo", "dpo", "ipo", "hinge", "kto_pair", "sft")
+MAX_STEPS = (
+    1_000_000  # optimizer steps of one run: far beyond any real run, far below what a schedule list can hold
+)
 
 
 class ConfigError(ValueError):
@@ -87,6 +90,12 @@ class DataConfig(_Part):
     max_prompt_length: int = Field(
         256, gt=0, description="Prompt tokens; prompts are cut at the start (left)."
     )
+    max_field_chars: int = Field(
+        1_000_000,
+        gt=0,
+        description="A text field longer than this (characters, before tokenization) is a bad row, not a memory blow-up.",
+    )
+    max_rows: int = Field(10_000_000, gt=0, description="A data file (or folder) with more rows is refused.")
     max_train_samples: int | None = Field(None, gt=0)
     max_eval_samples: int | None = Field(None, gt=0)
     skip_invalid: bool | None = Field(
@@ -114,10 +123,13 @@ class LossConfig(_Part):
 
 class IOPOConfig(_Part):
     n_iter: int | None = Field(
-        None, gt=0, description="Game rounds (Alg. 1 N_iter); unset = enough to cover optim.num_epochs."
+        None,
+        gt=0,
+        le=MAX_STEPS,
+        description="Game rounds (Alg. 1 N_iter); unset = enough to cover optim.num_epochs.",
     )
-    n_mu: int = Field(1, gt=0, description="Protagonist optimizer steps per round (N_mu).")
-    n_nu: int = Field(1, gt=0, description="Adversary optimizer steps per round (N_nu).")
+    n_mu: int = Field(1, gt=0, le=MAX_STEPS, description="Protagonist optimizer steps per round (N_mu).")
+    n_nu: int = Field(1, gt=0, le=MAX_STEPS, description="Adversary optimizer steps per round (N_nu).")
     epsilon: float = Field(0.3, gt=0, lt=1, description="IS clip (paper: 0.3).")
     adversary: Literal["symmetric", "reversed"] = "symmetric"
     is_clip: Literal["paper", "symmetric"] = "paper"
@@ -135,9 +147,9 @@ class OptimConfig(_Part):
     max_grad_norm: float | None = Field(1.0, gt=0)
     batch_size: int = Field(4, gt=0, description="Pairs per device per micro-batch.")
     gradient_accumulation_steps: int = Field(1, gt=0)
-    num_epochs: float = Field(1.0, gt=0)
+    num_epochs: float = Field(1.0, gt=0, le=100_000)
     max_steps: int | None = Field(
-        None, gt=0, description="Optimizer steps (baselines); overrides num_epochs."
+        None, gt=0, le=MAX_STEPS, description="Optimizer steps (baselines); overrides num_epochs."
     )
 
 
@@ -425,6 +437,7 @@ class OnlineConfig(_Part):
     steps_per_round: int = Field(
         8,
         gt=0,
+        le=MAX_STEPS,
         description="Optimizer steps per round, the same for every method (IOPO: the steps of both players "
         "together, rounded up to whole game rounds of n_mu + n_nu).",
     )
@@ -530,6 +543,10 @@ class OnlineConfig(_Part):
             )
         if self.optim.max_steps is not None:
             raise ValueError("optim.max_steps is not used online; set rounds and steps_per_round")
+        if self.rounds * self.round_steps > MAX_STEPS:
+            raise ValueError(
+                f"rounds x steps_per_round = {self.rounds * self.round_steps:,} optimizer steps; at most {MAX_STEPS:,}"
+            )
         if self.generation.engine == "vllm" and self.model.lora:
             raise ValueError("generation.engine=vllm takes full weights; with model.lora use engine=hf")
         if self.method == "iter_dpo" and self.reference == "previous_round" and self.model.lora:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from iopo.data_formats import DataError, PreferencePair, load_rows, one_line
+from iopo.data_formats import DataError, PreferencePair, load_rows, location_fields, one_line
 
 __all__ = [
     "DataError",
@@ -62,7 +62,7 @@ def load_pairs(
     {"chosen": "response.0"}. A bad row raises DataError("<file>: row <n>: field '<f>': <reason>"); with
     `skip_invalid` it is returned in `rejects` as {"source", "row", "field", "reason", "record"} instead.
     """
-    pairs, rejects, _ = load_rows(
+    pairs, rejects, _, _ = load_rows(
         path, name=name, split=split, format=format, columns=columns, skip_invalid=skip_invalid
     )
     return pairs, rejects
@@ -77,9 +77,9 @@ def _file_of(pairs: list) -> str:
 
 
 def _pair_error(pair: PreferencePair, field: str, reason: str) -> DataError:
-    file, _, row = pair.source.rpartition(":")
-    if file and row.isdigit():
-        return DataError.at(file, int(row), field, reason)
+    file, _, where = pair.source.rpartition(":")
+    if file and location_fields(where):
+        return DataError.at(file, where, field, reason)
     return DataError(f"{pair.source}: field '{field}': {reason}", source=pair.source, field=field)
 
 
@@ -154,12 +154,13 @@ def _encode(tokenizer, texts: list[str], add_special_tokens: bool) -> list[list[
 
 def _reject(error: DataError, pair: PreferencePair) -> dict:
     """A pair that failed at tokenization, in the rejects.jsonl layout the row readers use."""
-    file, _, row = pair.source.rpartition(":")
+    file, _, where = pair.source.rpartition(":")
     reason = str(error).split(f"field '{error.field}': ", 1)[-1]
     record = {"prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected}
     return {
         "source": file,
-        "row": int(row) if row.isdigit() else row,
+        "where": where,
+        **location_fields(where),
         "field": error.field,
         "reason": reason,
         "record": record,
@@ -290,14 +291,27 @@ def load_split(cfg) -> tuple[list[PreferencePair], list[PreferencePair], list[di
     embedded = cfg.path is None
     path = str(default_data_path()) if embedded else cfg.path
     skip_invalid = embedded if cfg.skip_invalid is None else cfg.skip_invalid
-    options = {"name": cfg.name, "format": cfg.format, "columns": cfg.columns, "skip_invalid": skip_invalid}
-    pairs, rejects, found_format = load_rows(path, split=cfg.split, **options)
+    options = {
+        "name": cfg.name,
+        "format": cfg.format,
+        "columns": cfg.columns,
+        "skip_invalid": skip_invalid,
+        "max_field_chars": cfg.max_field_chars,
+        "max_rows": cfg.max_rows,
+    }
+    pairs, rejects, found_format, notes = load_rows(path, split=cfg.split, **options)
     report = {"path": path, "format": found_format, "rows": len(pairs) + len(rejects)}
+    if notes.get("ignored_files") or len(notes.get("files", [])) > 1:  # a folder: what was read, what was not
+        report |= {f"data_{k}": v for k, v in notes.items()}
+        for file in notes.get("ignored_files", []):
+            logger.warning(
+                "%s: not a data file (.json, .jsonl, .json.gz, .jsonl.gz, .parquet), not read", file
+            )
     if not pairs:
         raise DataError(f"{path}: no usable preference pairs ({len(rejects)} rows rejected)")
     report["duplicate_pairs"] = _duplicates(pairs)
     if cfg.test_path:
-        train, (test, test_rejects, test_format) = (
+        train, (test, test_rejects, test_format, _) = (
             pairs,
             load_rows(cfg.test_path, split=cfg.test_split, **options),
         )

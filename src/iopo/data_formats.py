@@ -37,8 +37,17 @@ class DataError(ValueError):
         self.source, self.row, self.field = source, row, field
 
     @classmethod
-    def at(cls, source: str, row: int, field: str, reason: str) -> DataError:
-        return cls(f"{source}: row {row}: field '{field}': {reason}", source=source, row=row, field=field)
+    def at(cls, source: str, where: str, field: str, reason: str) -> DataError:
+        """`where` is "line N" (JSON Lines, 1-based as editors count) or "row N (0-based)" (JSON arrays, parquet,
+        `datasets`)."""
+        return cls(f"{source}: {where}: field '{field}': {reason}", source=source, row=where, field=field)
+
+
+def location_fields(where: str) -> dict:
+    """{"line": N} or {"row": N} from a location label, for the rejects file."""
+    kind, _, rest = where.partition(" ")
+    number = rest.split(" ", 1)[0]
+    return {kind: int(number)} if number.isdigit() and kind in ("line", "row") else {}
 
 
 @dataclass
@@ -50,7 +59,7 @@ class PreferencePair:
     prompt: str | list[dict]
     chosen: str | list[dict]
     rejected: str | list[dict]
-    source: str  # "<file>:<row>"
+    source: str  # "<file>:<where>", e.g. "pairs.jsonl:line 7" or "pairs.parquet:row 6 (0-based)"
 
 
 class _RowError(Exception):
@@ -65,31 +74,115 @@ _MISSING = object()
 # --- reading -----------------------------------------------------------------------------------------------------
 
 
-def read_rows(
-    path: str, name: str | None, split: str
-) -> tuple[str, list[tuple[Any, tuple[str, str] | None]]]:
-    """(label, [(record, error)]) where error is (field, reason) for a row that could not even be parsed."""
+Row = tuple[Any, "tuple[str, str] | None", str, str]  # (record, parse error (field, reason), file, where)
+
+MAX_JSON_DEPTH = 64  # levels of nesting a row may have (a preference row needs 4)
+
+
+def read_rows(path: str, name: str | None, split: str) -> tuple[str, list[Row], dict]:
+    """(label, rows, notes): every row with the file it came from and its location in it; `notes` has the files
+    read and the files of a data folder that were not read (named, never silently dropped)."""
     given = str(path)
     p = Path(given).expanduser()
     lower = p.name.lower()
     if p.is_file():
         if lower.endswith(FILE_SUFFIXES[:-1]):
-            return given, _read_json_file(p, given)
+            return given, _read_json_file(p, given), {"files": [given]}
         if lower.endswith(".parquet"):
-            return given, _read_parquet(p, given)
+            return given, _read_parquet(p, given), {"files": [given]}
         raise DataError(
             f"{given}: unknown file type '{p.suffix}'; use .json, .jsonl, .json.gz, .jsonl.gz or .parquet",
             source=given,
         )
     if p.is_dir():
-        return _read_datasets(given, name, split)
+        if any((p / f).is_file() for f in ("state.json", "dataset_dict.json")):
+            return _read_datasets(given, name, split)
+        return _read_folder(p, given, split)
     other_files = (".txt", ".csv", ".tsv", ".arrow", ".gz", ".zip", ".yaml", ".yml")
     if lower.endswith(FILE_SUFFIXES + other_files) or p.is_absolute() or given.startswith((".", "~")):
         raise DataError(f"{given}: no such file", source=given)
     return _read_datasets(given, name, split)  # a `datasets` (Hub) name
 
 
-def _read_json_file(path: Path, label: str) -> list[tuple[Any, tuple[str, str] | None]]:
+_SPLIT_NAME = re.compile(r"^(train|test|validation|valid|dev|eval)(?=$|[-_.])", re.IGNORECASE)
+
+
+def _read_folder(folder: Path, label: str, split: str) -> tuple[str, list[Row], dict]:
+    """A folder of data files, read file by file so each row's error names its file and line. Files named after a
+    split (train.jsonl, test-00000-of-00001.parquet, data/train/...) are that split's, as `datasets` does; a folder
+    without split names is all the train split. Other files are listed in the notes, not read."""
+    files, ignored = [], []
+    for path in sorted(folder.rglob("*")):
+        if not path.is_file() or any(part.startswith(".") for part in path.relative_to(folder).parts):
+            continue
+        (files if path.name.lower().endswith(FILE_SUFFIXES) else ignored).append(path)
+    if not files:
+        shown = ", ".join(p.name for p in ignored[:5]) or "nothing"
+        raise DataError(
+            f"{label}: a folder with no data files (.json, .jsonl, .json.gz, .jsonl.gz, .parquet); it holds {shown}",
+            source=label,
+        )
+
+    def split_of(path: Path) -> str | None:
+        for part in reversed(path.relative_to(folder).parts):
+            match = _SPLIT_NAME.match(part)
+            if match:
+                word = match.group(1).lower()
+                return {"valid": "validation", "dev": "validation", "eval": "validation"}.get(word, word)
+        return None
+
+    by_split: dict[str, list[Path]] = {}
+    for path in files:
+        by_split.setdefault(split_of(path) or "train", []).append(path)
+    if split not in by_split:
+        raise DataError(
+            f"{label}: no files of split '{split}' (file names tell the split); splits here: {', '.join(sorted(by_split))}",
+            source=label,
+        )
+    chosen = by_split[split]
+    rows: list[Row] = []
+    for path in chosen:
+        name = str(path)
+        if path.name.lower().endswith(".parquet"):
+            rows += _read_parquet(path, name)
+        else:
+            rows += _read_json_file(path, name)
+    notes = {
+        "files": [str(p) for p in chosen],
+        "ignored_files": [str(p) for p in ignored],
+        "other_split_files": [str(p) for s, ps in by_split.items() if s != split for p in ps],
+    }
+    return label, rows, notes
+
+
+def _parse_json(text: str):
+    """json.loads whose failures on hostile input (huge integers, deep nesting) are ValueErrors with a reason."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise ValueError(f"nested more than {MAX_JSON_DEPTH} levels deep") from None
+    if _depth(value) > MAX_JSON_DEPTH:
+        raise ValueError(f"nested more than {MAX_JSON_DEPTH} levels deep")
+    return value
+
+
+def _depth(value: Any) -> int:
+    depth, level = 0, [value]
+    while level:
+        depth += 1
+        if depth > MAX_JSON_DEPTH:
+            return depth
+        level = [
+            child
+            for node in level
+            if isinstance(node, dict | list)
+            for child in (node.values() if isinstance(node, dict) else node)
+            if isinstance(child, dict | list)
+        ]
+    return depth
+
+
+def _read_json_file(path: Path, label: str) -> list[Row]:
     try:
         raw = path.read_bytes()
         if path.name.lower().endswith(".gz"):
@@ -109,34 +202,47 @@ def _read_json_file(path: Path, label: str) -> list[tuple[Any, tuple[str, str] |
                     f"{label}: not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}", source=label
                 ) from None
             whole = None  # JSON Lines in a .json file
+        except (ValueError, RecursionError) as e:  # a huge integer, nesting deeper than Python's stack
+            reason = "nested too deep" if isinstance(e, RecursionError) else one_line(e)
+            raise DataError(f"{label}: not usable JSON: {reason}", source=label) from None
         if isinstance(whole, list):
-            return [(record, None) for record in whole]
+            rows = []
+            for i, record in enumerate(whole):
+                error = None
+                if _depth(record) > MAX_JSON_DEPTH:
+                    record, error = None, (_RECORD, f"nested more than {MAX_JSON_DEPTH} levels deep")
+                rows.append((record, error, label, f"row {i} (0-based)"))
+            return rows
         if isinstance(whole, dict) and len(text.strip().splitlines()) > 1:
             raise DataError(
                 f"{label}: the file is one JSON object; expected an array of rows or JSON Lines", source=label
             )
-    rows = []  # JSON Lines: one row per non-blank line (blank lines are not rows)
+    rows = []  # JSON Lines: one row per non-blank line, numbered as editors number lines (from 1)
     for number, line in enumerate(raw.split(b"\n"), start=1):
         if not line.strip():
             continue
         text = line.decode("utf-8", "surrogateescape")
+        where = f"line {number}"
         try:
-            rows.append((json.loads(text), None))
+            rows.append((_parse_json(text), None, label, where))
         except json.JSONDecodeError as e:
-            rows.append((text, (_RECORD, f"not valid JSON (line {number}, column {e.colno}): {e.msg}")))
+            rows.append((None, (_RECORD, f"not valid JSON (column {e.colno}): {e.msg}"), label, where))
+        except ValueError as e:  # a huge integer, deep nesting
+            rows.append((None, (_RECORD, f"not usable JSON: {str(e).splitlines()[0][:200]}"), label, where))
     return rows
 
 
-def _read_parquet(path: Path, label: str) -> list[tuple[Any, None]]:
+def _read_parquet(path: Path, label: str) -> list[Row]:
     import pyarrow.parquet as pq
 
     try:
-        return [(record, None) for record in pq.read_table(path).to_pylist()]
+        records = pq.read_table(path).to_pylist()
     except Exception as e:  # pyarrow raises several types for a damaged file
         raise DataError(f"{label}: cannot read parquet: {one_line(e)}", source=label) from None
+    return [(record, None, label, f"row {i} (0-based)") for i, record in enumerate(records)]
 
 
-def _read_datasets(path: str, name: str | None, split: str) -> tuple[str, list[tuple[Any, None]]]:
+def _read_datasets(path: str, name: str | None, split: str) -> tuple[str, list[Row], dict]:
     import datasets
 
     label = f"{path}[{split}]" if name is None else f"{path}[{name}/{split}]"
@@ -156,7 +262,11 @@ def _read_datasets(path: str, name: str | None, split: str) -> tuple[str, list[t
         raise
     except Exception as e:  # network, missing config, bad split: datasets raises many types
         raise DataError(f"{label}: cannot load with datasets: {one_line(e)}", source=label) from None
-    return label, [(record, None) for record in loaded]
+    return (
+        label,
+        [(record, None, label, f"row {i} (0-based)") for i, record in enumerate(loaded)],
+        {"files": [label]},
+    )
 
 
 def one_line(error: Exception) -> str:
@@ -318,15 +428,25 @@ def _message_completions(record: dict) -> tuple[list[dict], list[dict]]:
     return chosen, rejected
 
 
+def _check_prompt(messages: list[dict], field: str) -> None:
+    """A prompt has something to answer: a non-system message with text (as the standard form's non-empty prompt)."""
+    if not any(m["content"].strip() for m in messages if m["role"] != "system"):
+        raise _RowError(field, "empty prompt")
+
+
 def _conversational(record: dict) -> tuple:
     prompt = _messages(_required(record, "prompt"), "prompt")
+    _check_prompt(prompt, "prompt")
     return prompt, *_message_completions(record)
 
 
 def _sharegpt(record: dict) -> tuple:
     prompt = _messages(_required(record, "conversations"), "conversations")
+    _check_prompt(prompt, "conversations")
     system = record.get("system")
-    if isinstance(system, str) and system.strip() and prompt[0]["role"] != "system":
+    if system is not None and not isinstance(system, str):
+        raise _RowError("system", f"expected a string, got {_kind(system)}")  # never ignored silently
+    if system is not None and system.strip() and prompt[0]["role"] != "system":
         prompt.insert(0, {"role": "system", "content": _text(system, "system")})
     return prompt, *_message_completions(record)
 
@@ -344,6 +464,7 @@ def _implicit(record: dict) -> tuple:
         shared += 1
     if shared == 0:
         raise _RowError("chosen", "chosen and rejected share no prompt messages")
+    _check_prompt(chosen[:shared], "chosen")
     for field, messages in (("chosen", chosen), ("rejected", rejected)):
         if len(messages) == shared:
             raise _RowError(field, "no completion after the prompt shared with the other conversation")
@@ -386,6 +507,7 @@ def _hh(record: dict) -> tuple:
             prompt[-1]["content"] += "\n\n" + content.strip()
         else:
             prompt.append({"role": role, "content": content.strip()})
+    _check_prompt(prompt, "chosen")
     replies = []
     for field, text in (("chosen", chosen), ("rejected", rejected)):
         reply = text[cut + len(_HH_ASSISTANT) :].strip()
@@ -453,6 +575,40 @@ def _their_field(field: str, columns: dict[str, str]) -> str:
     return field
 
 
+def _oversized(value: Any, limit: int, path: str = "") -> tuple[str, int] | None:
+    """(field path, length) of the first string longer than `limit` characters in a row, or None."""
+    if isinstance(value, str):
+        return (path or _RECORD, len(value)) if len(value) > limit else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, child in items:
+        found = _oversized(
+            child, limit, f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}".lstrip(".")
+        )
+        if found:
+            return found
+    return None
+
+
+def _format_of_file(mapped: list[dict | None], label: str) -> str | None:
+    """The format most rows of a file are in (each row judged alone; ties go to the first seen): one odd row does
+    not decide for the others, it becomes that row's error."""
+    counts: dict[str, int] = {}
+    for record in mapped:
+        found = detect_format(record) if record is not None else None
+        if found:
+            counts[found] = counts.get(found, 0) + 1
+    if not counts:
+        keys = sorted(next((r for r in mapped if r is not None), {}))
+        if any(r is not None for r in mapped):
+            raise DataError(
+                f"{label}: cannot tell the format from the keys {keys}; expected prompt/chosen/rejected, "
+                "chosen/rejected or conversations/chosen/rejected (set data.columns or data.format)",
+                source=label,
+            )
+        return None
+    return max(counts, key=lambda f: counts[f])  # max keeps the first of equal counts (dicts keep order)
+
+
 def load_rows(
     path: str,
     *,
@@ -461,8 +617,11 @@ def load_rows(
     format: str = "auto",
     columns: dict[str, str] | None = None,
     skip_invalid: bool = False,
-) -> tuple[list[PreferencePair], list[dict], str | None]:
-    """load_pairs plus the format used (None when no row told)."""
+    max_field_chars: int = 1_000_000,
+    max_rows: int = 10_000_000,
+) -> tuple[list[PreferencePair], list[dict], str | None, dict]:
+    """load_pairs plus the format used (None when no row told; "mixed" over a folder's files) and the reading notes
+    (files read, files not read)."""
     columns = dict(columns or {})
     label = str(path)
     for ours, theirs in columns.items():
@@ -472,35 +631,63 @@ def load_rows(
             )
     if format != "auto" and format not in PARSERS:
         raise DataError(f"{label}: unknown format {format!r}; use auto or one of {', '.join(FORMATS)}")
-    label, rows = read_rows(label, name, split)
-    mapped = [_apply_columns(r, columns) if e is None and isinstance(r, dict) else None for r, e in rows]
+    label, rows, notes = read_rows(label, name, split)
+    if len(rows) > max_rows:
+        raise DataError(f"{label}: {len(rows)} rows, more than data.max_rows={max_rows}", source=label)
+    mapped = [
+        _apply_columns(r, columns) if e is None and isinstance(r, dict) else None for r, e, _, _ in rows
+    ]
 
-    if format == "auto":
-        format = next((f for f in map(detect_format, filter(None, mapped)) if f), None)
-        if format is None and any(r is not None for r in mapped):
-            keys = sorted(next(r for r in mapped if r is not None))
-            raise DataError(
-                f"{label}: cannot tell the format from the keys {keys}; expected prompt/chosen/rejected, "
-                "chosen/rejected or conversations/chosen/rejected (set data.columns or data.format)",
-                source=label,
+    # The format is decided per file (a folder may mix files of different formats), from all its rows.
+    formats: dict[str, str | None] = {}
+    for file in dict.fromkeys(file for _, _, file, _ in rows):
+        if format != "auto":
+            formats[file] = format
+        else:
+            formats[file] = _format_of_file(
+                [m for m, (_, _, f, _) in zip(mapped, rows, strict=True) if f == file], file
             )
 
     pairs: list[PreferencePair] = []
     rejects: list[dict] = []
-    for row, ((record, error), record_mapped) in enumerate(zip(rows, mapped, strict=True)):
+    for (record, error, file, where), record_mapped in zip(rows, mapped, strict=True):
         try:
             if error is not None:
                 raise _RowError(*error)
             if not isinstance(record, dict):
                 raise _RowError(_RECORD, f"expected a JSON object, got {_kind(record)}")
-            prompt, chosen, rejected = PARSERS[format](record_mapped)
+            too_long = _oversized(record_mapped, max_field_chars)
+            if too_long:
+                raise _RowError(
+                    too_long[0],
+                    f"{too_long[1]:,} characters, more than data.max_field_chars={max_field_chars:,}",
+                )
+            file_format = formats[file]
+            prompt, chosen, rejected = PARSERS[file_format](record_mapped)
+            own = detect_format(record_mapped) if format == "auto" else None
+            if own and own != file_format:
+                field = "chosen" if {own, file_format} <= {"hh", "implicit", "standard"} else "prompt"
+                raise _RowError(
+                    field,
+                    f"this row reads as the {own} format while the file's other rows are {file_format} "
+                    "(fix the row or set data.format)",
+                )
         except _RowError as e:
             field = _their_field(e.field, columns)
             if not skip_invalid:
-                raise DataError.at(label, row, field, e.reason) from None
+                raise DataError.at(file, where, field, e.reason) from None
             rejects.append(
-                {"source": label, "row": row, "field": field, "reason": e.reason, "record": _jsonable(record)}
+                {
+                    "source": file,
+                    "where": where,
+                    **location_fields(where),
+                    "field": field,
+                    "reason": e.reason,
+                    "record": _jsonable(record),
+                }
             )
             continue
-        pairs.append(PreferencePair(prompt, chosen, rejected, f"{label}:{row}"))
-    return pairs, rejects, format
+        pairs.append(PreferencePair(prompt, chosen, rejected, f"{file}:{where}"))
+    used = set(formats.values()) - {None}
+    found_format = used.pop() if len(used) == 1 else ("mixed" if used else None)
+    return pairs, rejects, found_format, notes

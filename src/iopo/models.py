@@ -120,6 +120,9 @@ def load_model(cfg: ModelConfig, reward_head: bool = False):
     _say_remote_code(path, cfg.trust_remote_code)
     try:
         model = auto.from_pretrained(path, **kwargs)
+    except ImportError as e:  # a backend that is not installed (flash_attention_2 without flash-attn, ...)
+        setting = f"model.attn_implementation={cfg.attn_implementation}: " if cfg.attn_implementation else ""
+        raise ConfigError(f"cannot load model '{path}' {what}: {setting}{_first_line(e)}") from None
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot load model '{path}' {what}: {_first_line(e)}") from None
     if cfg.gguf_file:
@@ -144,7 +147,10 @@ def add_lora_adapters(model, cfg: ModelConfig, names: list[str]):
     )
     if cfg.gradient_checkpointing:
         model.enable_input_require_grads()
-    peft_model = get_peft_model(model, lora, adapter_name=names[0])
+    try:
+        peft_model = get_peft_model(model, lora, adapter_name=names[0])
+    except ValueError as e:  # peft's NoMatchingPeftModuleError is a ValueError
+        raise ConfigError(f"model.lora_target_modules={cfg.lora_target_modules}: {_first_line(e)}") from None
     for name in names[1:]:
         peft_model.add_adapter(name, lora)
     return peft_model

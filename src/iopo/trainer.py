@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from iopo import checkpoint as ckpt
-from iopo.config import ConfigError, TrainConfig, dump_config
+from iopo.config import MAX_STEPS, ConfigError, TrainConfig, dump_config
 from iopo.data import TokenizedPair, collate_pairs, load_training_data
 from iopo.logprobs import SequenceLogProbs, sequence_logps
 from iopo.losses import LOSSES
@@ -79,8 +79,17 @@ def build_schedule(cfg: TrainConfig, n_train: int, global_batch: int) -> list[tu
     """The agent of every optimizer step, from max_steps / num_epochs (baselines) or n_iter (IOPO)."""
     wanted = optimizer_steps(cfg.optim, n_train, global_batch)
     if cfg.method != "iopo":
+        total = wanted
+    else:
+        n_iter = cfg.iopo.n_iter or max(1, math.ceil(wanted / (cfg.iopo.n_mu + cfg.iopo.n_nu)))
+        total = n_iter * (cfg.iopo.n_mu + cfg.iopo.n_nu)
+    if total > MAX_STEPS:  # refused before a list of that many steps is built
+        raise ConfigError(
+            f"the settings ask for {total:,} optimizer steps (optim.num_epochs={cfg.optim.num_epochs:g} over "
+            f"{n_train} pairs, optim.max_steps, iopo.n_iter x (n_mu + n_nu)); at most {MAX_STEPS:,}"
+        )
+    if cfg.method != "iopo":
         return [("policy", 0)] * wanted
-    n_iter = cfg.iopo.n_iter or max(1, math.ceil(wanted / (cfg.iopo.n_mu + cfg.iopo.n_nu)))
     return iopo_schedule(n_iter, cfg.iopo.n_mu, cfg.iopo.n_nu)
 
 
