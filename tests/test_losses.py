@@ -209,7 +209,8 @@ def test_iopo_clip_paper_vs_symmetric_and_metrics():
     paper w = min(rho, clip(rho, 0.7, 1.3)) = [1.2, min(2, 1.3), min(0.5, 0.7)] = [1.2, 1.3, 0.5] (cap, no floor);
     loss = ln2 * 3.0/3 = ln 2.
     symmetric w = clip(rho, 0.7, 1.3) = [1.2, 1.3, 0.7]; loss = ln2 * 3.2/3 = 0.739357...
-    capped (rho > 1.3) = 1/3, floored (rho < 0.7) = 1/3 in both modes, guarded 0."""
+    capped (rho > 1.3) = 1/3 in both modes; low (rho < 0.7) = 1/3 in both; floored (raised to 0.7) = 1/3 only under
+    the symmetric clip (the paper's clip floors nothing: 0); guarded 0."""
     ec, er = env_pair(math.log(1.2), math.log(2.0), math.log(0.5))
     args = (ec.clone(), er.clone(), ec, er, ones(3), ones(3))
     loss_p, m_p = iopo_loss(*args, beta=0.1)
@@ -222,8 +223,10 @@ def test_iopo_clip_paper_vs_symmetric_and_metrics():
     close(m_p["is/weight_mean"], 1.0)
     for m in (m_p, m_s):
         close(m["is/capped_frac"], 1 / 3)
-        close(m["is/floored_frac"], 1 / 3)
+        close(m["is/low_frac"], 1 / 3)
         close(m["is/guarded_frac"], 0.0)
+    close(m_p["is/floored_frac"], 0.0)
+    close(m_s["is/floored_frac"], 1 / 3)
 
 
 def test_clip_is_weight_helper():

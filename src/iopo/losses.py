@@ -335,7 +335,11 @@ def iopo_loss(
             "is/weight_min": weight.detach().float().min(),
             "is/weight_max": weight.detach().float().max(),
             "is/capped_frac": _stat(rho > 1.0 + epsilon),
-            "is/floored_frac": _stat(rho < 1.0 - epsilon),  # only clipped when is_clip="symmetric"
+            "is/low_frac": _stat(rho < 1.0 - epsilon),  # weights below 1 - eps before clipping
+            # pairs whose weight was raised to 1 - eps: only the symmetric clip floors, the paper's keeps them low
+            "is/floored_frac": _stat(rho < 1.0 - epsilon)
+            if is_clip == "symmetric"
+            else _stat(torch.zeros_like(rho)),
             "is/guarded_frac": _stat(guarded),
         }
     )
