@@ -154,3 +154,17 @@ def test_hostile_config_files_and_values_are_one_bounded_line(tmp_path):
     with pytest.raises(ConfigError) as caught:
         load_config(bomb)
     assert len(str(caught.value)) < 1200
+
+
+def test_a_setting_added_after_a_run_was_written_does_not_block_its_resumption():
+    from iopo.config import TrainConfig, changed_settings
+
+    cfg = TrainConfig()
+    saved = cfg.model_dump(mode="json")
+    del saved["model"]["disable_dropout"]  # a checkpoint written before the setting existed
+    del saved["eval_steps"]
+    assert changed_settings(saved, cfg) == []
+    off = cfg.model_copy(update={"model": cfg.model.model_copy(update={"disable_dropout": False})})
+    assert changed_settings(saved, off) == ["model.disable_dropout (was None, now False)"]
+    lr = cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"learning_rate": 1e-3})})
+    assert changed_settings(cfg.model_dump(mode="json"), lr) == ["optim.learning_rate (was 5e-06, now 0.001)"]

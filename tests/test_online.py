@@ -272,7 +272,7 @@ def test_online_settings_errors_are_one_line(work, tmp_path, capsys):
     assert "prompt pool" in capsys.readouterr().err
     out = tmp_path / "changed"
     online_mod.online(online_cfg(work, out, "rounds=1", "score_prompts=0"))
-    with pytest.raises(ConfigError, match="other settings \\(keep_ratio\\)"):
+    with pytest.raises(ConfigError, match=r"other settings \(keep_ratio \(was 0.5, now 0.9\)\)"):
         online_mod.online(online_cfg(work, out, "rounds=1", "score_prompts=0", "keep_ratio=0.9"))
 
 

@@ -465,3 +465,31 @@ def test_conflicting_schedule_settings_and_a_zero_first_step_are_said(tmp_path, 
     assert "optim.max_steps=7 is not used" in out
     assert "first step runs at learning rate 0" in out
     assert [r["learning_rate"] for r in train_records(cfg.run_dir)] == [0.0, 0.0]  # what was said happened
+
+
+@pytest.mark.parametrize("disable", [True, False])
+def test_dropout_is_a_deliberate_setting(tmp_path, tiny_model_dir, accelerator, disable):
+    """Trained players are in train mode; model.disable_dropout (default, as TRL) zeroes every dropout, else the
+    agent's forward uses the model's dropout while the frozen env/reference never does."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.config.attention_dropout = 0.5
+    model.save_pretrained(tmp_path / "dropout")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        if (tiny_model_dir / name).is_file():
+            (tmp_path / "dropout" / name).write_bytes((tiny_model_dir / name).read_bytes())
+    cfg = make_cfg(
+        tmp_path, tmp_path / "dropout", f"model.disable_dropout={str(disable).lower()}", method="dpo"
+    )
+    players, reference, batch = setup_players(cfg, accelerator, ["policy"])
+    policy = players["policy"]
+    assert policy.module.training and not reference.module.training
+    attention = [m for m in policy.module.modules() if hasattr(m, "attention_dropout")]
+    assert attention and all(m.attention_dropout == (0.0 if disable else 0.5) for m in attention)
+    with torch.no_grad():
+        first = trainer.sequence_logps(policy.module, batch)["chosen_logps"]
+        second = trainer.sequence_logps(policy.module, batch)["chosen_logps"]
+    assert torch.equal(first, second) == disable  # dropout active only when asked for
+    ref = [trainer.player_logps(reference, batch, players, grad=False)["chosen_logps"] for _ in range(2)]
+    assert torch.equal(*ref)  # the reference never drops out

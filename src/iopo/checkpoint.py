@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from iopo.config import ConfigError, TrainConfig, dump_config
+from iopo.config import ConfigError, TrainConfig, changed_settings, dump_config
 
 CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -215,21 +215,12 @@ def prepare_run_dir(run_dir: Path, resume_step: int | None) -> None:
 
 
 def check_resume_config(saved: dict, cfg: TrainConfig) -> None:
-    now = cfg.model_dump(mode="json")
-    diffs = []
-    for key in sorted(set(saved) | set(now)):
-        if key in RESUME_FREE_KEYS or saved.get(key) == now.get(key):
-            continue
-        if isinstance(saved.get(key), dict) and isinstance(now.get(key), dict):
-            for sub in sorted(set(saved[key]) | set(now[key])):
-                if saved[key].get(sub) != now[key].get(sub):
-                    diffs.append(
-                        f"{key}.{sub} (checkpoint {saved[key].get(sub)!r}, now {now[key].get(sub)!r})"
-                    )
-        else:
-            diffs.append(f"{key} (checkpoint {saved.get(key)!r}, now {now.get(key)!r})")
+    diffs = changed_settings(saved, cfg, RESUME_FREE_KEYS)
     if diffs:
-        raise ConfigError("cannot resume with changed settings: " + "; ".join(diffs))
+        raise ConfigError(
+            "cannot resume with changed settings: "
+            + "; ".join(d.replace("(was", "(checkpoint") for d in diffs)
+        )
 
 
 def rng_state() -> dict:

@@ -54,6 +54,12 @@ class ModelConfig(_Part):
     trust_remote_code: bool = False
     attn_implementation: str | None = Field(None, description="e.g. 'sdpa', 'eager', 'flash_attention_2'.")
     gradient_checkpointing: bool = False
+    disable_dropout: bool = Field(
+        True,
+        description="Set every dropout of the model (LoRA's too) to 0, as TRL's DPO does: the policy's and the "
+        "reference's log-probs then come from the same function. false = the trained player's forward uses the "
+        "model's dropout (the frozen env/reference always runs without).",
+    )
     lora: bool = Field(
         False, description="Train LoRA adapters (IOPO: two adapters on one shared frozen base)."
     )
@@ -732,6 +738,33 @@ def load_config(
         return schema.model_validate(tree)
     except ValidationError as e:
         raise ConfigError(_format_error(e, source)) from None
+
+
+def changed_settings(saved: dict, cfg: BaseModel, free: set[str] = frozenset()) -> list[str]:
+    """The settings (one level deep, "section.key") where a saved config differs from `cfg`, as "key (was, now)".
+    A key the saved config lacks counts as unchanged when `cfg` has it at its default: a setting added to iopo
+    after the run was written does not block its resumption."""
+    now = cfg.model_dump(mode="json")
+    defaults = type(cfg).model_construct().model_dump(mode="json")
+    missing = object()
+    diffs = []
+    for key in sorted(set(saved) | set(now)):
+        if key in free or saved.get(key, missing) == now.get(key):
+            continue
+        was, value = saved.get(key, missing), now.get(key)
+        if was is missing and value == defaults.get(key):
+            continue
+        if isinstance(was, dict) and isinstance(value, dict):
+            base = defaults.get(key) if isinstance(defaults.get(key), dict) else {}
+            for sub in sorted(set(was) | set(value)):
+                old = was.get(sub, missing)
+                if old == value.get(sub) or (old is missing and sub in base and value.get(sub) == base[sub]):
+                    continue
+                shown = None if old is missing else old
+                diffs.append(f"{key}.{sub} (was {shown!r}, now {value.get(sub)!r})")
+        else:
+            diffs.append(f"{key} (was {None if was is missing else was!r}, now {value!r})")
+    return diffs
 
 
 def dump_config(cfg: BaseModel) -> str:

@@ -127,10 +127,24 @@ def load_model(cfg: ModelConfig, reward_head: bool = False):
         raise ConfigError(f"cannot load model '{path}' {what}: {_first_line(e)}") from None
     if cfg.gguf_file:
         _drop_gguf_marker(model)
+    if cfg.disable_dropout:
+        disable_dropout(model)
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def disable_dropout(model) -> None:
+    """Every dropout of the model to 0: nn.Dropout modules and the attention dropout rates HF keeps as attributes."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+    for key in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if isinstance(getattr(model.config, key, None), float):
+            setattr(model.config, key, 0.0)
 
 
 def add_lora_adapters(model, cfg: ModelConfig, names: list[str]):
@@ -153,6 +167,8 @@ def add_lora_adapters(model, cfg: ModelConfig, names: list[str]):
         raise ConfigError(f"model.lora_target_modules={cfg.lora_target_modules}: {_first_line(e)}") from None
     for name in names[1:]:
         peft_model.add_adapter(name, lora)
+    if cfg.disable_dropout:
+        disable_dropout(peft_model)  # LoRA's own dropout too
     return peft_model
 
 

@@ -34,7 +34,7 @@ import yaml
 
 from iopo import checkpoint as ckpt
 from iopo import stats, trainer
-from iopo.config import ConfigError, OnlineConfig, dump_config
+from iopo.config import ConfigError, OnlineConfig, changed_settings, dump_config
 from iopo.data import load_split, tokenize_pairs, unique_prompts, write_rejects
 from iopo.data_formats import PreferencePair
 
@@ -164,12 +164,7 @@ def _prepare_run_dir(cfg: OnlineConfig) -> bool:
             raise ConfigError(
                 f"{run} holds an `iopo train` run, not an online one; choose another output_dir (or overwrite=true)"
             )
-        now = cfg.model_dump(mode="json")
-        changed = [
-            key
-            for key in sorted(set(saved) | set(now))
-            if key not in RESUME_FREE_KEYS and saved.get(key) != now.get(key)
-        ]
+        changed = changed_settings(saved, cfg, RESUME_FREE_KEYS)
         if changed:
             raise ConfigError(
                 f"{run} holds an online run with other settings ({', '.join(changed)}); rerun with the same "

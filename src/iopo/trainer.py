@@ -168,7 +168,7 @@ def build_players(cfg: TrainConfig, accelerator, names: list[str], resume_dir: P
         params = {name: adapter_parameters(peft_model, name) for name in names}
         for p in (p for ps in params.values() for p in ps):
             p.requires_grad_(True)  # both adapters stay trainable: DDP must see the same parameter set always
-        module = accelerator.prepare_model(SequenceLogProbs(peft_model, chunk))
+        module = accelerator.prepare_model(SequenceLogProbs(peft_model.train(), chunk))
         players = {n: Player(n, module, adapter=n, params=params[n]) for n in names}
         reference = Player("reference", module, adapter=BASE) if needs_reference else None
     else:
@@ -176,7 +176,9 @@ def build_players(cfg: TrainConfig, accelerator, names: list[str], resume_dir: P
         reference = None
         if needs_reference:
             frozen = copy.deepcopy(start).eval().requires_grad_(False)
-            ref_module = accelerator.prepare_model(SequenceLogProbs(frozen, chunk), evaluation_mode=True)
+            ref_module = accelerator.prepare_model(
+                SequenceLogProbs(frozen, chunk).eval(), evaluation_mode=True
+            )
             reference = Player("reference", ref_module)
         players = {}
         for i, name in enumerate(names):
@@ -184,7 +186,9 @@ def build_players(cfg: TrainConfig, accelerator, names: list[str], resume_dir: P
                 model = load_model(cfg.model.model_copy(update={"name_or_path": str(resume_dir / name)}))
             else:
                 model = start if i == 0 else copy.deepcopy(start)  # both players start from the same model
-            module = accelerator.prepare_model(SequenceLogProbs(model, chunk))
+            # Trained players are in train mode (from_pretrained returns eval mode); whether that means dropout is
+            # model.disable_dropout's decision. The frozen env/reference forwards run in eval mode (player_logps).
+            module = accelerator.prepare_model(SequenceLogProbs(model.train(), chunk))
             players[name] = Player(name, module, params=[p for p in module.parameters() if p.requires_grad])
     return players, reference
 
