@@ -493,3 +493,46 @@ def test_dropout_is_a_deliberate_setting(tmp_path, tiny_model_dir, accelerator, 
     assert torch.equal(first, second) == disable  # dropout active only when asked for
     ref = [trainer.player_logps(reference, batch, players, grad=False)["chosen_logps"] for _ in range(2)]
     assert torch.equal(*ref)  # the reference never drops out
+
+
+@pytest.mark.parametrize("moment", ["inside the checkpoint write", "right after a checkpoint"])
+def test_kill_9_in_the_checkpoint_window_then_resume_equals_uninterrupted(tmp_path, tiny_model_dir, moment):
+    """A real SIGKILL while a checkpoint is being written (its temp folder exists) or just after one is renamed into
+    place: resume=true ends with the weights of the uninterrupted run, and no half checkpoint is ever resumed from."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    extra = ["iopo.n_iter=3", "iopo.n_mu=2", "iopo.n_nu=1", "save_steps=1", "save_total_limit=3"]
+    straight = make_cfg(tmp_path / "a", tiny_model_dir, *extra)
+    trainer.train(straight)
+    data = tmp_path / "a" / "pairs.jsonl"
+    run = tmp_path / "b" / "run"
+    args = run_overrides(tiny_model_dir, data, run, "method=iopo", *extra)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "iopo", "train", *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    root, deadline = run / "checkpoints", time.time() + 240
+    while proc.poll() is None and time.time() < deadline:
+        names = [p.name for p in root.iterdir()] if root.is_dir() else []
+        if moment == "inside the checkpoint write" and any(n.startswith(".tmp-step-0000004") for n in names):
+            break
+        if moment == "right after a checkpoint" and "step-0000004" in names:
+            break
+        time.sleep(0.001)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before the kill: the window was missed"
+    resumed = trainer.train(load_config(None, [*args, "resume=true"]))
+    a, b = _final_weights(straight.run_dir), _final_weights(run)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=0, rtol=0)
+    straight_eval = json.loads((straight.run_dir / "eval.json").read_text())
+    assert resumed["margin_reward"] == pytest.approx(straight_eval["margin_reward"], abs=1e-6)
+    assert not any(p.name.startswith(".tmp-") for p in root.iterdir())  # the torn write was cleaned up
