@@ -19,6 +19,7 @@ arrives). A budget (max_judge_requests, max_cost) stops the run at a stage bound
 
 from __future__ import annotations
 
+import functools
 import gc
 import hashlib
 import json
@@ -27,6 +28,7 @@ import os
 import random
 import shutil
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -349,37 +351,24 @@ class Online:
                     "settings": settings_of(gen, self.cfg.data.max_prompt_length),
                 }
                 existing = read_records(output)
-                sink = JsonlSink(output)
                 if gen.engine == "vllm":
                     meta["settings"]["engine"] = "vllm"  # its answers never mix with the HF path's
                     engine = self.vllm_engine()
                     engine.load_weights(model, fingerprint)
-                    engine.generate(
-                        self.tokenizer,
-                        prompts,
-                        gen,
-                        meta=meta,
-                        done=set(existing),
-                        sink=sink,
-                        max_prompt_length=self.cfg.data.max_prompt_length,
+                    run, context = functools.partial(engine.generate, self.tokenizer), nullcontext()
+                else:
+                    run = functools.partial(
+                        generate_hf, model, self.tokenizer, progress=self.cfg.progress_bar
                     )
-                    by_key = read_records(output)
-                    return [
-                        by_key[record_key(fingerprint, meta["settings"], p["prompt_id"], j)]
-                        for p in prompts
-                        for j in range(gen.n)
-                    ]
-                with self.accelerator.autocast():
-                    generate_hf(
-                        model,
-                        self.tokenizer,
+                    context = self.accelerator.autocast()
+                with context:
+                    run(
                         prompts,
                         gen,
                         meta=meta,
                         done=set(existing),
-                        sink=sink,
+                        sink=JsonlSink(output),
                         max_prompt_length=self.cfg.data.max_prompt_length,
-                        progress=self.cfg.progress_bar,
                     )
             finally:
                 model.config.use_cache = use_cache
