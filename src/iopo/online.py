@@ -199,7 +199,6 @@ class Online:
         self.tcfg = cfg.train_config()
         self.run = cfg.run_dir
         self.stages = STAGES[cfg.method]
-        self.timeline: list[dict] = []
 
     def log(self, message: str) -> None:
         print(message, flush=True)
@@ -962,9 +961,10 @@ def online(cfg: OnlineConfig) -> dict:
     except BudgetReached as stop:
         status = f"stopped: {stop}"
         driver.log(f"[iopo] {status}. Everything finished is saved; raise the budget and rerun to go on.")
+    except BaseException as error:  # Ctrl-C, a judge server down, a NaN: the same command continues later
+        status = f"interrupted ({type(error).__name__}); rerun the same command to continue"
+        raise
     finally:
-        if status == "running":
-            status = "interrupted"
         summary = driver.write_summary(status)
         driver.close()
         driver.accelerator.end_training()
