@@ -168,3 +168,12 @@ def test_a_setting_added_after_a_run_was_written_does_not_block_its_resumption()
     assert changed_settings(saved, off) == ["model.disable_dropout (was None, now False)"]
     lr = cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"learning_rate": 1e-3})})
     assert changed_settings(cfg.model_dump(mode="json"), lr) == ["optim.learning_rate (was 5e-06, now 0.001)"]
+
+
+def test_an_override_with_a_colon_is_text_and_braces_make_a_mapping():
+    from iopo.config import ReportConfig
+
+    cfg = load_config(None, ["title=iopo online: Iter-DPO vs IOPO"], ReportConfig)
+    assert cfg.title == "iopo online: Iter-DPO vs IOPO"
+    data = load_config(None, ["data.columns={chosen: response.0, rejected: response.1}"])
+    assert data.data.columns == {"chosen": "response.0", "rejected": "response.1"}

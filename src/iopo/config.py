@@ -671,6 +671,8 @@ def parse_overrides(overrides: list[str]) -> dict:
             value = raw
         if isinstance(value, str) and _FLOAT_RE.match(value):
             value = float(value)  # YAML 1.1 reads "1e-6" as a string
+        if isinstance(value, dict) and not raw.lstrip().startswith("{"):
+            value = raw  # title="a: b" is text; a mapping is written {key: value}
         if key.rsplit(".", 1)[-1] in _PATH_KEYS and isinstance(value, str | int | float | bool | None):
             value = raw  # paths stay strings even if they look like numbers
         _set_dotted(tree, key, value)
