@@ -16,7 +16,7 @@ from iopo import trainer
 from iopo.cli import main as iopo_main
 from iopo.config import ConfigError, OnlineConfig, load_config
 
-from tiny import write_pairs
+from tiny import kill_9_when, write_pairs
 
 TINY = [
     "data.max_length=64",
@@ -331,28 +331,14 @@ def test_lora_rounds_generate_with_the_policy_adapter_and_export_merged(work, tm
 
 def test_kill_9_at_a_random_moment_then_the_same_command_finishes_the_same(work, tmp_path):
     """A real SIGKILL while round 2 runs (whatever it is doing then): the rerun ends with the uninterrupted weights."""
-    import os
     import signal
-    import subprocess
-    import sys
-    import time
 
     straight = tmp_path / "straight"
     online_mod.online(online_cfg(work, straight, "keep_ratio=1"))
     out = tmp_path / "killed"
     args = _cli_args(work, out, "keep_ratio=1")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "iopo", "online", *args],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 120
-    while not (out / "round_1" / "checkpoint").is_dir() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    code = kill_9_when(["online", *args], lambda: (out / "round_1" / "checkpoint").is_dir())
+    assert code == -signal.SIGKILL, "the run ended before the kill"
     assert (
         not (out / "online.json").is_file()
         or json.loads((out / "online.json").read_text())["status"] != "done"

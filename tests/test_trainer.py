@@ -14,7 +14,7 @@ from iopo.data import collate_pairs, load_training_data
 from iopo.losses import LOSSES
 from iopo.models import load_tokenizer
 
-from tiny import run_overrides, train_records, write_pairs
+from tiny import kill_9_when, run_overrides, train_records, write_pairs
 
 
 def make_cfg(tmp_path, model_dir, *extra, method="iopo"):
@@ -499,11 +499,7 @@ def test_dropout_is_a_deliberate_setting(tmp_path, tiny_model_dir, accelerator, 
 def test_kill_9_in_the_checkpoint_window_then_resume_equals_uninterrupted(tmp_path, tiny_model_dir, moment):
     """A real SIGKILL while a checkpoint is being written (its temp folder exists) or just after one is renamed into
     place: resume=true ends with the weights of the uninterrupted run, and no half checkpoint is ever resumed from."""
-    import os
     import signal
-    import subprocess
-    import sys
-    import time
 
     extra = ["iopo.n_iter=3", "iopo.n_mu=2", "iopo.n_nu=1", "save_steps=1", "save_total_limit=3"]
     straight = make_cfg(tmp_path / "a", tiny_model_dir, *extra)
@@ -511,24 +507,16 @@ def test_kill_9_in_the_checkpoint_window_then_resume_equals_uninterrupted(tmp_pa
     data = tmp_path / "a" / "pairs.jsonl"
     run = tmp_path / "b" / "run"
     args = run_overrides(tiny_model_dir, data, run, "method=iopo", *extra)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "iopo", "train", *args],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    root, deadline = run / "checkpoints", time.time() + 240
-    while proc.poll() is None and time.time() < deadline:
+    root = run / "checkpoints"
+
+    def ready() -> bool:
         names = [p.name for p in root.iterdir()] if root.is_dir() else []
-        if moment == "inside the checkpoint write" and any(n.startswith(".tmp-step-0000004") for n in names):
-            break
-        if moment == "right after a checkpoint" and "step-0000004" in names:
-            break
-        time.sleep(0.001)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run ended before the kill: the window was missed"
+        if moment == "inside the checkpoint write":
+            return any(n.startswith(".tmp-step-0000004") for n in names)
+        return "step-0000004" in names
+
+    code = kill_9_when(["train", *args], ready)
+    assert code == -signal.SIGKILL, "the run ended before the kill: the window was missed"
     resumed = trainer.train(load_config(None, [*args, "resume=true"]))
     a, b = _final_weights(straight.run_dir), _final_weights(run)
     for key in a:

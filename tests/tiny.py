@@ -123,3 +123,23 @@ def eval_records(run_dir) -> list[dict]:
 
     lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if "eval/pairwise_accuracy" in r]
+
+
+def kill_9_when(args: list[str], ready, timeout: float = 240.0) -> int:
+    """Run `python -m iopo *args` and SIGKILL it as soon as `ready()` is true (polled every millisecond).
+    Returns the return code: -SIGKILL when the kill landed, anything else when the run ended first."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "iopo", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + timeout
+    while proc.poll() is None and time.time() < deadline and not ready():
+        time.sleep(0.001)
+    proc.send_signal(signal.SIGKILL)
+    return proc.wait()
