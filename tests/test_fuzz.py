@@ -397,6 +397,17 @@ def test_absurd_schedules_are_refused_before_they_are_built(tiny_model_dir, tmp_
     assert len(err) == 1 and "model.lora_target_modules" in err[0] and "no_such_layer" in err[0]
 
 
+def test_an_output_folder_that_cannot_be_made_is_one_line(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    for command in ("train", "online", "train-rm"):
+        extra = ["judge.type=reward_model", "judge.model=x"] if command == "online" else []
+        assert iopo_main([command, f"output_dir={blocker / 'run'}", *extra]) == 2
+        err = _errors(capsys)
+        assert len(err) == 1 and str(blocker) in err[0], err
+    assert blocker.read_text() == "x"  # untouched
+
+
 def test_online_settings_are_bounded_too():
     with pytest.raises(ConfigError, match="rounds x steps_per_round"):
         load_config(None, ["method=dpo", "rounds=10000", "steps_per_round=1000"], OnlineConfig)

@@ -118,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, FileNotFoundError) as e:  # the user's input, said in one line
         print(f"iopo: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # an unwritable output folder, a full disk: the place and the reason, in one line
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"iopo: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
     except Exception as e:  # a judge server that fails, a run that diverges: one line, not a traceback
         from iopo.openai_client import ServerError
         from iopo.trainer import NonFiniteError
