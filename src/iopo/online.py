@@ -313,8 +313,8 @@ class Online:
         if jcfg is None:
             return None, None
         key = json.dumps(jcfg.model_dump(mode="json"), sort_keys=True)
-        if key not in self.judges:
-            name = "annotator" if role == "judge" else "scorer"
+        if key not in self.judges:  # one judge object per configuration, named after its setting
+            name = "score_judge" if role != "judge" and self.cfg.score_judge is not None else "judge"
             self.judges[key] = build_judge(name, jcfg, self.cfg.judge_dtype, self.cfg.model.trust_remote_code)
         return self.judges[key], jcfg
 

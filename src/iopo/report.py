@@ -277,7 +277,8 @@ def _online_section(online: list[dict]) -> list[str]:
         lines += [
             f"### {run['label']} round by round (`{run['folder']}`)",
             "",
-            "| round | reference | pairs trained on | separated / kept / human | margin reward | pairwise accuracy | "
+            "| round | reference | training pairs (the round's; iopo/dpo: the human pool) | separated / kept / human | "
+            "margin reward | pairwise accuracy | "
             "judged win | annotation requests | annotation cost | "
             + " | ".join(f"{st} (s)" for st in stages)
             + " |",
