@@ -27,6 +27,7 @@ from tiny import build_tokenizer
 
 HH_SHA256 = "ebfaaed21162a4de120ae85366075b34425e2a6303fac59b99555002f7016f03"
 HH_EMPTY_REPLY_LINES = [87, 517, 926, 1104]  # as an editor numbers the lines of test.jsonl
+HH_PARTED_LINES = [1255, 1689, 1951, 1953, 2037]  # chosen and rejected differ before the last reply
 
 
 def user(text):
@@ -104,16 +105,25 @@ def test_hh_transcripts_become_messages(tmp_path):
     assert (pair.chosen, pair.rejected) == ([assistant("A funny one.")], [assistant("No.")])
 
 
-def test_hh_split_survives_role_markers_inside_the_replies(tmp_path):
-    # The last "\n\nAssistant:" of chosen is inside its reply; the common prefix finds the real split.
+def test_hh_conversations_that_part_before_the_last_reply_are_a_row_error(tmp_path):
+    # chosen goes on for two more turns where rejected ends: its "completion" would hold the other history.
     history = "\n\nHuman: Q"
     row = {
         "chosen": history + "\n\nAssistant: Sure.\n\nHuman: ok\n\nAssistant: done",
         "rejected": history + "\n\nAssistant: No.",
     }
-    (pair,), _ = load_pairs(str(write_jsonl(tmp_path / "hh.jsonl", [row])))
-    assert pair.prompt == [user("Q")]
-    assert pair.chosen == [assistant("Sure.\n\nHuman: ok\n\nAssistant: done")]
+    path = write_jsonl(tmp_path / "hh.jsonl", [row])
+    with pytest.raises(
+        DataError, match=r"line 1: field 'chosen': chosen and rejected differ before their last reply"
+    ):
+        load_pairs(str(path))
+    # A reply that only mentions a role without a new turn is fine.
+    ok = {
+        "chosen": history + "\n\nAssistant: A Human: could say that.",
+        "rejected": history + "\n\nAssistant: No.",
+    }
+    (pair,), _ = load_pairs(str(write_jsonl(tmp_path / "ok.jsonl", [ok])))
+    assert pair.chosen == [assistant("A Human: could say that.")]
 
 
 def test_sharegpt_rows_with_system_column(tmp_path):
@@ -395,9 +405,11 @@ def test_hh_rlhf_harmless_base(shared_data):
     with pytest.raises(DataError, match=rf"^{path}: line 87: field 'chosen': empty completion$"):
         load_pairs(path)
     pairs, rejects = load_pairs(path, skip_invalid=True)
-    assert len(pairs) == 2308
-    assert [r["line"] for r in rejects] == HH_EMPTY_REPLY_LINES
-    assert all(r["reason"] == "empty completion" for r in rejects)
+    assert len(pairs) == 2303
+    assert [r["line"] for r in rejects] == sorted(HH_EMPTY_REPLY_LINES + HH_PARTED_LINES)
+    reasons = {r["line"]: r["reason"] for r in rejects}
+    assert all(reasons[line] == "empty completion" for line in HH_EMPTY_REPLY_LINES)
+    assert all(reasons[line].startswith("chosen and rejected differ before") for line in HH_PARTED_LINES)
     for pair in pairs:
         roles = [m["role"] for m in pair.prompt]
         assert roles[0] == "user" and roles[-1] == "user"
@@ -651,13 +663,13 @@ def test_load_training_data_on_the_embedded_data(tokenizer, tmp_path):
     cfg = DataConfig(max_length=64, max_prompt_length=32)
     assert cfg.path is None and cfg.skip_invalid is None
     train, test, report = load_training_data(cfg, tokenizer, tmp_path)
-    assert report["rows"] == 2312 and report["rejected"] == 4 and report["format"] == "hh"
+    assert report["rows"] == 2312 and report["rejected"] == 9 and report["format"] == "hh"
     assert (report["train_pairs"], report["test_pairs"]) == (len(train), len(test))
-    assert len(train) + len(test) == 2308 and len(test) == 231
+    assert len(train) + len(test) == 2303 and len(test) == 230
     assert not {tuple(p.prompt_ids) for p in train} & {tuple(p.prompt_ids) for p in test}
     assert report["prompts_truncated"] > 0 and report["max_tokens"] == 64
     lines = (tmp_path / "rejects.jsonl").read_text(encoding="utf-8").splitlines()
-    assert [json.loads(line)["line"] for line in lines] == HH_EMPTY_REPLY_LINES
+    assert [json.loads(line)["line"] for line in lines] == sorted(HH_EMPTY_REPLY_LINES + HH_PARTED_LINES)
     assert report["rejects_file"] == str(tmp_path / "rejects.jsonl")
     json.dumps(report)  # the trainer logs it as JSON
 

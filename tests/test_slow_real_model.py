@@ -50,7 +50,7 @@ def test_iopo_on_the_real_model_and_data(tmp_path, lora):
     assert records[0]["loss"] == pytest.approx(records[0]["is/weight_mean"] * math.log(2), rel=1e-4)
     assert results["n_pairs"] == 8 and 0.0 <= results["pairwise_accuracy"] <= 1.0
     rejects = (cfg.run_dir / "rejects.jsonl").read_text().splitlines()
-    assert len(rejects) == 4  # harmless-base's four empty final replies, reported, not dropped silently
+    assert len(rejects) == 9  # 4 empty final replies and 5 parted histories, reported, not dropped silently
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(cfg.run_dir / "final").config.model_type == "llama"

@@ -107,7 +107,7 @@ class DataConfig(_Part):
     skip_invalid: bool | None = Field(
         None,
         description="Count bad rows, write them to rejects.jsonl and go on; unset = true for the embedded data "
-        "(its 4 known empty replies are reported), false for yours (the first bad row stops the run).",
+        "(its 9 known bad rows are reported), false for yours (the first bad row stops the run).",
     )
 
     @model_validator(mode="after")

@@ -286,7 +286,7 @@ def load_split(cfg) -> tuple[list[PreferencePair], list[PreferencePair], list[di
 
     Without cfg.test_path the file is split by prompt (shuffled, seeded); with it both files keep their order.
     max_train_samples / max_eval_samples take the first N after that. skip_invalid=None means true for the
-    embedded data (its 4 empty replies are reported) and false for the user's (the first bad row stops the run).
+    embedded data (its 9 unusable rows are reported) and false for the user's (the first bad row stops the run).
     """
     embedded = cfg.path is None
     path = str(default_data_path()) if embedded else cfg.path

@@ -1,9 +1,10 @@
-"""Reading preference rows (JSON, JSON Lines, gzip, parquet, `datasets`) and parsing each into a PreferencePair.
+"""Reading preference rows (JSON, JSON Lines, gzip, parquet, data folders, `datasets`) and parsing each into a
+PreferencePair.
 
 Formats follow TRL's (https://huggingface.co/docs/trl/dataset_formats), plus Anthropic hh-rlhf transcripts and
-LLaMA-Factory sharegpt rows. `format="auto"` picks one per file from the first usable row; every row is then parsed
-with it. A bad row raises DataError naming file, row and field, or with `skip_invalid` becomes a reject record:
-nothing is dropped silently.
+LLaMA-Factory sharegpt rows. `format="auto"` picks one per file, the format most of its rows are in; a row that
+does not fit its file's format is that row's error. A bad row raises DataError naming file, line (JSON Lines, from 1)
+or row (0-based elsewhere) and field, or with `skip_invalid` becomes a reject record: nothing is dropped silently.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ _RECORD = "(record)"  # the field named when the whole row is unusable (not JSON
 
 
 class DataError(ValueError):
-    """Unusable data. One line: "<file>: row <n>: field '<field>': <reason>" for a row, "<file>: <reason>" else."""
+    """Unusable data. One line: "<file>: <line N | row N (0-based)>: field '<field>': <reason>" for a row,
+    "<file>: <reason>" else."""
 
     def __init__(
         self, message: str, *, source: str | None = None, row: int | None = None, field: str | None = None
@@ -489,7 +491,8 @@ def looks_like_hh(text: str) -> bool:
 
 def _hh(record: dict) -> tuple:
     """ "\\n\\nHuman: …\\n\\nAssistant: …" transcripts: the prompt is the longest common prefix cut back to its last
-    "\\n\\nAssistant:" (robust where a reply itself contains role markers); history turns become messages."""
+    "\\n\\nAssistant:"; history turns become messages. Conversations that part before the last reply (a completion
+    holding further turns) are a row error, not a completion with the other history inside."""
     chosen, rejected = (_text(_required(record, k), k) for k in ("chosen", "rejected"))
     chosen, rejected = (
         "\n\n" + t.lstrip() if t.lstrip().startswith("Human:") else t for t in (chosen, rejected)
@@ -513,6 +516,13 @@ def _hh(record: dict) -> tuple:
         reply = text[cut + len(_HH_ASSISTANT) :].strip()
         if not reply:
             raise _RowError(field, "empty completion")
+        turn = _HH_TURN.search(reply)
+        if turn:  # the histories part before the last reply: training on it would put turns in a completion
+            raise _RowError(
+                field,
+                f"chosen and rejected differ before their last reply (this completion holds a further "
+                f"'{turn.group(1)}:' turn)",
+            )
         replies.append([{"role": "assistant", "content": reply}])
     if replies[0] == replies[1]:
         raise _RowError("rejected", "same as chosen")
