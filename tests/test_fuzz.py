@@ -411,3 +411,24 @@ def test_an_output_folder_that_cannot_be_made_is_one_line(tmp_path, capsys):
 def test_online_settings_are_bounded_too():
     with pytest.raises(ConfigError, match="rounds x steps_per_round"):
         load_config(None, ["method=dpo", "rounds=10000", "steps_per_round=1000"], OnlineConfig)
+
+
+def test_the_hostile_input_benchmark_finds_nothing_wrong(tmp_path):
+    """benchmarks/hostile_input.py on a few seeded files: no traceback, no silent mangle, every bad row rejected."""
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "hostile_input.py"
+    out = tmp_path / "hostile.json"
+    done = subprocess.run(
+        [sys.executable, str(script), "--files", "40", "--seed", "7", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    counts = json.loads(out.read_text())["counts"]
+    assert counts["files"] > 30 and counts["bad rows"] > 20
+    for key in ("tracebacks", "wrong messages", "bad rows accepted", "good rows rejected", "silent mangles"):
+        assert counts[key] == 0, (key, json.loads(out.read_text())["failures"])
+    assert counts["config tracebacks"] == counts["config wrong outcomes"] == 0
