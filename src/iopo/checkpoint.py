@@ -58,7 +58,7 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 CHECKSUMS = "checksums.json"
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     import hashlib
 
     digest = hashlib.sha256()
@@ -71,7 +71,7 @@ def _sha256(path: Path) -> str:
 def write_checksums(folder: Path) -> None:
     """sha256 of every file of a checkpoint, written last (the checkpoint is complete when this file is)."""
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS)
-    sums = {str(p.relative_to(folder)): _sha256(p) for p in files}
+    sums = {str(p.relative_to(folder)): sha256_file(p) for p in files}
     (folder / CHECKSUMS).write_text(json.dumps(sums, indent=1), encoding="utf-8")
 
 
@@ -89,7 +89,7 @@ def damage_of(folder: Path) -> str | None:
         path = folder / name
         if not path.is_file():
             return f"{name} is missing"
-        if _sha256(path) != expected:
+        if sha256_file(path) != expected:
             return f"{name} does not match its checksum"
     return None
 
@@ -215,12 +215,9 @@ def prepare_run_dir(run_dir: Path, resume_step: int | None) -> None:
 
 
 def check_resume_config(saved: dict, cfg: TrainConfig) -> None:
-    diffs = changed_settings(saved, cfg, RESUME_FREE_KEYS)
+    diffs = changed_settings(saved, cfg, RESUME_FREE_KEYS, then="checkpoint")
     if diffs:
-        raise ConfigError(
-            "cannot resume with changed settings: "
-            + "; ".join(d.replace("(was", "(checkpoint") for d in diffs)
-        )
+        raise ConfigError("cannot resume with changed settings: " + "; ".join(diffs))
 
 
 def rng_state() -> dict:
@@ -272,8 +269,7 @@ def begin_write(run_dir: Path, step: int) -> tuple[Path, Path]:
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
     tmp = root / f".tmp-step-{step:07d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    begin_folder(tmp)
     return tmp, final
 
 

@@ -532,7 +532,7 @@ class OnlineConfig(_Part):
     @model_validator(mode="before")
     @classmethod
     def _shorthands(cls, values: Any) -> Any:
-        return _expand(values, model="name_or_path", data="path")
+        return TrainConfig._shorthands(values)
 
     @model_validator(mode="after")
     def _consistent(self) -> OnlineConfig:
@@ -742,8 +742,11 @@ def load_config(
         raise ConfigError(_format_error(e, source)) from None
 
 
-def changed_settings(saved: dict, cfg: BaseModel, free: set[str] = frozenset()) -> list[str]:
-    """The settings (one level deep, "section.key") where a saved config differs from `cfg`, as "key (was, now)".
+def changed_settings(
+    saved: dict, cfg: BaseModel, free: set[str] = frozenset(), then: str = "was"
+) -> list[str]:
+    """The settings (one level deep, "section.key") where a saved config differs from `cfg`, as "key (then X, now
+    Y)", `then` naming the saved side.
     A key the saved config lacks counts as unchanged when `cfg` has it at its default: a setting added to iopo
     after the run was written does not block its resumption."""
     now = cfg.model_dump(mode="json")
@@ -763,9 +766,9 @@ def changed_settings(saved: dict, cfg: BaseModel, free: set[str] = frozenset()) 
                 if old == value.get(sub) or (old is missing and sub in base and value.get(sub) == base[sub]):
                     continue
                 shown = None if old is missing else old
-                diffs.append(f"{key}.{sub} (was {shown!r}, now {value.get(sub)!r})")
+                diffs.append(f"{key}.{sub} ({then} {shown!r}, now {value.get(sub)!r})")
         else:
-            diffs.append(f"{key} (was {None if was is missing else was!r}, now {value!r})")
+            diffs.append(f"{key} ({then} {None if was is missing else was!r}, now {value!r})")
     return diffs
 
 

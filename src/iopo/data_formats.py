@@ -599,12 +599,11 @@ def _oversized(value: Any, limit: int, path: str = "") -> tuple[str, int] | None
     return None
 
 
-def _format_of_file(mapped: list[dict | None], label: str) -> str | None:
-    """The format most rows of a file are in (each row judged alone; ties go to the first seen): one odd row does
-    not decide for the others, it becomes that row's error."""
+def _format_of_file(mapped: list[dict | None], detected: list[str | None], label: str) -> str | None:
+    """The format most rows of a file are in (`detected`: each row's own, judged alone; ties go to the first seen):
+    one odd row does not decide for the others, it becomes that row's error."""
     counts: dict[str, int] = {}
-    for record in mapped:
-        found = detect_format(record) if record is not None else None
+    for found in detected:
         if found:
             counts[found] = counts.get(found, 0) + 1
     if not counts:
@@ -647,6 +646,9 @@ def load_rows(
     mapped = [
         _apply_columns(r, columns) if e is None and isinstance(r, dict) else None for r, e, _, _ in rows
     ]
+    detected = [
+        detect_format(m) if m is not None and format == "auto" else None for m in mapped
+    ]  # each row alone
 
     # The format is decided per file (a folder may mix files of different formats), from all its rows.
     formats: dict[str, str | None] = {}
@@ -654,13 +656,14 @@ def load_rows(
         if format != "auto":
             formats[file] = format
         else:
+            in_file = [i for i, (_, _, f, _) in enumerate(rows) if f == file]
             formats[file] = _format_of_file(
-                [m for m, (_, _, f, _) in zip(mapped, rows, strict=True) if f == file], file
+                [mapped[i] for i in in_file], [detected[i] for i in in_file], file
             )
 
     pairs: list[PreferencePair] = []
     rejects: list[dict] = []
-    for (record, error, file, where), record_mapped in zip(rows, mapped, strict=True):
+    for (record, error, file, where), record_mapped, own in zip(rows, mapped, detected, strict=True):
         try:
             if error is not None:
                 raise _RowError(*error)
@@ -674,7 +677,6 @@ def load_rows(
                 )
             file_format = formats[file]
             prompt, chosen, rejected = PARSERS[file_format](record_mapped)
-            own = detect_format(record_mapped) if format == "auto" else None
             if own and own != file_format:
                 field = "chosen" if {own, file_format} <= {"hh", "implicit", "standard"} else "prompt"
                 raise _RowError(

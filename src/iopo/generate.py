@@ -312,12 +312,17 @@ def generate_answers(
     loaded=None,
     label: str | None = None,
     progress: bool = True,
+    engine=None,
 ) -> tuple[list[dict], dict]:
     """Generate what `output` lacks and return (the records of these prompts, in prompt order, and the timing).
 
-    `loaded` = (model, tokenizer, fingerprint, label) reuses a model the caller already holds (iopo eval).
+    `loaded` = (model, tokenizer, fingerprint, label) reuses a model the caller already holds (iopo eval, the online
+    rounds). `engine` (the online rounds' iopo.vllm_engine.VllmEngine, holding `loaded`'s weights) generates instead
+    of HF `generate`; its answers are keyed apart.
     """
     settings = settings_of(gen, max_prompt_length)
+    if engine is not None:
+        settings["engine"] = "vllm"  # its answers never mix with the HF path's
     if gen.backend == "openai":
         meta = {"model": label or gen.api_model or "server", "model_fingerprint": openai_fingerprint(gen)}
     elif loaded is not None:
@@ -341,6 +346,10 @@ def generate_answers(
 
     if gen.backend == "openai":
         timing = generate_openai(prompts, gen, meta=meta, done=done, sink=collect, progress=progress)
+    elif engine is not None:
+        timing = engine.generate(
+            tokenizer, prompts, gen, meta=meta, done=done, sink=collect, max_prompt_length=max_prompt_length
+        )
     else:
         timing = generate_hf(
             model,

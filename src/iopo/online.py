@@ -19,7 +19,6 @@ arrives). A budget (max_judge_requests, max_cost) stops the run at a stage bound
 
 from __future__ import annotations
 
-import functools
 import gc
 import hashlib
 import json
@@ -105,11 +104,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def file_hash(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
+    return ckpt.sha256_file(path)[:16]
 
 
 def answers_of(path: Path, prompts: list[dict], n: int) -> list[dict]:
@@ -332,7 +327,8 @@ class Online:
     # --- the policy as a generator
 
     def generate(self, prompts: list[dict], gen, output: Path, label: str) -> list[dict]:
-        from iopo.generate import JsonlSink, generate_hf, read_records, record_key, settings_of
+        """The current policy's answers (what `output` lacks is generated), n per prompt, in prompt order."""
+        from iopo.generate import generate_answers
         from iopo.models import model_fingerprint
 
         policy = self.session.policy
@@ -344,40 +340,24 @@ class Online:
             model.config.use_cache = True
             try:
                 fingerprint = model_fingerprint(model)
-                meta = {
-                    "model": label,
-                    "model_fingerprint": fingerprint,
-                    "settings": settings_of(gen, self.cfg.data.max_prompt_length),
-                }
-                existing = read_records(output)
-                if gen.engine == "vllm":
-                    meta["settings"]["engine"] = "vllm"  # its answers never mix with the HF path's
-                    engine = self.vllm_engine()
+                engine = self.vllm_engine() if gen.engine == "vllm" else None
+                if engine is not None:
                     engine.load_weights(model, fingerprint)
-                    run, context = functools.partial(engine.generate, self.tokenizer), nullcontext()
-                else:
-                    run = functools.partial(
-                        generate_hf, model, self.tokenizer, progress=self.cfg.progress_bar
-                    )
-                    context = self.accelerator.autocast()
-                with context:
-                    run(
+                with self.accelerator.autocast() if engine is None else nullcontext():
+                    records, _ = generate_answers(
+                        None,
                         prompts,
                         gen,
-                        meta=meta,
-                        done=set(existing),
-                        sink=JsonlSink(output),
+                        output,
                         max_prompt_length=self.cfg.data.max_prompt_length,
+                        loaded=(model, self.tokenizer, fingerprint, label),
+                        progress=self.cfg.progress_bar,
+                        engine=engine,
                     )
             finally:
                 model.config.use_cache = use_cache
                 model.train(was_training)
-        by_key = read_records(output)
-        return [
-            by_key[record_key(fingerprint, meta["settings"], p["prompt_id"], j)]
-            for p in prompts
-            for j in range(gen.n)
-        ]
+        return records
 
     def vllm_engine(self):
         if getattr(self, "_vllm", None) is None:
@@ -424,15 +404,6 @@ class Online:
                 f"{what} needs {planned_requests} judge requests and {spent['requests']} of "
                 f"max_judge_requests={cfg.max_judge_requests} are spent; stopped before it"
             )
-
-    def missing_judgments(self, judge, kind: str, items: list[tuple]) -> int:
-        from iopo.judges import judgment_key
-
-        keys = {
-            judgment_key(judge.judge_id, kind, i[0], i[1], i[2] if kind == "pairwise" else None)
-            for i in items
-        }
-        return len(keys) - len(self.get_store().judgments(list(keys)))
 
     # --- the start: the starting model's test log-probs and answers, once
 
@@ -556,8 +527,8 @@ class Online:
             raise ConfigError(f"annotate_by={mode}, but the judge answers only {'/'.join(judge.modes)}")
         return mode
 
-    def _annotation_items(self, folder: Path, mode: str) -> tuple[list[dict], list[tuple], list[tuple]]:
-        """(generation records, items to judge, what each item is: (prompt index, i, j))."""
+    def _annotation_items(self, folder: Path, mode: str) -> tuple[list[tuple], list[tuple]]:
+        """(items to judge, what each item is: (prompt index, answer i, answer j or None))."""
         prompts = read_jsonl(folder / "prompts.jsonl")
         gen = self.cfg.generation
         records = self.generate_records(folder)
@@ -576,7 +547,7 @@ class Online:
                         what.append((p, i, j))
                         items.append((a["prompt"], b["answer"], a["answer"]))
                         what.append((p, j, i))
-        return records, items, what
+        return items, what
 
     def generate_records(self, folder: Path) -> list[dict]:
         """The round's answers in prompt order (n per prompt), from its generations.jsonl."""
@@ -585,12 +556,12 @@ class Online:
         )
 
     def stage_judge(self, k: int, folder: Path, manifest: Manifest) -> dict:
-        from iopo.judges import run_judge
+        from iopo.judges import pending, run_judge
 
         judge, jcfg = self.get_judge("judge")
         mode = self._annotation_mode(judge, jcfg)
-        _, items, what = self._annotation_items(folder, mode)
-        planned = self.missing_judgments(judge, mode, items)
+        items, what = self._annotation_items(folder, mode)
+        planned = pending(judge, self.get_store(), mode, items)
         self.check_budget(planned, f"round {k}'s judging")
         session = f"round_{k}/annotate"
         results, counts = run_judge(judge, self.get_store(), mode, items, session, self.cfg.progress_bar)
@@ -746,7 +717,8 @@ class Online:
                 shutil.rmtree(path)
 
     def stage_score(self, k: int, folder: Path, manifest: Manifest) -> dict:
-        from iopo.judges.compare import judge_against
+        from iopo.judges import pending
+        from iopo.judges.compare import comparison_items, judge_against
 
         cfg = self.cfg
         metrics = {}
@@ -768,23 +740,12 @@ class Online:
                 folder / "score_generations.jsonl",
                 f"{cfg.method}-round{k}",
             )
-            kind = "score" if "score" in judge.modes and jcfg.type == "reward_model" else judge.modes[0]
-            items = (
-                [(r["prompt"], r["answer"]) for r in answers + self.start_answers]
-                if kind == "score"
-                else [
-                    (m["prompt"], m["answer"], b["answer"])
-                    for m, b in zip(answers, self.start_answers, strict=True)
-                ]
-                + [
-                    (m["prompt"], b["answer"], m["answer"])
-                    for m, b in zip(answers, self.start_answers, strict=True)
-                ]
-            )
-            self.check_budget(self.missing_judgments(judge, kind, items), f"round {k}'s scoring")
+            kind = judge.modes[0]  # a reward model scores; an LLM judge compares (both orders)
+            items = comparison_items(kind, answers, self.start_answers)
+            self.check_budget(pending(judge, self.get_store(), kind, items), f"round {k}'s scoring")
             session = f"round_{k}/score"
             table = judge_against(
-                _OneMode(judge, kind),
+                judge,
                 self.get_store(),
                 session,
                 jcfg,
@@ -793,6 +754,7 @@ class Online:
                 n=1,
                 boot={"n_boot": cfg.bootstrap, "confidence": cfg.confidence, "seed": cfg.seed},
                 progress=cfg.progress_bar,
+                modes=[kind],
             )
             t = table.get("table1") or table.get("table2")
             scores.update(
@@ -831,20 +793,6 @@ class Online:
         summary = summarize(self.run, self.cfg, status)
         write_json(self.run / "online.json", summary)
         return summary
-
-
-class _OneMode:
-    """A judge seen through one of its modes (the scoring asks a rubric judge for scores, a pairwise one for A/B)."""
-
-    def __init__(self, judge, mode: str):
-        self._judge, self.modes = judge, [mode]
-        self.name, self.judge_id = judge.name, judge.judge_id
-
-    def pairwise(self, items):
-        return self._judge.pairwise(items)
-
-    def score(self, items):
-        return self._judge.score(items)
 
 
 def _pairwise_confidence(first: dict, second: dict) -> float:

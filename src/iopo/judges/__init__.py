@@ -28,6 +28,19 @@ def judgment_key(judge_id: str, kind: str, prompt, answer_a: str, answer_b: str 
     return text_key(judge_id, kind, prompt, answer_a, answer_b)
 
 
+def _keys(judge: Judge, kind: str, items: list[tuple]) -> list[str]:
+    return [
+        judgment_key(judge.judge_id, kind, item[0], item[1], item[2] if kind == "pairwise" else None)
+        for item in items
+    ]
+
+
+def pending(judge: Judge, store, kind: str, items: list[tuple]) -> int:
+    """How many requests run_judge would make for these items: the distinct ones the store has no judgment for."""
+    keys = set(_keys(judge, kind, items))
+    return len(keys) - len(store.judgments(list(keys)))
+
+
 def run_judge(
     judge: Judge, store, kind: str, items: list[tuple], session: str, progress: bool = True
 ) -> tuple[list[dict], dict]:
@@ -36,10 +49,7 @@ def run_judge(
 
     Returns (results in item order, {"new": n asked, "reused": n found in the store}).
     """
-    keys = [
-        judgment_key(judge.judge_id, kind, item[0], item[1], item[2] if kind == "pairwise" else None)
-        for item in items
-    ]
+    keys = _keys(judge, kind, items)
     found = store.judgments(keys)
     missing: dict[str, tuple] = {}
     for key, item in zip(keys, items, strict=True):

@@ -9,6 +9,15 @@ from iopo import stats
 from iopo.judges import run_judge
 
 
+def comparison_items(kind: str, model_recs: list[dict], base_recs: list[dict]) -> list[tuple]:
+    """What judge_against asks a judge of `kind`: each pair in both orders (model first, then baseline first), or
+    every answer of both to score."""
+    if kind == "pairwise":
+        ab = [(m["prompt"], m["answer"], b["answer"]) for m, b in zip(model_recs, base_recs, strict=True)]
+        return ab + [(p, b, a) for p, a, b in ab]
+    return [(r["prompt"], r["answer"]) for r in model_recs + base_recs]
+
+
 def judge_against(
     judge,
     store,
@@ -20,13 +29,15 @@ def judge_against(
     n: int,
     boot: dict,
     progress,
+    modes: list[str] | None = None,
 ) -> dict:
     """Table 1 (and Table 2 for rubric scores) of one model's answers against the baseline's, by one judge.
 
     The answer lists are aligned: n answers per prompt, prompt by prompt. Pairwise judges are asked both orders
     (MT-Bench's rule); a reward model's score gap gives the verdict; a 0-3 rubric gives Table 2. `boot` is
-    {"n_boot", "confidence", "seed"} of the bootstrap over prompts.
+    {"n_boot", "confidence", "seed"} of the bootstrap over prompts. `modes` picks some of the judge's modes.
     """
+    modes = modes or judge.modes
     n_prompts = len(model_recs) // n
     out: dict = {"n_prompts": n_prompts, "n_answers": len(model_recs)}
 
@@ -40,13 +51,10 @@ def judge_against(
         table["invalid"] = sum(o == "invalid" for o in flat)
         return table
 
-    if "pairwise" in judge.modes:
-        items_ab = [
-            (m["prompt"], m["answer"], b["answer"]) for m, b in zip(model_recs, base_recs, strict=True)
-        ]
-        items_ba = [(p, b, a) for p, a, b in items_ab]
-        results, counts = run_judge(judge, store, "pairwise", items_ab + items_ba, session, progress)
-        half = len(items_ab)
+    if "pairwise" in modes:
+        items = comparison_items("pairwise", model_recs, base_recs)
+        results, counts = run_judge(judge, store, "pairwise", items, session, progress)
+        half = len(model_recs)
         combined = [
             stats.pairwise_outcome(results[i].get("winner"), results[half + i].get("winner"))
             for i in range(half)
@@ -60,8 +68,8 @@ def judge_against(
         table["requests"] = counts
         out["table1"] = table
 
-    if "score" in judge.modes:
-        items = [(r["prompt"], r["answer"]) for r in model_recs + base_recs]
+    if "score" in modes:
+        items = comparison_items("score", model_recs, base_recs)
         results, counts = run_judge(judge, store, "score", items, session, progress)
         scores = [r.get("score") if r.get("valid") else None for r in results]
         model_scores, base_scores = scores[: len(model_recs)], scores[len(model_recs) :]
