@@ -102,3 +102,35 @@ def test_parse_winner_is_strict(reply, winner):
 )
 def test_parse_score_is_strict(reply, score):
     assert parse_score(reply) == score
+
+
+def test_cohen_kappa_by_hand():
+    # 10 items; rater a says x 6 times, rater b 5 times; they agree on 7 (4 x, 3 y).
+    a = ["x"] * 6 + ["y"] * 4
+    b = ["x"] * 4 + ["y"] * 2 + ["y"] * 3 + ["x"]
+    # p_o = 0.7; p_e = 0.6*0.5 + 0.4*0.5 = 0.5; kappa = (0.7 - 0.5) / 0.5 = 0.4
+    assert stats.cohen_kappa(a, b) == (pytest.approx(0.4), 10)
+    # Items one rater left out are not counted; identical constant labels give no measurable kappa.
+    assert stats.cohen_kappa(a + [None], b + ["x"]) == (pytest.approx(0.4), 10)
+    assert math.isnan(stats.cohen_kappa(["x", "x"], ["x", "x"])[0])
+    assert stats.cohen_kappa(["x", "y"], ["y", "x"])[0] == pytest.approx(-1.0)
+
+
+def test_krippendorff_alpha_matches_the_published_example():
+    # Krippendorff (2011), "Computing Krippendorff's alpha-reliability", 4 observers x 12 units with gaps:
+    # alpha = 0.743 (nominal) and 0.849 (interval).
+    rows = [
+        [1, 2, 3, 3, 2, 1, 4, 1, 2, None, None, None],
+        [1, 2, 3, 3, 2, 2, 4, 1, 2, 5, None, 3],
+        [None, 3, 3, 3, 2, 3, 4, 2, 2, 5, 1, None],
+        [1, 2, 3, 3, 2, 4, 4, 1, 2, 5, 1, None],
+    ]
+    units = [[row[j] for row in rows] for j in range(12)]
+    nominal, n = stats.krippendorff_alpha(units, "nominal")
+    assert round(nominal, 3) == 0.743 and n == 40  # unit 12 has one value: not pairable
+    assert round(stats.krippendorff_alpha(units, "interval")[0], 3) == 0.849
+    # Two raters who always agree: alpha 1; who always disagree on two labels: below 0.
+    assert stats.krippendorff_alpha([["a", "a"], ["b", "b"]])[0] == pytest.approx(1.0)
+    assert stats.krippendorff_alpha([["a", "b"], ["b", "a"]])[0] < 0
+    assert math.isnan(stats.krippendorff_alpha([["a", "a"], ["a", "a"]])[0])
+    assert math.isnan(stats.krippendorff_alpha([["a"], [None, "b"]])[0])

@@ -55,6 +55,13 @@ COMMANDS = {
         "online rounds: Iter-DPO with a judge, or IOPO / DPO on the human pairs, resumable stage by stage",
         example="iopo online --config configs/online.yaml method=iter_dpo judge.model=runs/rm/final",
     ),
+    "rate": Command(
+        C.RateConfig,
+        "iopo.rate:rate_command",
+        "a local page where people rate an eval's answers blind (0-3 scores, a preference), then human tables",
+        positional="eval_dir",
+        example="iopo rate evals/quickstart   (then open the printed URL; Ctrl-C writes the tables)",
+    ),
     "plot": Command(
         C.PlotConfig,
         "iopo.plots:plot_command",

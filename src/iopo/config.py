@@ -617,6 +617,59 @@ class ReportConfig(_Part):
     title: str = "iopo report"
 
 
+class RateConfig(_Part):
+    """`iopo rate EVAL_DIR`: a local page where people rate an eval's answers blind (0-3 scores and a preference)."""
+
+    eval_dir: str | None = Field(
+        None, description="The eval folder (of `iopo eval`) whose answers are rated; the positional argument."
+    )
+    models: list[str] = Field(
+        default_factory=list,
+        description="Rate these of the eval's models against its baseline; empty = every model.",
+    )
+    host: str = Field(
+        "127.0.0.1",
+        description="Address to bind; the default serves this machine only. 0.0.0.0 shares the page with the "
+        "network (anyone who can reach it can rate).",
+    )
+    port: int = Field(8808, ge=0, le=65535, description="Port; 0 = any free port (printed).")
+    overlap: float = Field(
+        0.2,
+        ge=0,
+        le=1,
+        description="Share of the pairs every rater is shown (for inter-rater agreement); each other pair goes "
+        "to one rater only.",
+    )
+    max_pairs: int | None = Field(
+        None, gt=0, description="Rate only the first N pairs of the fixed shuffled order."
+    )
+    seed: int = Field(
+        0, ge=0, lt=2**32, description="Seed of the pair order, the overlap draw and left/right."
+    )
+    claim_minutes: float = Field(
+        30.0,
+        gt=0,
+        le=7 * 24 * 60,
+        description="A pair shown to a rater is held for them this long before another rater may get it.",
+    )
+    serve: bool = Field(
+        True,
+        description="false: do not serve; recompute the human tables into eval.json and write the exports.",
+    )
+    bootstrap: int = Field(1000, ge=0, le=100000, description="Bootstrap resamples for the CIs.")
+    confidence: float = Field(0.95, gt=0, lt=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_folder(cls, values: Any) -> Any:
+        if isinstance(values, dict) and isinstance(values.get("eval_dir"), list):
+            folders = values["eval_dir"]
+            if len(folders) != 1:
+                raise ValueError(f"rate one eval folder at a time (got {len(folders)})")
+            values = {**values, "eval_dir": folders[0]}
+        return values
+
+
 _SHORTHANDS = {"model": "name_or_path", "data": "path"}
 # Override values under these final keys stay strings even when they look like numbers or YAML.
 _PATH_KEYS = {
@@ -629,6 +682,7 @@ _PATH_KEYS = {
     "baseline",
     "output",
     "base_url",
+    "eval_dir",
 }
 _FLOAT_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import time
+from collections import Counter
 from pathlib import Path
 
 from iopo import stats
@@ -211,6 +212,9 @@ def evaluate(cfg: EvalConfig) -> dict:
         results["ledger"] = {"this_run": store.ledger(session), "all_runs": store.ledger()}
     finally:
         store.close()
+    human = _human_tables(out_dir, results, cfg)
+    if human:
+        results["human"] = human
     results["timings"] = timings
     results["seconds"] = time.time() - started
     (out_dir / "eval.json").write_text(
@@ -219,6 +223,26 @@ def evaluate(cfg: EvalConfig) -> dict:
     print(format_eval(results))
     print(f"[iopo] eval done in {results['seconds']:.0f}s; results in {out_dir / 'eval.json'}")
     return results
+
+
+def _human_tables(out_dir: Path, results: dict, cfg: EvalConfig) -> dict | None:
+    """The folder's human ratings (`iopo rate`), recomputed against this eval's answers and judges."""
+    from iopo.human import RatingBook, has_ratings, summarize
+
+    if not has_ratings(out_dir):
+        return None
+    book = RatingBook(out_dir, results=results)
+    try:
+        return summarize(
+            book.ratings(),
+            results,
+            out_dir / "store.sqlite",
+            boot={"n_boot": cfg.bootstrap, "confidence": cfg.confidence, "seed": cfg.seed},
+            stale=book.stale_ratings(),
+            pairs=dict(Counter(p.model for p in book.pairs)),
+        )
+    finally:
+        book.close()
 
 
 def _safe_name(label: str) -> str:
@@ -288,6 +312,10 @@ def format_eval(results: dict) -> str:
                     f"{_pct(t2['bad'])}  (judged {t2['n']}, invalid {t2['invalid']})"
                 )
                 lines.append(f"  mean score {label} {_pct(ms['model'])}, {base} {_pct(ms['baseline'])}")
+    if results.get("human"):
+        from iopo.human import format_human
+
+        lines += ["", format_human(results["human"], base)]
     ledger = results.get("ledger")
     if ledger:
         lines.append("")

@@ -137,6 +137,12 @@ def _eval_section(ev: dict) -> list[str]:
                 t1_rows.append((judge, entry, model, tables["table1"]))
             if tables.get("table2"):
                 t2_rows.append((judge, entry, model, tables["table2"]))
+    human = data.get("human") or {}
+    n_raters = len(human.get("raters") or [])
+    for model, h in (human.get("models") or {}).items():
+        who = f"humans ({n_raters} rater{'s' if n_raters != 1 else ''}, blind)"
+        t1_rows.append((who, {"type": "preference"}, model, {**h["preference"], "human": h}))
+        t2_rows.append((who, {"type": "0-3 scores"}, model, {**h["table2"], "mean_score": h["mean_score"]}))
     if t1_rows:
         lines += [
             f"### Table 1: judged win : tie : lose against {base}",
@@ -155,6 +161,8 @@ def _eval_section(ev: dict) -> list[str]:
                 notes = f"mean reward {_f(mr.get('model'))} vs {_f(mr.get('baseline'))}; tie margin {t.get('tie_margin')}"
             elif "first_position_share" in t:
                 notes = f"first answer preferred in {_f(t.get('first_position_share'))} of verdicts"
+            elif "human" in t:
+                notes = f"{t['human']['pairs_rated']} of {t['human']['pairs']} pairs rated; raters' votes per pair"
             lines.append(
                 f"| {model} | {judge} ({entry.get('type')}) | {_ci(t, 'win')} | {_ci(t, 'tie')} | {_ci(t, 'lose')} | "
                 f"{t.get('n')} | {t.get('invalid')} | {_f(t.get('order_disagreement')) if 'order_disagreement' in t else '-'} | {notes} |"
@@ -179,6 +187,8 @@ def _eval_section(ev: dict) -> list[str]:
                 f"{_f(ms.get('model'), 2)} [{_f(lo, 2)}, {_f(hi, 2)}] | {_f(ms.get('baseline'), 2)} [{_f(blo, 2)}, {_f(bhi, 2)}] | {t.get('invalid')} |"
             )
         lines.append("")
+    if human.get("n_ratings"):
+        lines += _human_section(human)
     ledger = data.get("ledger") or {}
     if ledger.get("all_runs"):
         lines += [
@@ -238,6 +248,56 @@ STAGE_ORDER = (
     "train",
     "score",
 )  # an online round's stages, in order
+
+
+def _human_section(human: dict) -> list[str]:
+    ag = human.get("agreement") or {}
+    lines = [
+        "### Human ratings: agreement",
+        "",
+        f"{human.get('n_ratings')} ratings by {', '.join(human.get('raters') or [])} (`iopo rate`: blind, random "
+        "left/right, 0-3 rubric and a preference). A pair rated by several raters counts once: mean score, "
+        "majority preference (a draw is a tie). "
+        f"On the {ag.get('pairs_rated_by_several')} pairs rated by several: Krippendorff's α "
+        f"{_f(ag.get('alpha_preference'))} on preferences (nominal), {_f(ag.get('alpha_scores'))} on 0-3 scores "
+        "(interval).",
+        "",
+    ]
+    if human.get("stale_ratings"):
+        lines += [
+            f"{human['stale_ratings']} older ratings are of answers this eval no longer has and are not counted.",
+            "",
+        ]
+    if ag.get("rater_pairs"):
+        lines += [
+            "| raters | pairs both rated | same preference | Cohen's κ (preference) |",
+            "|---|---|---|---|",
+        ]
+        for pair in ag["rater_pairs"]:
+            lines.append(
+                f"| {' & '.join(pair['raters'])} | {pair['n']} | {_f(pair['same_preference'])} | "
+                f"{_f(pair['kappa_preference'])} |"
+            )
+        lines.append("")
+    judges = human.get("judges") or {}
+    if judges:
+        lines += [
+            "**Each judge against the humans on the same pairs** (a pairwise judge or reward model against the "
+            "human preference, a 0-3 judge against the human scores):",
+            "",
+            "| judge | model | compared with | pairs | same verdict | Cohen's κ | judge invalid |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for judge, entry in judges.items():
+            for model, row in entry.get("models", {}).items():
+                for table, r in row.items():
+                    what = "preference (Table 1)" if table == "table1" else "0-3 scores (Table 2)"
+                    lines.append(
+                        f"| {judge} ({entry.get('type')}) | {model} | {what} | {r.get('n')} | {_f(r.get('same'))} | "
+                        f"{_f(r.get('kappa'))} | {r.get('judge_invalid')} |"
+                    )
+        lines.append("")
+    return lines
 
 
 def _online_section(online: list[dict]) -> list[str]:

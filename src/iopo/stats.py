@@ -131,3 +131,57 @@ def json_safe(value):
     if isinstance(value, list | tuple):
         return [json_safe(v) for v in value]
     return value
+
+
+def cohen_kappa(a: Sequence, b: Sequence) -> tuple[float, int]:
+    """Cohen's κ of two raters over the items both labelled (None = not labelled), and that count.
+
+    κ = (p_o - p_e) / (1 - p_e), p_e from each rater's own label shares (Cohen 1960). NaN when fewer than two
+    items are shared or p_e = 1 (both raters used one and the same label throughout: agreement is not measurable).
+    """
+    both = [(x, y) for x, y in zip(a, b, strict=True) if x is not None and y is not None]
+    n = len(both)
+    if n < 2:
+        return math.nan, n
+    labels = sorted({x for x, _ in both} | {y for _, y in both}, key=str)
+    p_o = sum(x == y for x, y in both) / n
+    p_e = sum((sum(x == c for x, _ in both) / n) * (sum(y == c for _, y in both) / n) for c in labels)
+    if p_e >= 1.0:
+        return math.nan, n
+    return float((p_o - p_e) / (1 - p_e)), n
+
+
+def krippendorff_alpha(units: Sequence[Sequence], metric: str = "nominal") -> tuple[float, int]:
+    """Krippendorff's α over units, each the list of values its raters gave (None = missing), for any number of
+    raters; and the number of pairable values. metric "nominal" (labels) or "interval" (numbers, e.g. 0-3 scores).
+
+    From the coincidence matrix (Krippendorff 2011, "Computing Krippendorff's alpha-reliability"): units with
+    fewer than two values are not pairable and are left out; α = 1 - D_o / D_e. NaN when nothing is pairable or
+    every value is the same (D_e = 0).
+    """
+    if metric not in ("nominal", "interval"):
+        raise ValueError(f"unknown metric {metric!r}")
+    values = [[v for v in unit if v is not None] for unit in units]
+    values = [u for u in values if len(u) >= 2]
+    if not values:
+        return math.nan, 0
+    labels = sorted({v for u in values for v in u}, key=lambda v: (str(type(v)), v))
+    index = {v: i for i, v in enumerate(labels)}
+    coincidence = np.zeros((len(labels), len(labels)), dtype=np.float64)
+    for unit in values:
+        counts = np.zeros(len(labels), dtype=np.float64)
+        for v in unit:
+            counts[index[v]] += 1
+        coincidence += (np.outer(counts, counts) - np.diag(counts)) / (len(unit) - 1)
+    n_c = coincidence.sum(1)
+    n = n_c.sum()
+    if metric == "nominal":
+        delta = 1.0 - np.eye(len(labels))
+    else:
+        x = np.asarray(labels, dtype=np.float64)
+        delta = (x[:, None] - x[None, :]) ** 2
+    d_o = (coincidence * delta).sum() / n
+    d_e = (np.outer(n_c, n_c) * delta).sum() / (n * (n - 1))
+    if d_e == 0:
+        return math.nan, int(n)
+    return float(1.0 - d_o / d_e), int(n)

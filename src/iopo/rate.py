@@ -1,0 +1,272 @@
+"""`iopo rate EVAL_DIR`: a local web page where people rate an eval's answers blind (0-3 and a preference).
+
+The standard library's threading HTTP server, one page and a small JSON API, nothing else served:
+
+    GET  /               the page (its script and style inline, allowed by a per-response nonce)
+    POST /api/hello      {rater}                                -> {rater, progress}
+    POST /api/next       {rater}                                -> {pair | null, progress}
+    POST /api/rate       {rater, item, score_a, score_b, preference, seconds} -> {id, progress}
+    POST /api/skip       {rater, item, seconds}                 -> {id, progress}
+    POST /api/previous   {rater, before}                        -> {pair | null, progress}
+
+Every POST carries the page's token (header X-IOPO-Token, kept in the store so a restarted server accepts its
+pages) and a JSON body; bound to a loopback address, requests must name that address as their Host (no DNS
+rebinding). Prompts and answers go out as JSON strings and the page sets them as text, never as HTML. Each
+rating is written to the eval's store.sqlite when it is submitted; on exit (Ctrl-C, SIGTERM) the human tables go
+into eval.json and human/ratings.{csv,jsonl}. `serve=false` writes those without serving.
+"""
+
+from __future__ import annotations
+
+import errno
+import hmac
+import html
+import json
+import secrets
+import signal
+import sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+from pathlib import Path
+
+from iopo.config import ConfigError
+from iopo.human import RatingBook, RatingError, check_name, format_human, write_outputs
+
+MAX_BODY = 64 * 1024
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def page_template() -> str:
+    return resources.files("iopo").joinpath("assets/rate/page.html").read_text(encoding="utf-8")
+
+
+def rubric_html() -> str:
+    from iopo.judges.prompts import RUBRIC
+
+    items = []
+    for line in RUBRIC.splitlines():
+        score, _, text = line.partition(" = ")
+        items.append(f"<dt>{html.escape(score)}</dt><dd>{html.escape(text)}</dd>")
+    return "".join(items)
+
+
+class RatingServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, book: RatingBook, host: str, port: int):
+        self.book = book
+        self.token = book.secret
+        self.template = page_template().replace("{{rubric}}", rubric_html())
+        self.bind_host = host
+        family_host = host.strip("[]")
+        if ":" in family_host:
+            import socket
+
+            self.address_family = socket.AF_INET6
+        super().__init__((family_host, port), Handler)
+        self.port = self.server_address[1]
+        shown = f"[{family_host}]" if ":" in family_host else family_host
+        self.url = f"http://{'127.0.0.1' if family_host in ('0.0.0.0', '') else shown}:{self.port}/"
+        self.allowed_hosts = (
+            {f"{h}:{self.port}" for h in ("127.0.0.1", "localhost", "[::1]")}
+            if family_host in LOOPBACK
+            else None  # bound to a public address on purpose: any Host
+        )
+
+
+class Handler(BaseHTTPRequestHandler):
+    server: RatingServer
+    server_version = "iopo-rate"
+    sys_version = ""
+
+    def log_message(self, format, *args) -> None:  # quiet: ratings are the log
+        pass
+
+    # ------------------------------------------------------------ responses
+
+    def _headers(self, status: int, content_type: str, length: int, nonce: str | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(length))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("X-Frame-Options", "DENY")
+        self.send_header("Referrer-Policy", "no-referrer")
+        self.send_header(
+            "Content-Security-Policy",
+            "default-src 'none'; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+            + (f"; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}'" if nonce else ""),
+        )
+        self.end_headers()
+
+    def _json(self, status: int, payload: dict) -> None:
+        body = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+        self._headers(status, "application/json; charset=utf-8", len(body))
+        self.wfile.write(body)
+
+    def _error(self, status: int, message: str) -> None:
+        self._json(status, {"error": message})
+
+    def _host_ok(self) -> bool:
+        allowed = self.server.allowed_hosts
+        return allowed is None or self.headers.get("Host", "") in allowed
+
+    # ------------------------------------------------------------ methods
+
+    def do_GET(self) -> None:
+        if not self._host_ok():
+            return self._error(421, "wrong host")
+        if self.path.split("?", 1)[0] != "/":
+            return self._error(404, "not found")
+        nonce = secrets.token_urlsafe(16)
+        body = (
+            self.server.template.replace("{{nonce}}", nonce)
+            .replace("{{token}}", self.server.token)
+            .encode("utf-8")
+        )
+        self._headers(200, "text/html; charset=utf-8", len(body), nonce)
+        self.wfile.write(body)
+
+    def do_POST(self) -> None:
+        if not self._host_ok():
+            return self._error(421, "wrong host")
+        action = {
+            "/api/hello": self._hello,
+            "/api/next": self._next,
+            "/api/rate": self._rate,
+            "/api/skip": self._skip,
+            "/api/previous": self._previous,
+        }.get(self.path)
+        if action is None:
+            return self._error(404, "not found")
+        if not hmac.compare_digest(self.headers.get("X-IOPO-Token", ""), self.server.token):
+            return self._error(403, "the page is out of date or not this server's: reload it")
+        if not self.headers.get("Content-Type", "").startswith("application/json"):
+            return self._error(415, "send JSON")
+        try:
+            length = int(self.headers.get("Content-Length", "0"))
+        except ValueError:
+            return self._error(400, "bad Content-Length")
+        if not 0 < length <= MAX_BODY:
+            return self._error(413, "request too large" if length > MAX_BODY else "empty request")
+        try:
+            body = json.loads(self.rfile.read(length).decode("utf-8"))
+            if not isinstance(body, dict):
+                raise ValueError
+        except (ValueError, UnicodeDecodeError):
+            return self._error(400, "the request is not a JSON object")
+        try:
+            self._json(200, action(body))
+        except RatingError as e:
+            self._error(400, str(e))
+
+    def do_PUT(self) -> None:
+        self._error(405, "method not allowed")
+
+    do_DELETE = do_PATCH = do_PUT
+
+    # ------------------------------------------------------------ API
+
+    def _rater(self, body: dict) -> str:
+        return check_name(body.get("rater"))
+
+    def _hello(self, body: dict) -> dict:
+        rater = self._rater(body)
+        return {"rater": rater, "progress": self.server.book.progress(rater)}
+
+    def _next(self, body: dict) -> dict:
+        rater = self._rater(body)
+        book = self.server.book
+        pair = book.next_pair(rater)
+        return {"pair": pair, "progress": book.progress(rater)}
+
+    def _rate(self, body: dict) -> dict:
+        rater = self._rater(body)
+        book = self.server.book
+        rid = book.rate(
+            rater,
+            str(body.get("item")),
+            body.get("score_a"),
+            body.get("score_b"),
+            body.get("preference"),
+            body.get("seconds"),
+        )
+        return {"id": rid, "progress": book.progress(rater)}
+
+    def _skip(self, body: dict) -> dict:
+        rater = self._rater(body)
+        book = self.server.book
+        rid = book.skip(rater, str(body.get("item")), body.get("seconds"))
+        return {"id": rid, "progress": book.progress(rater)}
+
+    def _previous(self, body: dict) -> dict:
+        rater = self._rater(body)
+        before = body.get("before")
+        if before is not None and (isinstance(before, bool) or not isinstance(before, int)):
+            raise RatingError("before is a rating id")
+        book = self.server.book
+        return {"pair": book.previous(rater, before), "progress": book.progress(rater)}
+
+
+def open_book(cfg) -> RatingBook:
+    if not cfg.eval_dir:
+        raise ConfigError("name the eval folder to rate: iopo rate evals/quickstart")
+    return RatingBook(
+        Path(cfg.eval_dir),
+        models=cfg.models or None,
+        overlap=cfg.overlap,
+        seed=cfg.seed,
+        max_pairs=cfg.max_pairs,
+        claim_minutes=cfg.claim_minutes,
+    )
+
+
+def rate_command(cfg) -> dict:
+    """Serve the rating page until Ctrl-C / SIGTERM, then write the human tables; or only write them."""
+    book = open_book(cfg)
+    try:
+        if cfg.serve:
+            try:
+                server = RatingServer(book, cfg.host, cfg.port)
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    raise ConfigError(
+                        f"port {cfg.port} on {cfg.host} is in use: pass port=0 for any free port, or another port"
+                    ) from None
+                raise ConfigError(f"cannot serve on {cfg.host}:{cfg.port}: {e.strerror or e}") from None
+            previous = signal.signal(signal.SIGTERM, _interrupt)
+            shared = (
+                ""
+                if server.allowed_hosts is not None
+                else " (bound to a non-loopback address: anyone who reaches it can rate)"
+            )
+            print(
+                f"[iopo] rating {len(book.order)} pairs of {book.eval_dir} ({len(book.shared)} shown to every rater)\n"
+                f"[iopo] open {server.url} in a browser{shared}; Ctrl-C stops the server and writes the tables",
+                flush=True,
+            )
+            try:
+                server.serve_forever()
+            except KeyboardInterrupt:
+                pass
+            finally:
+                server.server_close()
+                signal.signal(signal.SIGTERM, previous)
+        summary = write_outputs(book, cfg.bootstrap, cfg.confidence)
+        print(format_human(summary, book.results["baseline"]))
+        print(
+            f"[iopo] human tables in {book.eval_dir / 'eval.json'}; ratings in {book.eval_dir / 'human'}"
+            "/ratings.{csv,jsonl}",
+            flush=True,
+        )
+        return summary
+    finally:
+        book.close()
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("use: iopo rate EVAL_DIR")
