@@ -105,9 +105,19 @@ def test_pairs_are_blind_and_each_goes_to_one_rater_but_the_overlap_to_all(ev):
     assert len(book.order) == 12 and 0 < len(book.shared) < 12  # 6 prompts x 2 answers
     shown = _rate_all(book, ["alice", "bob"], lambda r, v: (2, 1, "a"))
     for view in shown:
-        assert set(view) - {"rater"} == {"item", "prompt", "a", "b"}  # no model names, no side
+        assert set(view) - {"rater"} == {
+            "item",
+            "prompt",
+            "a",
+            "b",
+            "cut_a",
+            "cut_b",
+        }  # no model names, no side
         pair = book.by_item[view["item"]]
-        assert sorted([view["a"], view["b"]]) == sorted([pair.model_answer, pair.baseline_answer])
+        assert sorted([(view["a"], view["cut_a"]), (view["b"], view["cut_b"])]) == sorted(
+            [(pair.model_answer, pair.cut[0]), (pair.baseline_answer, pair.cut[1])]
+        )
+    assert any(v["cut_a"] or v["cut_b"] for v in shown)  # 8 new tokens: some answers hit the limit
     by_item = {}
     for view in shown:
         by_item.setdefault(view["item"], []).append(view["rater"])
@@ -407,7 +417,7 @@ def test_http_serves_the_page_and_its_api_only_with_the_token(served):
 
     status, _, body = _request(served, "/api/next", {"rater": "alice"}, ok)
     view = json.loads(body)["pair"]
-    assert status == 200 and set(view) == {"item", "prompt", "a", "b"}
+    assert status == 200 and set(view) == {"item", "prompt", "a", "b", "cut_a", "cut_b"}
     status, _, body = _request(
         served,
         "/api/rate",
@@ -474,10 +484,22 @@ def _need_browser():
         pytest.skip("needs " + " and ".join(missing))
 
 
+@pytest.fixture
+def started():
+    """Every `iopo rate` process a test starts; any still running at the end is killed."""
+    processes = []
+    yield processes
+    for process in processes:
+        if process.proc.poll() is None:
+            process.proc.kill()
+            process.proc.wait(timeout=30)
+        process.out.close()
+
+
 class RateProcess:
     """`iopo rate` as a user starts it: a subprocess; its URL read from what it prints."""
 
-    def __init__(self, ev: Path, *extra: str):
+    def __init__(self, ev: Path, started: list, *extra: str):
         import re
         import subprocess
         import sys
@@ -485,6 +507,7 @@ class RateProcess:
 
         self.log = ev.parent / f"rate-{time.time_ns()}.log"
         self.out = open(self.log, "w")
+        started.append(self)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "iopo", "rate", str(ev), "port=0", *extra],  # a later port=N wins
             stdout=self.out,
@@ -505,11 +528,11 @@ class RateProcess:
 
         self.proc.send_signal(sig or signal.SIGTERM)
         self.proc.wait(timeout=60)
-        self.out.close()
+        self.out.flush()
         return self.log.read_text()
 
 
-def test_two_raters_in_a_browser_with_keys_a_reload_a_restart_and_inert_markup(ev, tmp_path):
+def test_two_raters_in_a_browser_with_keys_a_reload_a_restart_and_inert_markup(ev, tmp_path, started):
     _need_browser()
     import signal
 
@@ -517,7 +540,7 @@ def test_two_raters_in_a_browser_with_keys_a_reload_a_restart_and_inert_markup(e
 
     shots = Path(__import__("os").environ.get("IOPO_SCREENSHOTS", tmp_path / "shots"))
     shots.mkdir(parents=True, exist_ok=True)
-    server = RateProcess(ev, "overlap=0.34", "seed=2")
+    server = RateProcess(ev, started, "overlap=0.34", "seed=2")
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=_chromium(), args=["--no-sandbox"])
         try:
@@ -583,7 +606,7 @@ def test_two_raters_in_a_browser_with_keys_a_reload_a_restart_and_inert_markup(e
             # The server is killed and started again (same address): the pages carry on where they were.
             port = server.url.rstrip("/").rsplit(":", 1)[1]
             server.stop(signal.SIGKILL)
-            server = RateProcess(ev, "overlap=0.34", "seed=2", f"port={port}")
+            server = RateProcess(ev, started, "overlap=0.34", "seed=2", f"port={port}")
             for page in (alice, bob):
                 page.goto(server.url)
                 page.wait_for_selector("#rate:not([hidden])")
@@ -618,7 +641,7 @@ def test_two_raters_in_a_browser_with_keys_a_reload_a_restart_and_inert_markup(e
             alice.screenshot(path=str(shots / "done.png"))
         finally:
             browser.close()
-    printed = server.stop()
+    printed = server.stop(signal.SIGINT)  # Ctrl-C
     assert "Human ratings:" in printed and "alice" in printed
 
     # What the store and the tables say.

@@ -82,6 +82,7 @@ class Pair:
     prompt: object  # the conversation as generated: a string or a list of {role, content}
     model_answer: str
     baseline_answer: str
+    cut: tuple[bool, bool] = (False, False)  # (model, baseline) answer stopped at the token limit
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -149,10 +150,9 @@ def load_pairs(eval_dir: Path, results: dict, models: list[str] | None = None) -
             item = text_key("rate-v1", label, baseline, key[0], key[1], record["answer"], other["answer"])[
                 :20
             ]
+            cut = (record.get("finish_reason") == "length", other.get("finish_reason") == "length")
             pairs.append(
-                Pair(
-                    item, label, baseline, key[0], key[1], record["prompt"], record["answer"], other["answer"]
-                )
+                Pair(item, label, baseline, *key, record["prompt"], record["answer"], other["answer"], cut)
             )
     return pairs
 
@@ -271,8 +271,16 @@ class RatingBook:
         """What the page shows: the prompt and two answers as A (left) and B (right), never the model names."""
         pair = self.by_item[item]
         sides = {"model": pair.model_answer, "baseline": pair.baseline_answer}
+        cut = {"model": pair.cut[0], "baseline": pair.cut[1]}
         right = "baseline" if left == "model" else "model"
-        view = {"item": item, "prompt": _turns(pair.prompt), "a": sides[left], "b": sides[right]}
+        view = {
+            "item": item,
+            "prompt": _turns(pair.prompt),
+            "a": sides[left],
+            "b": sides[right],
+            "cut_a": cut[left],
+            "cut_b": cut[right],
+        }
         if rating is not None:  # going back: the rater's stored answer, in the layout they saw
             _, _, _, _, score_model, score_baseline, preference, skipped, _, _ = rating
             scores = {"model": score_model, "baseline": score_baseline}

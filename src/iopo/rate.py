@@ -234,7 +234,9 @@ def rate_command(cfg) -> dict:
                         f"port {cfg.port} on {cfg.host} is in use: pass port=0 for any free port, or another port"
                     ) from None
                 raise ConfigError(f"cannot serve on {cfg.host}:{cfg.port}: {e.strerror or e}") from None
-            previous = signal.signal(signal.SIGTERM, _interrupt)
+            # Ctrl-C and SIGTERM both end the serving and write the tables (SIGINT too when a shell started the
+            # server in the background with SIGINT ignored).
+            previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
             shared = (
                 ""
                 if server.allowed_hosts is not None
@@ -251,7 +253,8 @@ def rate_command(cfg) -> dict:
                 pass
             finally:
                 server.server_close()
-                signal.signal(signal.SIGTERM, previous)
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
         summary = write_outputs(book, cfg.bootstrap, cfg.confidence)
         print(format_human(summary, book.results["baseline"]))
         print(
