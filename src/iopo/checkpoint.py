@@ -34,7 +34,14 @@ RESUME_FREE_KEYS = {
     "eval_at_end",
     "export",
     "merge_lora",
+    # how FSDP holds the shards, not what is computed
+    "distributed.fsdp_offload",
+    "distributed.fsdp_reshard_after_forward",
+    "distributed.fsdp_layers",
 }
+# A sharded (DCP) checkpoint is resharded on load: the per-process batch may change with the number of processes
+# (the pairs per step over all processes, checked apart, may not).
+RESHARD_FREE_KEYS = {"optim.batch_size"}
 
 
 def checkpoint_root(run_dir: Path) -> Path:
@@ -214,8 +221,9 @@ def prepare_run_dir(run_dir: Path, resume_step: int | None) -> None:
         metrics.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
-def check_resume_config(saved: dict, cfg: TrainConfig) -> None:
-    diffs = changed_settings(saved, cfg, RESUME_FREE_KEYS, then="checkpoint")
+def check_resume_config(saved: dict, cfg: TrainConfig, sharded: bool = False) -> None:
+    free = RESUME_FREE_KEYS | (RESHARD_FREE_KEYS if sharded else set())
+    diffs = changed_settings(saved, cfg, free, then="checkpoint")
     if diffs:
         raise ConfigError("cannot resume with changed settings: " + "; ".join(diffs))
 

@@ -170,6 +170,31 @@ def _check_output_dir(output_dir: str, method: str) -> None:
         ) from None
 
 
+class DistributedConfig(_Part):
+    """How the processes share the work (docs/distributed.md). One process trains as it is under either strategy."""
+
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="ddp: every process holds whole players, gradients are averaged. fsdp: FSDP2 "
+        "(torch fully_shard, per decoder layer then the whole model) shards each player's weights, gradients and "
+        "its own optimizer state over the processes; checkpoints are torch.distributed.checkpoint folders.",
+    )
+    fsdp_offload: bool = Field(
+        False,
+        description="fsdp: keep the sharded weights, gradients and optimizer states in CPU memory (FSDP2 "
+        "CPUOffloadPolicy; the optimizer step runs on the CPU).",
+    )
+    fsdp_reshard_after_forward: bool = Field(
+        True, description="fsdp: free each layer's gathered weights after its forward (less memory, one more "
+        "all-gather in the backward)."
+    )
+    fsdp_layers: list[str] = Field(
+        default_factory=list,
+        description="fsdp: class names of the modules sharded one by one (the decoder layers); empty = the "
+        "model's own _no_split_modules.",
+    )
+
+
 class TrainConfig(_Part):
     method: Literal["iopo", "dpo", "ipo", "hinge", "kto_pair", "sft"] = "iopo"
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -180,6 +205,7 @@ class TrainConfig(_Part):
     output_dir: str = Field("runs/{method}", description="Run folder; {method} is filled in.")
     seed: int = Field(42, ge=0, lt=2**32, description="Seed of every RNG (numpy's range).")
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     logging_steps: int = Field(1, gt=0)
     save_steps: int | None = Field(
         None, gt=0, description="Checkpoint every N optimizer steps (and always at the end)."
@@ -212,6 +238,11 @@ class TrainConfig(_Part):
     @model_validator(mode="after")
     def _plain_output_dir(self) -> TrainConfig:
         _check_output_dir(self.output_dir, self.method)
+        if self.distributed.strategy == "fsdp" and self.mixed_precision == "fp16":
+            raise ValueError(
+                "distributed.strategy=fsdp trains in float32 or mixed_precision=bf16 (fp16 needs a loss scaler "
+                "FSDP2 does not provide here)"
+            )
         return self
 
     @property
@@ -800,7 +831,7 @@ def changed_settings(
     saved: dict, cfg: BaseModel, free: set[str] = frozenset(), then: str = "was"
 ) -> list[str]:
     """The settings (one level deep, "section.key") where a saved config differs from `cfg`, as "key (then X, now
-    Y)", `then` naming the saved side.
+    Y)", `then` naming the saved side; `free` names keys ("key" or "section.key") that may differ.
     A key the saved config lacks counts as unchanged when `cfg` has it at its default: a setting added to iopo
     after the run was written does not block its resumption."""
     now = cfg.model_dump(mode="json")
@@ -817,6 +848,8 @@ def changed_settings(
             base = defaults.get(key) if isinstance(defaults.get(key), dict) else {}
             for sub in sorted(set(was) | set(value)):
                 old = was.get(sub, missing)
+                if f"{key}.{sub}" in free:
+                    continue
                 if old == value.get(sub) or (old is missing and sub in base and value.get(sub) == base[sub]):
                     continue
                 shown = None if old is missing else old

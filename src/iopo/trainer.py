@@ -20,6 +20,7 @@ import torch
 import yaml
 
 from iopo import checkpoint as ckpt
+from iopo import sharding
 from iopo.config import MAX_STEPS, ConfigError, TrainConfig, dump_config
 from iopo.data import TokenizedPair, collate_pairs, load_training_data
 from iopo.logprobs import SequenceLogProbs, sequence_logps
@@ -156,39 +157,52 @@ def build_players(cfg: TrainConfig, accelerator, names: list[str], resume_dir: P
     """The trained players and, for the reference-based baselines, the frozen reference player."""
     needs_reference = cfg.method not in ("iopo", "sft")
     chunk = cfg.logps_chunk_tokens
+    shard = sharding.sharded(cfg, accelerator)
+    # Under fsdp the weights of a checkpoint are in its DCP folder, loaded after sharding (open_session).
+    hf_resume = resume_dir if resume_dir is not None and not sharding.uses_dcp(cfg) else None
+
+    def distribute(module, frozen: bool = False):
+        if shard:
+            return sharding.shard(module, cfg, accelerator)
+        return accelerator.prepare_model(module, evaluation_mode=frozen)
+
     if cfg.model.lora:
         peft_model = add_lora_adapters(load_model(cfg.model), cfg.model, names)
-        if resume_dir is not None:
+        if hf_resume is not None:
             from peft.utils import set_peft_model_state_dict
             from safetensors.torch import load_file
 
             for name in names:
-                state = load_file(resume_dir / name / "adapter_model.safetensors")
+                state = load_file(hf_resume / name / "adapter_model.safetensors")
                 set_peft_model_state_dict(peft_model, state, adapter_name=name)
+        for name in names:
+            for p in adapter_parameters(peft_model, name):
+                p.requires_grad_(True)  # both adapters stay trainable: DDP must see the same parameter set always
+        module = distribute(SequenceLogProbs(peft_model.train(), chunk))
+        # (after sharding: the adapters' parameters are then the sharded ones)
         params = {name: adapter_parameters(peft_model, name) for name in names}
-        for p in (p for ps in params.values() for p in ps):
-            p.requires_grad_(True)  # both adapters stay trainable: DDP must see the same parameter set always
-        module = accelerator.prepare_model(SequenceLogProbs(peft_model.train(), chunk))
         players = {n: Player(n, module, adapter=n, params=params[n]) for n in names}
         reference = Player("reference", module, adapter=BASE) if needs_reference else None
     else:
         start = load_model(cfg.model)
-        reference = None
-        if needs_reference:
-            frozen = copy.deepcopy(start).eval().requires_grad_(False)
-            ref_module = accelerator.prepare_model(
-                SequenceLogProbs(frozen, chunk).eval(), evaluation_mode=True
-            )
-            reference = Player("reference", ref_module)
-        players = {}
+        # Every copy is made before anything is sharded (a sharded module cannot be copied).
+        frozen = copy.deepcopy(start).eval().requires_grad_(False) if needs_reference else None
+        models = {}
         for i, name in enumerate(names):
-            if resume_dir is not None:
-                model = load_model(cfg.model.model_copy(update={"name_or_path": str(resume_dir / name)}))
+            if hf_resume is not None:
+                models[name] = load_model(
+                    cfg.model.model_copy(update={"name_or_path": str(hf_resume / name)})
+                )
             else:
-                model = start if i == 0 else copy.deepcopy(start)  # both players start from the same model
+                models[name] = start if i == 0 else copy.deepcopy(start)  # both players start alike
+        reference = None
+        if frozen is not None:
+            reference = Player("reference", distribute(SequenceLogProbs(frozen, chunk).eval(), frozen=True))
+        players = {}
+        for name, model in models.items():
             # Trained players are in train mode (from_pretrained returns eval mode); whether that means dropout is
             # model.disable_dropout's decision. The frozen env/reference forwards run in eval mode (player_logps).
-            module = accelerator.prepare_model(SequenceLogProbs(model.train(), chunk))
+            module = distribute(SequenceLogProbs(model.train(), chunk))
             players[name] = Player(name, module, params=[p for p in module.parameters() if p.requires_grad])
     return players, reference
 
@@ -242,11 +256,16 @@ def train_step(
     agent.optimizer.zero_grad(set_to_none=True)
     sums: dict[str, float] = {}
     n_micro = len(micro_batches)
+    fsdp = _is_fsdp(agent.module)
     for k, batch in enumerate(micro_batches):
         batch = {key: value.to(accelerator.device) for key, value in batch.items()}
-        sync = nullcontext() if k == n_micro - 1 else accelerator.no_sync(agent.module)
+        if fsdp:  # FSDP2 reduce-scatters the gradients on the last micro-batch only
+            sharding.set_gradient_sync(agent.module, k == n_micro - 1)
+            sync = nullcontext()
+        else:
+            sync = nullcontext() if k == n_micro - 1 else accelerator.no_sync(agent.module)
         with sync:
-            with accelerator.autocast():
+            with _autocast(accelerator, agent.module):
                 env_out = player_logps(env, batch, players, grad=False) if env is not None else {}
                 agent_out = player_logps(agent, batch, players, grad=True)
             loss, metrics = loss_fn(
@@ -260,7 +279,7 @@ def train_step(
             accelerator.backward(loss / n_micro)
         for key, value in {"loss": loss.detach(), **metrics}.items():
             sums[key] = _combine(key, sums.get(key), float(value), n_micro)
-    sums["grad_norm"] = _clip(accelerator, agent.params, max_grad_norm)
+    sums["grad_norm"] = _clip(accelerator, agent.params, max_grad_norm, fsdp)
     # Before the update: a non-finite loss or gradient (the norm is the same on every process after the gradient
     # all-reduce) stops the run here, so no NaN reaches the weights, a checkpoint or the export.
     for quantity in ("loss", "grad_norm"):
@@ -356,7 +375,9 @@ def open_session(
     global_batch = cfg.optim.batch_size * accelerator.num_processes
     for player in players.values():
         own_steps = sum(agent == player.name for agent, _ in schedule)
-        player.optimizer = accelerator.prepare_optimizer(_optimizer(player.params, cfg))
+        optimizer = _optimizer(player.params, cfg)
+        # Under fsdp the optimizer is the plain one over the player's own shards (DCP reads and writes its state).
+        player.optimizer = optimizer if sharding.uses_dcp(cfg) else accelerator.prepare_optimizer(optimizer)
         player.scheduler = _scheduler(player.optimizer, cfg, own_steps)
         if own_steps and player.scheduler.get_last_lr()[0] == 0.0:
             log(
@@ -379,11 +400,15 @@ def open_session(
         if state["global_batch"] != global_batch:
             raise ConfigError(
                 f"checkpoint was written with {state['global_batch']} pairs per micro-batch over all "
-                f"processes, now {global_batch}: keep batch_size x processes equal to resume"
+                f"processes, now {global_batch}: keep optim.batch_size x processes equal to resume"
             )
         session.step, session.position = state["step"], state["micro_batches"]
+        if sharding.uses_dcp(cfg):
+            sharding.load(session, resume_dir, state.get("with_optimizer", []))
         for player in players.values():
-            player.optimizer.load_state_dict(ckpt.load_state_file(resume_dir / f"{player.name}.optimizer.pt"))
+            if not sharding.uses_dcp(cfg):
+                optimizer_file = resume_dir / f"{player.name}.optimizer.pt"
+                player.optimizer.load_state_dict(ckpt.load_state_file(optimizer_file))
             player.scheduler.load_state_dict(ckpt.load_state_file(resume_dir / f"{player.name}.scheduler.pt"))
         rng_file = resume_dir / f"rng_state_{accelerator.process_index}.pt"
         if rng_file.is_file():
@@ -464,14 +489,17 @@ def save_session(session: Session, tmp: Path | None = None, final: Path | None =
     if accelerator.num_processes > 1:
         torch.distributed.broadcast_object_list(names, src=0)
     tmp, final = Path(names[0]), Path(names[1])
+    dcp = sharding.uses_dcp(cfg)
+    with_optimizer = sharding.save(session, tmp) if dcp else None  # every process writes its shards
     if accelerator.is_main_process:
         for player in session.players.values():
-            inner = _unwrap(player.module).model
-            if player.adapter is None:
-                inner.save_pretrained(tmp / player.name, safe_serialization=True)
-            else:
-                inner.save_pretrained(tmp, selected_adapters=[player.adapter])  # -> tmp/<adapter>/
-            torch.save(player.optimizer.state_dict(), tmp / f"{player.name}.optimizer.pt")
+            if not dcp:
+                inner = _unwrap(player.module).model
+                if player.adapter is None:
+                    inner.save_pretrained(tmp / player.name, safe_serialization=True)
+                else:
+                    inner.save_pretrained(tmp, selected_adapters=[player.adapter])  # -> tmp/<adapter>/
+                torch.save(player.optimizer.state_dict(), tmp / f"{player.name}.optimizer.pt")
             torch.save(player.scheduler.state_dict(), tmp / f"{player.name}.scheduler.pt")
         state = {
             "step": session.step,
@@ -479,6 +507,8 @@ def save_session(session: Session, tmp: Path | None = None, final: Path | None =
             "total_steps": session.total_steps,
             "global_batch": session.global_batch,
         }
+        if dcp:
+            state.update(format="dcp", processes=accelerator.num_processes, with_optimizer=with_optimizer)
         ckpt.write_common(tmp, cfg, state)
     torch.save(ckpt.rng_state(), tmp / f"rng_state_{accelerator.process_index}.pt")
     accelerator.wait_for_everyone()
@@ -519,7 +549,7 @@ def train(cfg: TrainConfig) -> dict:
     resume_state = ckpt.read_state(resume_dir) if resume_dir is not None else None
     if resume_dir is not None:
         saved = yaml.safe_load((resume_dir / "config.yaml").read_text(encoding="utf-8"))
-        ckpt.check_resume_config(saved, cfg)
+        ckpt.check_resume_config(saved, cfg, sharded=resume_state.get("format") == "dcp")
     if accelerator.is_main_process:
         ckpt.prepare_run_dir(run_dir, resume_state["step"] if resume_state else None)
         (run_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
@@ -554,6 +584,8 @@ def train(cfg: TrainConfig) -> dict:
         f"distributed={accelerator.distributed_type.value} "
         f"trainable/player={sum(p.numel() for p in policy.params):,}"
     )
+    if sharding.sharded(cfg, accelerator):
+        log(f"[iopo] fsdp: {shard_report(session)}")
     if resume_dir is not None:
         log(f"[iopo] resumed from {resume_dir} at step {session.step}/{len(schedule)}")
 
@@ -623,6 +655,7 @@ def train(cfg: TrainConfig) -> dict:
             (run_dir / "eval.json").write_text(text, encoding="utf-8")
         title = f"{cfg.method}: {policy.name} vs the starting model on {len(test_pairs)} test pairs"
         log(format_table(results, title))
+    log(f"[iopo] peak RSS per process (GB): {', '.join(f'{x:.2f}' for x in _peak_rss(accelerator))}")
     log(f"[iopo] done in {time.time() - started:.0f}s; run folder: {run_dir}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
@@ -659,7 +692,46 @@ def _other(agent_name: str) -> str:
     return "adversary" if agent_name == "protagonist" else "protagonist"
 
 
-def _clip(accelerator, params, max_norm: float | None) -> float:
+def _gathered(accelerator, values: list[float]) -> list[list[float]]:
+    """Every process's `values`, process by process (a collective)."""
+    local = torch.tensor(values, dtype=torch.float64, device=accelerator.device)[None]
+    table = accelerator.gather(local) if accelerator.num_processes > 1 else local
+    return table.cpu().tolist()
+
+
+def shard_report(session: Session) -> str:
+    """How many of each player's parameters every process holds (a collective), e.g. 'protagonist 82,208 +
+    82,208 of 164,416'."""
+    players = list(session.players.values())
+    table = _gathered(session.accelerator, [sharding.local_numel(p.params) for p in players])
+    return "; ".join(
+        f"{p.name} {' + '.join(f'{int(row[i]):,}' for row in table)} of {sharding.full_numel(p.params):,} "
+        "parameters per process"
+        for i, p in enumerate(players)
+    )
+
+
+def _peak_rss(accelerator) -> list[float]:
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # KiB on Linux
+    return [row[0] for row in _gathered(accelerator, [peak])]
+
+
+def _is_fsdp(module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+def _autocast(accelerator, module):
+    """accelerate's autocast, except for a sharded player: FSDP2's mixed-precision policy casts its weights."""
+    return nullcontext() if _is_fsdp(module) else accelerator.autocast()
+
+
+def _clip(accelerator, params, max_norm: float | None, fsdp: bool = False) -> float:
+    if fsdp:  # the norm over all shards (a replicated DTensor); an infinite limit only measures it
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm or math.inf))
     if max_norm:
         return float(accelerator.clip_grad_norm_(params, max_norm))
     grads = [p.grad.detach().norm() for p in params if p.grad is not None]
@@ -734,7 +806,7 @@ def _test_logps(
     player, players, pairs: list[TokenizedPair], cfg, tokenizer, accelerator, progress: str | None = None
 ) -> dict:
     def forward(batch):
-        with accelerator.autocast():
+        with _autocast(accelerator, player.module):
             return player_logps(player, batch, players, grad=False)
 
     return dataset_logps(forward, pairs, cfg.eval_batch_size, tokenizer.pad_token_id, accelerator, progress)
@@ -743,9 +815,18 @@ def _test_logps(
 def _export(cfg, accelerator, player: Player, tokenizer, out: Path) -> Path:
     """The protagonist/policy as a standard HF folder that AutoModelForCausalLM.from_pretrained loads."""
     accelerator.wait_for_everyone()
+    full = None
+    if _is_fsdp(player.module):  # every process takes part in gathering the whole weights onto process 0
+        full = sharding.full_state_dict(player.module)
     if accelerator.is_main_process:
         inner = _unwrap(player.module).model
-        if player.adapter is None:
+        if full is not None and player.adapter is not None:
+            # An unsharded copy of the LoRA model (base + adapters) to merge from, built on process 0 only.
+            inner = add_lora_adapters(load_model(cfg.model), cfg.model, player_names(cfg.method))
+            inner.load_state_dict(full, strict=True)
+        if player.adapter is None and full is not None:
+            inner.save_pretrained(out, state_dict=full, safe_serialization=True)
+        elif player.adapter is None:
             inner.save_pretrained(out, safe_serialization=True)
         elif cfg.merge_lora:
             # Merge a copy of the protagonist's adapter into a copy of the base; the live model stays as it is.

@@ -1,0 +1,188 @@
+"""FSDP2 for the players (`distributed.strategy=fsdp`): sharding, sharded checkpoints, the gathered export.
+
+Each player's `SequenceLogProbs` wrapper is sharded with `torch.distributed.fsdp.fully_shard`: every decoder layer
+on its own, then the wrapper as the root, so the embeddings, final norm and LM head (tied or not) are one group the
+wrapper's forward gathers (calling the LM's parts from outside a sharded root would meet sharded weights). Each
+player keeps its own AdamW over its own shards; the frozen reference of the baselines is sharded the same way.
+Mixed precision is FSDP2's policy (bf16 compute, float32 master weights and gradient reduction); optional CPU
+offload of the shards. Checkpoints are `torch.distributed.checkpoint` (DCP) folders: every process writes its
+shards, and DCP reshards on load, so a run may resume on another number of processes (same global batch).
+With one process nothing is sharded (there is nothing to share), but checkpoints are DCP all the same.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+
+from iopo.config import ConfigError
+
+DCP_FOLDER = "dcp"
+
+
+def sharded(cfg, accelerator) -> bool:
+    """Are the players actually sharded (fsdp over more than one process)?"""
+    return cfg.distributed.strategy == "fsdp" and accelerator.num_processes > 1
+
+
+def uses_dcp(cfg) -> bool:
+    return cfg.distributed.strategy == "fsdp"
+
+
+def _layer_classes(model, names: list[str]) -> set[str]:
+    from iopo.logprobs import _transformers_model
+
+    lm = _transformers_model(model)
+    wanted = set(names or getattr(lm, "_no_split_modules", None) or [])
+    if not wanted:
+        raise ConfigError(
+            f"{type(lm).__name__} names no decoder-layer class (_no_split_modules): set distributed.fsdp_layers"
+        )
+    return wanted
+
+
+def shard(module: torch.nn.Module, cfg, accelerator) -> torch.nn.Module:
+    """Shard a SequenceLogProbs wrapper in place over all processes: decoder layers, then the wrapper as the root."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    device = accelerator.device
+    mesh = init_device_mesh(device.type, (accelerator.num_processes,))
+    options: dict = {"mesh": mesh, "reshard_after_forward": cfg.distributed.fsdp_reshard_after_forward}
+    if cfg.mixed_precision == "bf16":
+        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if cfg.distributed.fsdp_offload:
+        # Pinned memory needs an accelerator; on a CPU-only machine the shards simply stay where they are.
+        options["offload_policy"] = CPUOffloadPolicy(pin_memory=device.type != "cpu")
+    elif device.type != "cpu":
+        module.to(device)
+    wanted = _layer_classes(module.model, cfg.distributed.fsdp_layers)
+    layers = [m for m in module.modules() if type(m).__name__ in wanted]
+    if not layers:
+        raise ConfigError(f"distributed.fsdp_layers: no module of class {sorted(wanted)} in the model")
+    for layer in layers:
+        fully_shard(layer, **options)
+    # The root: a forward gathers its own weights (embeddings, norm, head); resharding them after the forward
+    # keeps a frozen player from holding them gathered for good and a stale gathered copy from outliving a step.
+    fully_shard(module, **{**options, "reshard_after_forward": True})
+    return module
+
+
+def local_numel(params) -> int:
+    """Parameters this process holds (its shards; whole tensors when nothing is sharded)."""
+    return sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in params)
+
+
+def full_numel(params) -> int:
+    return sum(p.numel() for p in params)
+
+
+def set_gradient_sync(module, sync: bool) -> None:
+    """FSDP2's no_sync: accumulate unsharded gradients until the last micro-batch."""
+    if hasattr(module, "set_requires_gradient_sync"):
+        module.set_requires_gradient_sync(sync)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def _quiet():
+    ctx = warnings.catch_warnings()
+    ctx.__enter__()
+    # One process without a process group: DCP says it assumes a single process, which is the case.
+    warnings.filterwarnings("ignore", message=".*process group.*")
+    warnings.filterwarnings("ignore", message=".*assuming the intent.*")
+    return ctx
+
+
+def stepped(session) -> list[str]:
+    """The players whose optimizer has state (has stepped). A player that has not stepped yet is saved without
+    one: asking DCP for an empty AdamW's state dict would first run a zero step that sets its step count to 1."""
+    return [p.name for p in session.players.values() if p.optimizer.state]
+
+
+def _state(session, with_optimizer: list[str]) -> dict:
+    """What DCP saves and loads: each player's weights and the optimizer states of `with_optimizer` (LoRA: the
+    adapters of the shared model once, then each player's optimizer)."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    players = list(session.players.values())
+    if players[0].adapter is not None:  # LoRA: one module, both adapters trainable, the base frozen
+        module = players[0].module
+        options = StateDictOptions(ignore_frozen_params=True)
+        state = {"adapters": get_model_state_dict(module, options=options)}
+        for p in players:
+            if p.name in with_optimizer:
+                state[f"{p.name}.optimizer"] = get_optimizer_state_dict(module, p.optimizer, options=options)
+        return state
+    state = {}
+    for p in players:
+        state[p.name] = get_model_state_dict(p.module)
+        if p.name in with_optimizer:
+            state[f"{p.name}.optimizer"] = get_optimizer_state_dict(p.module, p.optimizer)
+    return state
+
+
+def save(session, folder: Path) -> list[str]:
+    """Every process writes its shards of both players and optimizers into folder/dcp (a collective). Returns the
+    players saved with optimizer state (the trainer records them in the checkpoint's state)."""
+    import torch.distributed.checkpoint as dcp
+
+    with_optimizer = stepped(session)
+    ctx = _quiet()
+    try:
+        dcp.save(_state(session, with_optimizer), checkpoint_id=str(folder / DCP_FOLDER))
+    finally:
+        ctx.__exit__(None, None, None)
+    return with_optimizer
+
+
+def load(session, folder: Path, with_optimizer: list[str]) -> None:
+    """Load a DCP checkpoint into the (sharded or whole) players and the optimizers of `with_optimizer`,
+    resharding as needed."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    if not (folder / DCP_FOLDER / ".metadata").is_file():
+        raise ConfigError(
+            f"{folder} holds no sharded (DCP) checkpoint: it was written with distributed.strategy=ddp; resume "
+            "it with that strategy"
+        )
+    ctx = _quiet()
+    try:
+        state = _state(session, with_optimizer)  # what to load into (those AdamW states are made empty first)
+        dcp.load(state, checkpoint_id=str(folder / DCP_FOLDER))
+        players = list(session.players.values())
+        if players[0].adapter is not None:
+            module = players[0].module
+            options = StateDictOptions(ignore_frozen_params=True)
+            set_model_state_dict(module, state["adapters"], options=options)
+            for p in players:
+                if p.name in with_optimizer:
+                    set_optimizer_state_dict(module, p.optimizer, state[f"{p.name}.optimizer"], options=options)
+        else:
+            for p in players:
+                set_model_state_dict(p.module, state[p.name])
+                if p.name in with_optimizer:
+                    set_optimizer_state_dict(p.module, p.optimizer, state[f"{p.name}.optimizer"])
+    finally:
+        ctx.__exit__(None, None, None)
+
+
+def full_state_dict(module) -> dict:
+    """The whole weights of a sharded wrapper gathered on the CPU of process 0 (a collective; others get {}),
+    with the wrapper's `model.` prefix removed."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k.removeprefix("model."): v for k, v in state.items()}
