@@ -112,6 +112,15 @@ def test_paper_preset_matches_the_paper():
     cfg = load_config(CONFIGS / "paper.yaml")
     assert cfg.optim.learning_rate == 2e-7 and cfg.loss.beta == 0.1 and cfg.iopo.epsilon == 0.3
     assert "Baichuan2-7B" in cfg.model.name_or_path
+    # Full fine-tuning of two 7B players is sharded; the launch line's GPUs make the paper's batch of 32.
+    import re
+
+    assert cfg.distributed.strategy == "fsdp" and not cfg.model.lora and cfg.mixed_precision == "bf16"
+    launch = (CONFIGS / "paper.yaml").read_text().splitlines()[0]
+    gpus = int(re.search(r"--nproc_per_node (\d+)", launch).group(1))
+    assert cfg.optim.batch_size * cfg.optim.gradient_accumulation_steps * gpus == 32
+    accelerate = yaml.safe_load((CONFIGS / "accelerate" / "fsdp.yaml").read_text())
+    assert accelerate["num_processes"] == gpus and accelerate["distributed_type"] == "MULTI_GPU"
 
 
 def test_parse_overrides_types():

@@ -168,6 +168,13 @@ def test_fsdp_shards_each_player_in_half_and_equals_one_process(fsdp_runs, tiny_
     assert sorted(state["with_optimizer"]) == ["adversary", "protagonist"]
     assert (ckpt / "dcp" / ".metadata").is_file() and len(list((ckpt / "dcp").glob("*.distcp"))) == 2
     assert not (ckpt / "protagonist").exists() and not list(ckpt.glob("*.optimizer.pt"))
+    from iopo.config import ConfigError
+    from iopo.models import resolve_model
+
+    with pytest.raises(
+        ConfigError, match="sharded"
+    ):  # `iopo eval` of such a checkpoint: one line, not a crash
+        resolve_model(str(ckpt))
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(fsdp_runs["two"] / "final")

@@ -185,8 +185,9 @@ class DistributedConfig(_Part):
         "CPUOffloadPolicy; the optimizer step runs on the CPU).",
     )
     fsdp_reshard_after_forward: bool = Field(
-        True, description="fsdp: free each layer's gathered weights after its forward (less memory, one more "
-        "all-gather in the backward)."
+        True,
+        description="fsdp: free each layer's gathered weights after its forward (less memory, one more "
+        "all-gather in the backward).",
     )
     fsdp_layers: list[str] = Field(
         default_factory=list,

@@ -253,6 +253,11 @@ def resolve_model(spec: str | None, label: str | None = None) -> ModelSource:
                 return ModelSource(spec, name, str(sub), base, _adapter_base(sub, base), run_config)
             if (sub / "config.json").is_file():
                 return ModelSource(spec, name, str(sub), base, None, run_config)
+        if (folder / "dcp").is_dir():
+            raise ConfigError(
+                f"{folder}: a sharded (FSDP) checkpoint holds no whole model; evaluate the run's final/ export, or "
+                "resume the run to export one"
+            )
         raise ConfigError(f"{folder}: checkpoint without a protagonist/ or policy/ folder")
     if (folder / "config.yaml").is_file() and (folder / "final").is_dir():  # a run folder
         run_config = _read_yaml(folder / "config.yaml")

@@ -169,7 +169,9 @@ def load(session, folder: Path, with_optimizer: list[str]) -> None:
             set_model_state_dict(module, state["adapters"], options=options)
             for p in players:
                 if p.name in with_optimizer:
-                    set_optimizer_state_dict(module, p.optimizer, state[f"{p.name}.optimizer"], options=options)
+                    set_optimizer_state_dict(
+                        module, p.optimizer, state[f"{p.name}.optimizer"], options=options
+                    )
         else:
             for p in players:
                 set_model_state_dict(p.module, state[p.name])

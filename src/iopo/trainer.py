@@ -177,7 +177,9 @@ def build_players(cfg: TrainConfig, accelerator, names: list[str], resume_dir: P
                 set_peft_model_state_dict(peft_model, state, adapter_name=name)
         for name in names:
             for p in adapter_parameters(peft_model, name):
-                p.requires_grad_(True)  # both adapters stay trainable: DDP must see the same parameter set always
+                p.requires_grad_(
+                    True
+                )  # both adapters stay trainable: DDP must see the same parameter set always
         module = distribute(SequenceLogProbs(peft_model.train(), chunk))
         # (after sharding: the adapters' parameters are then the sharded ones)
         params = {name: adapter_parameters(peft_model, name) for name in names}
@@ -348,8 +350,15 @@ def open_accelerator(cfg: TrainConfig):
     )
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         raise ConfigError(
-            "DeepSpeed is not supported yet: accelerate's integration takes one model and one optimizer, while "
-            "iopo keeps a separate optimizer per player; use FSDP or DDP (see docs/distributed.md)"
+            "DeepSpeed is not supported: accelerate's integration takes one model and one optimizer, while "
+            "iopo keeps a separate optimizer per player; shard with distributed.strategy=fsdp (FSDP2) instead "
+            "(see docs/distributed.md)"
+        )
+    if accelerator.distributed_type == DistributedType.FSDP:
+        raise ConfigError(
+            "an accelerate FSDP launch config would wrap the players its own way: launch with a plain multi-process "
+            "config (configs/accelerate/fsdp.yaml, or torchrun) and set distributed.strategy=fsdp in the training "
+            "config, which shards each player with FSDP2"
         )
     return accelerator
 
