@@ -44,7 +44,8 @@ def run(strategy: str, model_args: list[str], out: Path) -> dict:
         [*cmd, "-m", "iopo", "train", *args], env=env, capture_output=True, text=True, timeout=1800
     )
     if done.returncode != 0:
-        raise SystemExit(f"{strategy}: failed\n{done.stderr[-3000:]}")
+        errors = [line for line in done.stderr.splitlines() if "iopo: error" in line or "Error" in line]
+        raise SystemExit(f"{strategy}: failed\n" + "\n".join(errors[:20]))
     rss = re.search(r"peak RSS per process \(GB\): ([\d., ]+)", done.stdout).group(1)
     shares = re.findall(r"(protagonist|adversary) ([\d,]+) \+ ([\d,]+) of ([\d,]+)", done.stdout)
     return {

@@ -554,7 +554,7 @@ def train(cfg: TrainConfig) -> dict:
     log = _printer(accelerator)
     set_seed(cfg.seed)
     run_dir = cfg.run_dir
-    resume_dir = ckpt.resolve_resume(cfg)
+    resume_dir = _on_main(accelerator, lambda: ckpt.resolve_resume(cfg))
     resume_state = ckpt.read_state(resume_dir) if resume_dir is not None else None
     if resume_dir is not None:
         saved = yaml.safe_load((resume_dir / "config.yaml").read_text(encoding="utf-8"))
@@ -699,6 +699,25 @@ def _has_accelerator() -> bool:
 
 def _other(agent_name: str) -> str:
     return "adversary" if agent_name == "protagonist" else "protagonist"
+
+
+def _on_main(accelerator, decide):
+    """`decide()` on the main process only, its result (a path or None) or its ConfigError given to every process.
+
+    Deciding whether a run folder may be used must not race with the main process already writing into it."""
+    if accelerator.num_processes == 1:
+        return decide()
+    answer: list = [None, None]
+    if accelerator.is_main_process:
+        try:
+            found = decide()
+            answer = [None if found is None else str(found), None]
+        except ConfigError as e:
+            answer = [None, str(e)]
+    torch.distributed.broadcast_object_list(answer, src=0)
+    if answer[1] is not None:
+        raise ConfigError(answer[1])
+    return None if answer[0] is None else Path(answer[0])
 
 
 def _gathered(accelerator, values: list[float]) -> list[list[float]]:
