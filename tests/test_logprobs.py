@@ -22,6 +22,10 @@ def model():
     return m
 
 
+def _plain(ids, attention, completion) -> dict:
+    return {"input_ids": ids, "attention_mask": attention, "completion_mask": completion}
+
+
 def _batch(seed=0):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, 400, (4, 12), generator=g)
@@ -36,7 +40,7 @@ def _batch(seed=0):
 @pytest.mark.parametrize("chunk", [1, 5, 1024])
 def test_chunked_equals_naive_values_and_gradients(model, chunk):
     ids, attention, completion = _batch()
-    logps, lengths = SequenceLogProbs(model, chunk_tokens=chunk)(ids, attention, completion)
+    logps, lengths = SequenceLogProbs(model, chunk_tokens=chunk)(_plain(ids, attention, completion))
     expected = naive_logps(model, ids, attention, completion)
     torch.testing.assert_close(logps, expected, atol=1e-5, rtol=1e-5)
     assert lengths.tolist() == [6, 3, 6, 6]  # completion tokens 6..11; row 1 is padded after 8
@@ -51,12 +55,12 @@ def test_padding_invariance(model):
     ids, attention, completion = _batch(1)
     wrapper = SequenceLogProbs(model)
     with torch.no_grad():
-        batched, _ = wrapper(ids, attention, completion)
-        alone, _ = wrapper(ids[1:2, :9], attention[1:2, :9], completion[1:2, :9])
+        batched, _ = wrapper(_plain(ids, attention, completion))
+        alone, _ = wrapper(_plain(ids[1:2, :9], attention[1:2, :9], completion[1:2, :9]))
         # Different garbage in the padding changes nothing.
         other = ids.clone()
         other[1, 9:] = 5
-        repadded, _ = wrapper(other, attention, completion)
+        repadded, _ = wrapper(_plain(other, attention, completion))
     torch.testing.assert_close(alone[0], batched[1], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(repadded, batched)
 
@@ -76,7 +80,7 @@ def test_prompt_tokens_do_not_count(model):
 def test_float32_under_bf16_autocast(model):
     ids, attention, completion = _batch()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        logps, _ = SequenceLogProbs(model)(ids, attention, completion)
+        logps, _ = SequenceLogProbs(model)(_plain(ids, attention, completion))
     assert logps.dtype == torch.float32
 
 
@@ -86,7 +90,7 @@ def test_sequence_logps_splits_chosen_and_rejected(model):
         SequenceLogProbs(model),
         {"input_ids": ids, "attention_mask": attention, "completion_mask": completion},
     )
-    full, _ = SequenceLogProbs(model)(ids, attention, completion)
+    full, _ = SequenceLogProbs(model)(_plain(ids, attention, completion))
     torch.testing.assert_close(out["chosen_logps"], full[:2])
     torch.testing.assert_close(out["rejected_logps"], full[2:])
     assert out["chosen_lengths"].tolist() == [6, 3]

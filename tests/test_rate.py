@@ -561,6 +561,7 @@ def test_two_raters_in_a_browser_with_keys_a_reload_a_restart_and_inert_markup(e
                 page.wait_for_selector("#rate:not([hidden])")
 
             def rate_by_keys(page, a, b, pref):
+                page.wait_for_selector("main[aria-busy='false']")  # the pair on screen is the current one
                 before = page.inner_text("#counts")
                 item_text = page.inner_text("#text-a")
                 page.keyboard.press(str(a))  # A is outlined first; scoring it outlines B
@@ -581,6 +582,7 @@ def test_two_raters_in_a_browser_with_keys_a_reload_a_restart_and_inert_markup(e
             rate_by_keys(alice, 0, 2, "b")
             rate_by_keys(bob, 2, 2, "t")
             # The buttons work as well as the keys.
+            bob.wait_for_selector("main[aria-busy='false']")
             bob.click("#card-a .scores button[data-score='1']")
             bob.click("#card-b .scores button[data-score='3']")
             assert bob.get_attribute(".prefs button[data-pref='b']", "aria-pressed") == "true"  # suggested
@@ -593,12 +595,14 @@ def test_two_raters_in_a_browser_with_keys_a_reload_a_restart_and_inert_markup(e
             alice.wait_for_selector("#rate:not([hidden])")
             assert alice.inner_text("#rater-name") == "alice" and alice.inner_text("#text-a") == shown
             assert alice.inner_text("#counts").startswith("2 rated")
+            alice.wait_for_selector("main[aria-busy='false']")
             alice.keyboard.press("p")
             alice.wait_for_function(
                 "() => document.querySelector('#note').textContent.includes('earlier rating')"
             )
             assert alice.get_attribute("#card-a .scores button[data-score='0']", "aria-pressed") == "true"
             assert alice.get_attribute(".prefs button[data-pref='b']", "aria-pressed") == "true"
+            alice.wait_for_selector("main[aria-busy='false']")
             alice.keyboard.press("2")  # revise A's score from 0 to 2
             alice.keyboard.press("Enter")
             alice.wait_for_function("() => document.querySelector('#note').textContent === 'Saved.'")

@@ -206,6 +206,13 @@ class TrainConfig(_Part):
     output_dir: str = Field("runs/{method}", description="Run folder; {method} is filled in.")
     seed: int = Field(42, ge=0, lt=2**32, description="Seed of every RNG (numpy's range).")
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    batching: Literal["auto", "shared", "plain"] = Field(
+        "auto",
+        description="shared: each pair is one [prompt, chosen, rejected] sequence (the prompt computed once) with a "
+        "block attention mask, and pairs are packed into rows of up to 2 x data.max_length tokens (little padding). "
+        "plain: prompt+chosen and prompt+rejected rows, right-padded. auto: shared when the model's attention takes "
+        "a 4D mask (sdpa, eager), has no sliding window, and the first batch gives the plain log-probs; else plain.",
+    )
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     logging_steps: int = Field(1, gt=0)
     save_steps: int | None = Field(

@@ -45,19 +45,35 @@ def completion_logps(
     rows = mask.nonzero(as_tuple=True)[0]  # (M,) row of each completion token
     selected_hidden = hidden[:, :-1][mask]  # (M, H)
     selected_targets = targets[mask]  # (M,)
+    logps = summed_logps(
+        selected_hidden, selected_targets, rows, input_ids.shape[0], head, chunk_tokens, softcap
+    )
+    return logps, mask.sum(-1)
+
+
+def summed_logps(
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    sequence: torch.Tensor,
+    n_sequences: int,
+    head: torch.nn.Module,
+    chunk_tokens: int = 1024,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Σ log π(target | context) per sequence: hidden (M, H) of the positions that predict the M targets (M,), each
+    belonging to sequence[m] in [0, n_sequences). The head and log-softmax run in chunks of `chunk_tokens`."""
     pieces = []
-    for start in range(0, selected_targets.numel(), chunk_tokens):
-        h = selected_hidden[start : start + chunk_tokens]
-        t = selected_targets[start : start + chunk_tokens]
+    for start in range(0, targets.numel(), chunk_tokens):
+        h = hidden[start : start + chunk_tokens]
+        t = targets[start : start + chunk_tokens]
         if torch.is_grad_enabled() and h.requires_grad:
             # Recompute this chunk's logits in backward instead of keeping (chunk, V) floats alive.
             pieces.append(checkpoint(_token_logps, h, t, head, softcap, use_reentrant=False))
         else:
             pieces.append(_token_logps(h, t, head, softcap))
     token_logps = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
-    logps = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=hidden.device)
-    logps = logps.index_add(0, rows, token_logps)
-    return logps, mask.sum(-1)
+    logps = torch.zeros(n_sequences, dtype=torch.float32, device=hidden.device)
+    return logps.index_add(0, sequence, token_logps)
 
 
 def _transformers_model(model):
@@ -76,25 +92,61 @@ class SequenceLogProbs(torch.nn.Module):
         self.model = model
         self.chunk_tokens = chunk_tokens
 
-    def forward(self, input_ids, attention_mask, completion_mask):
+    def forward(self, batch: dict):
+        """(log-probs (2B,), completion lengths (2B,)) of a collate_pairs batch (2B padded rows) or a collate_shared
+        batch (one [prompt, chosen, rejected] sequence per pair, maybe packed)."""
         lm = _transformers_model(self.model)
         backbone = lm.base_model  # e.g. LlamaModel: hidden states without the vocabulary projection
-        hidden = backbone(
-            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
-        ).last_hidden_state
         softcap = getattr(lm.config, "final_logit_softcapping", None)
-        return completion_logps(
-            hidden, input_ids, completion_mask, lm.get_output_embeddings(), self.chunk_tokens, softcap
+        head = lm.get_output_embeddings()
+        if "target_index" not in batch:
+            hidden = backbone(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+            ).last_hidden_state
+            return completion_logps(
+                hidden, batch["input_ids"], batch["completion_mask"], head, self.chunk_tokens, softcap
+            )
+        hidden = backbone(
+            input_ids=batch["input_ids"],
+            attention_mask=attention_bias(batch["attention_mask"], lm.config, backbone),
+            position_ids=batch["position_ids"],
+            use_cache=False,
+        ).last_hidden_state  # (N, T, H)
+        n_sequences = 2 * int(batch["n_pairs"])
+        selected = hidden.reshape(-1, hidden.shape[-1])[batch["target_index"]]  # (M, H)
+        logps = summed_logps(
+            selected, batch["target_ids"], batch["target_seq"], n_sequences, head, self.chunk_tokens, softcap
         )
+        return logps, torch.bincount(batch["target_seq"], minlength=n_sequences)
+
+
+SHARED_ATTENTION = ("sdpa", "eager")  # attention implementations that take a custom 4D mask
+
+
+def attention_bias(mask: torch.Tensor, config, backbone) -> torch.Tensor:
+    """The 4D block mask in the form the model's attention wants: bool for SDPA, additive float for eager."""
+    implementation = getattr(config, "_attn_implementation", None) or "eager"
+    if implementation == "sdpa":
+        return mask
+    if implementation == "eager":
+        dtype = next(backbone.parameters()).dtype
+        if torch.is_autocast_enabled(mask.device.type):
+            dtype = torch.get_autocast_dtype(mask.device.type)
+        bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+        return bias.masked_fill(~mask, torch.finfo(dtype).min)
+    raise ValueError(
+        f"prefix sharing needs an attention implementation that takes a 4D mask ({', '.join(SHARED_ATTENTION)}), "
+        f"not {implementation}: set batching=plain"
+    )
 
 
 def sequence_logps(module, batch: dict) -> dict[str, torch.Tensor]:
-    """Run one concatenated forward and split it: batch rows 0..B-1 are chosen, B..2B-1 rejected.
+    """Run one forward and split it: sequences 0..B-1 are the chosen completions, B..2B-1 the rejected.
 
     Returns chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, each (B,).
     """
-    logps, lengths = module(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
-    half = batch["input_ids"].shape[0] // 2
+    logps, lengths = module(batch)
+    half = logps.shape[0] // 2
     return {
         "chosen_logps": logps[:half],
         "rejected_logps": logps[half:],

@@ -52,11 +52,13 @@ def dataset_logps(
     pad_token_id: int,
     accelerator=None,
     progress: str | None = None,
+    collate=collate_pairs,
 ) -> dict[str, torch.Tensor]:
     """Summed completion log-probs of every pair, sharded over processes and gathered back in order.
 
     `forward(batch) -> {"chosen_logps", "rejected_logps", ...}` runs one concatenated forward (see logprobs.py).
-    `accelerator` None means one process on the CPU; `progress` is a progress-bar label (main process only).
+    `accelerator` None means one process on the CPU; `progress` is a progress-bar label (main process only);
+    `collate(pairs, pad_token_id)` makes a batch (collate_pairs, or prefix-shared batches).
     Returns chosen_logps and rejected_logps, (N,) float32 on the CPU, on every process.
     """
     if accelerator is None:
@@ -73,13 +75,14 @@ def dataset_logps(
 
         bar = tqdm(total=per_rank * world, desc=progress, unit="pair", dynamic_ncols=True, leave=False)
     for start in range(0, per_rank, batch_size):
-        batch = collate_pairs([pairs[i] for i in mine[start : start + batch_size]], pad_token_id)
+        chunk = [pairs[i] for i in mine[start : start + batch_size]]
+        batch = collate(chunk, pad_token_id)
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         out = forward(batch)
         chosen.append(out["chosen_logps"].float())
         rejected.append(out["rejected_logps"].float())
         if bar is not None:
-            bar.update(len(batch["input_ids"]) // 2 * world)
+            bar.update(len(chunk) * world)
     if bar is not None:
         bar.close()
     local = torch.stack([torch.cat(chosen), torch.cat(rejected)]) if chosen else torch.zeros(2, 0)

@@ -22,7 +22,7 @@ import yaml
 from iopo import checkpoint as ckpt
 from iopo import sharding
 from iopo.config import MAX_STEPS, ConfigError, TrainConfig, dump_config
-from iopo.data import TokenizedPair, collate_pairs, load_training_data
+from iopo.data import TokenizedPair, collate_pairs, collate_shared, load_training_data
 from iopo.logprobs import SequenceLogProbs, sequence_logps
 from iopo.losses import LOSSES
 from iopo.models import adapter_parameters, add_lora_adapters, load_model, load_tokenizer
@@ -322,6 +322,9 @@ class Session:
     writer: object = None
     bar: object = None
     last_saved: Path | None = None  # the newest checkpoint written, named when a step turns non-finite
+    collate: object = (
+        None  # pairs -> a batch: plain or prefix-shared (chosen on the first batch, see batching)
+    )
 
     @property
     def policy(self) -> Player:
@@ -434,6 +437,8 @@ def fit(
     to every logged record (e.g. the online round)."""
     cfg, accelerator = session.cfg, session.accelerator
     micro = cfg.optim.batch_size
+    if session.collate is None and schedule:
+        choose_batching(session, next_sample(session, pairs))
     for agent_name, round_index in schedule:
         agent = session.players[agent_name]
         env = session.reference if cfg.method != "iopo" else session.players[_other(agent_name)]
@@ -448,7 +453,7 @@ def fit(
         for k in range(cfg.optim.gradient_accumulation_steps):
             indices = micro_batch_indices(session.position + k, session.global_batch, len(pairs), cfg.seed)
             mine = indices[accelerator.process_index * micro : (accelerator.process_index + 1) * micro]
-            micro_batches.append(collate_pairs([pairs[i] for i in mine], session.tokenizer.pad_token_id))
+            micro_batches.append(session.collate([pairs[i] for i in mine], session.tokenizer.pad_token_id))
         tick = time.perf_counter()
         try:
             sums = train_step(
@@ -479,6 +484,80 @@ def fit(
             session.bar.update(1)
         if on_step is not None:
             on_step(session)
+
+
+def next_sample(session: Session, pairs: list[TokenizedPair]) -> list[TokenizedPair]:
+    """This process's pairs of the next micro-batch."""
+    micro, rank = session.cfg.optim.batch_size, session.accelerator.process_index
+    indices = micro_batch_indices(session.position, session.global_batch, len(pairs), session.cfg.seed)
+    return [pairs[i] for i in indices[rank * micro : (rank + 1) * micro]]
+
+
+def shared_collate(cfg: TrainConfig):
+    """Prefix-shared batches packed into rows of up to 2 x data.max_length tokens."""
+    return functools.partial(collate_shared, pack_tokens=2 * cfg.data.max_length)
+
+
+def _sharing_obstacle(model) -> str | None:
+    """Why a model cannot take prefix-shared batches (None when it can)."""
+    from iopo.logprobs import SHARED_ATTENTION, _transformers_model
+
+    config = _transformers_model(model).config
+    implementation = getattr(config, "_attn_implementation", None) or "eager"
+    if implementation not in SHARED_ATTENTION:
+        return f"its attention implementation {implementation} takes no 4D mask"
+    if getattr(config, "sliding_window", None) or "sliding_attention" in (
+        getattr(config, "layer_types", None) or []
+    ):
+        return "it uses sliding-window attention, which a custom mask would override"
+    return None
+
+
+def choose_batching(session: Session, sample: list[TokenizedPair]) -> None:
+    """Set session.collate from cfg.batching: under auto, prefix sharing only when the model allows it and this
+    sample's log-probs agree both ways (every process checks its own sample; all must agree)."""
+    cfg, accelerator = session.cfg, session.accelerator
+    policy = session.policy
+    inner = _unwrap(policy.module).model
+    obstacle = _sharing_obstacle(inner)
+    if cfg.batching == "plain":
+        session.collate = collate_pairs
+        return
+    if cfg.batching == "shared":
+        if obstacle:
+            raise ConfigError(
+                f"batching=shared: the model cannot share prompts: {obstacle}; use batching=plain"
+            )
+        session.collate = shared_collate(cfg)
+        return
+    gap = math.inf
+    if obstacle is None:
+        pad = session.tokenizer.pad_token_id
+        with torch.no_grad(), _autocast(accelerator, policy.module):
+            batches = [collate_pairs(sample, pad), shared_collate(cfg)(sample, pad)]
+            outs = [
+                player_logps(
+                    policy, {k: v.to(accelerator.device) for k, v in b.items()}, session.players, False
+                )
+                for b in batches
+            ]
+        gap = max(
+            float((outs[0][k] - outs[1][k]).abs().max() / (1.0 + outs[0][k].abs().max()))
+            for k in ("chosen_logps", "rejected_logps")
+        )
+    gap = max(row[0] for row in _gathered(accelerator, [gap]))
+    tolerance = 1e-4 if cfg.mixed_precision == "no" else 2e-2
+    if gap <= tolerance:
+        session.collate = shared_collate(cfg)
+        session.log(
+            f"[iopo] batching: prefix sharing + packing (first batch agrees with the plain forward: {gap:.1e})"
+        )
+    else:
+        why = (
+            obstacle or f"the first batch's log-probs differ from the plain forward's by {gap:.1e} (relative)"
+        )
+        session.collate = collate_pairs
+        session.log(f"[iopo] batching: plain, because {why}")
 
 
 def save_session(session: Session, tmp: Path | None = None, final: Path | None = None) -> Path:
@@ -531,7 +610,14 @@ def save_session(session: Session, tmp: Path | None = None, final: Path | None =
 def session_logps(session: Session, pairs: list[TokenizedPair], progress: str | None = None) -> dict:
     """The policy's chosen/rejected log-probs of `pairs` (no autograd, eval mode)."""
     return _test_logps(
-        session.policy, session.players, pairs, session.cfg, session.tokenizer, session.accelerator, progress
+        session.policy,
+        session.players,
+        pairs,
+        session.cfg,
+        session.tokenizer,
+        session.accelerator,
+        progress,
+        session.collate or collate_pairs,
     )
 
 
@@ -595,6 +681,10 @@ def train(cfg: TrainConfig) -> dict:
     )
     if sharding.sharded(cfg, accelerator):
         log(f"[iopo] fsdp: {shard_report(session)}")
+    if session.step < len(
+        schedule
+    ):  # the same batching for the test split's log-probs and the training steps
+        choose_batching(session, next_sample(session, train_pairs))
     if resume_dir is not None:
         log(f"[iopo] resumed from {resume_dir} at step {session.step}/{len(schedule)}")
 
@@ -831,13 +921,22 @@ def _printer(accelerator):
 
 
 def _test_logps(
-    player, players, pairs: list[TokenizedPair], cfg, tokenizer, accelerator, progress: str | None = None
+    player,
+    players,
+    pairs: list[TokenizedPair],
+    cfg,
+    tokenizer,
+    accelerator,
+    progress: str | None = None,
+    collate=collate_pairs,
 ) -> dict:
     def forward(batch):
         with _autocast(accelerator, player.module):
             return player_logps(player, batch, players, grad=False)
 
-    return dataset_logps(forward, pairs, cfg.eval_batch_size, tokenizer.pad_token_id, accelerator, progress)
+    return dataset_logps(
+        forward, pairs, cfg.eval_batch_size, tokenizer.pad_token_id, accelerator, progress, collate
+    )
 
 
 def _export(cfg, accelerator, player: Player, tokenizer, out: Path) -> Path:
