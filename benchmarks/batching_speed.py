@@ -1,0 +1,158 @@
+"""Plain vs prefix-shared (packed) batches: iopo's DPO optimizer step on the same real batches, alternating.
+
+    .venv/bin/python benchmarks/batching_speed.py [--batches 14] [--out benchmarks/results/batching_speed.json]
+
+The embedded SmolLM2-135M-Instruct (real 49k vocabulary), hh-rlhf harmless-base multi-turn pairs from the package,
+batches of 4 pairs at max_length 256 (the quickstart's data settings), full fine-tuning with AdamW. Each batch is
+stepped twice in a row, plain then shared (the order flips every batch), each step = policy forward + backward +
+reference forward + update, so both layouts see the same batches and nearly the same weights. float32, then bf16
+autocast. Per layout: seconds per step (median), real tokens per second (the non-padding tokens of the plain
+layout, prompt counted twice as the plain forward computes it; the same number for both, so it measures the same
+work), positions computed, and an approximate useful FLOP rate (6 x parameters x unique tokens for the policy's
+forward+backward, 2 x parameters x unique tokens for the reference's forward, unique = prompt once) against a
+float32 matmul rate measured here. A step during which other processes used more than 10% of the CPUs is flagged
+and left out of the medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cpu_busy() -> tuple[float, float]:
+    """(jiffies the whole machine was busy, jiffies this process used) so far."""
+    fields = [float(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    busy = sum(fields) - fields[3] - fields[4]  # minus idle and iowait
+    mine = [float(x) for x in Path(f"/proc/{os.getpid()}/stat").read_text().rsplit(")", 1)[1].split()[11:13]]
+    return busy, sum(mine)
+
+
+def matmul_gflops(dtype=torch.float32, n: int = 1024, repeat: int = 20) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    tick = time.perf_counter()
+    for _ in range(repeat):
+        a @ b
+    return 2 * n**3 * repeat / (time.perf_counter() - tick) / 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, default=14)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "batching_speed.json"))
+    opts = parser.parse_args()
+
+    from iopo.config import DataConfig, ModelConfig
+    from iopo.data import collate_pairs, collate_shared, load_training_data
+    from iopo.logprobs import SequenceLogProbs, sequence_logps
+    from iopo.losses import dpo_loss
+    from iopo.models import load_model, load_tokenizer
+
+    torch.manual_seed(0)
+    model_cfg = ModelConfig()
+    tokenizer = load_tokenizer(model_cfg)
+    data_cfg = DataConfig(max_length=256, max_prompt_length=128)
+    train, _, _ = load_training_data(data_cfg, tokenizer, None)
+    batches = [train[4 * k : 4 * k + 4] for k in range(opts.batches)]
+    pad = tokenizer.pad_token_id
+    layouts = {
+        "plain": collate_pairs,
+        "shared": lambda pairs, pad_id: collate_shared(pairs, pad_id, pack_tokens=2 * data_cfg.max_length),
+    }
+    model = load_model(model_cfg)
+    n_params = sum(p.numel() for p in model.parameters())
+    reference = SequenceLogProbs(copy.deepcopy(model).eval().requires_grad_(False))
+    policy = SequenceLogProbs(model.train())
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-7)
+    cores = os.cpu_count() or 1
+    hz = os.sysconf("SC_CLK_TCK")
+
+    results: dict = {
+        "machine": f"{platform.processor() or platform.machine()}, {cores} CPUs, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads",
+        "model": "SmolLM2-135M-Instruct (embedded), full fine-tuning, DPO step (policy fwd+bwd, reference fwd)",
+        "data": "hh-rlhf harmless-base (embedded), 4 pairs per batch, max_length 256, max_prompt_length 128",
+        "matmul_gflops_float32": round(matmul_gflops(), 1),
+        "precisions": {},
+    }
+    for precision in ("float32", "bf16"):
+        rows: dict[str, list[dict]] = {name: [] for name in layouts}
+        for k, batch_pairs in enumerate(batches):
+            order = list(layouts) if k % 2 == 0 else list(reversed(layouts))
+            plain_batch = collate_pairs(batch_pairs, pad)
+            real = int(plain_batch["attention_mask"].sum())
+            unique = sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in batch_pairs)
+            for name in order:
+                batch = layouts[name](batch_pairs, pad)
+                busy0, mine0 = cpu_busy()
+                tick = time.perf_counter()
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                    with torch.no_grad():
+                        ref = sequence_logps(reference, batch)
+                    out = sequence_logps(policy, batch)
+                    loss, _ = dpo_loss(
+                        out["chosen_logps"],
+                        out["rejected_logps"],
+                        ref["chosen_logps"],
+                        ref["rejected_logps"],
+                        out["chosen_lengths"],
+                        out["rejected_lengths"],
+                        beta=0.1,
+                    )
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                seconds = time.perf_counter() - tick
+                busy1, mine1 = cpu_busy()
+                others = max(0.0, (busy1 - busy0) - (mine1 - mine0)) / hz / (seconds * cores)
+                rows[name].append(
+                    {
+                        "batch": k,
+                        "seconds": seconds,
+                        "real_tokens": real,
+                        "unique_tokens": unique,
+                        "positions": int(batch["input_ids"].numel()),
+                        "others_cpu_share": round(others, 3),
+                        "contended": others > 0.10,
+                    }
+                )
+                print(f"{precision} batch {k:2d} {name:>6}: {seconds:6.2f}s  others {others:.0%}", flush=True)
+        summary = {}
+        for name, steps in rows.items():
+            clean = [s for s in steps if not s["contended"]][1:] or steps[1:]  # the first batch warms up
+            seconds = statistics.median(s["seconds"] for s in clean)
+            real = statistics.median(s["real_tokens"] / s["seconds"] for s in clean)
+            flops = statistics.median(8 * n_params * s["unique_tokens"] / s["seconds"] for s in clean) / 1e9
+            summary[name] = {
+                "seconds_per_step": round(seconds, 3),
+                "real_tokens_per_second": round(real, 1),
+                "positions_per_step": statistics.median(s["positions"] for s in clean),
+                "useful_gflops": round(flops, 1),
+                "share_of_matmul_rate": round(flops / results["matmul_gflops_float32"], 3),
+                "steps_timed": len(clean),
+                "steps_contended": sum(s["contended"] for s in steps),
+            }
+        paired = [
+            p["seconds"] / s["seconds"] for p, s in zip(rows["plain"][1:], rows["shared"][1:], strict=True)
+        ]
+        summary["shared_speedup_paired_median"] = round(statistics.median(paired), 3)
+        results["precisions"][precision] = {"summary": summary, "steps": rows}
+        print(json.dumps({precision: summary}, indent=1), flush=True)
+    Path(opts.out).write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+    print(f"written to {opts.out}")
+
+
+if __name__ == "__main__":
+    main()
