@@ -175,13 +175,12 @@ def build_players(cfg: TrainConfig, accelerator, names: list[str], resume_dir: P
             for name in names:
                 state = load_file(hf_resume / name / "adapter_model.safetensors")
                 set_peft_model_state_dict(peft_model, state, adapter_name=name)
+        # Both adapters stay trainable: DDP must see the same parameter set always.
         for name in names:
             for p in adapter_parameters(peft_model, name):
-                p.requires_grad_(
-                    True
-                )  # both adapters stay trainable: DDP must see the same parameter set always
+                p.requires_grad_(True)
         module = distribute(SequenceLogProbs(peft_model.train(), chunk))
-        # (after sharding: the adapters' parameters are then the sharded ones)
+        # Collected after sharding: under fsdp the adapters' parameters are then the sharded ones.
         params = {name: adapter_parameters(peft_model, name) for name in names}
         players = {n: Player(n, module, adapter=n, params=params[n]) for n in names}
         reference = Player("reference", module, adapter=BASE) if needs_reference else None
@@ -322,9 +321,8 @@ class Session:
     writer: object = None
     bar: object = None
     last_saved: Path | None = None  # the newest checkpoint written, named when a step turns non-finite
-    collate: object = (
-        None  # pairs -> a batch: plain or prefix-shared (chosen on the first batch, see batching)
-    )
+    # pairs -> a batch: plain or prefix-shared (chosen on the first batch, see choose_batching)
+    collate: object = None
 
     @property
     def policy(self) -> Player:
@@ -553,9 +551,7 @@ def choose_batching(session: Session, sample: list[TokenizedPair]) -> None:
             f"[iopo] batching: prefix sharing + packing (first batch agrees with the plain forward: {gap:.1e})"
         )
     else:
-        why = (
-            obstacle or f"the first batch's log-probs differ from the plain forward's by {gap:.1e} (relative)"
-        )
+        why = obstacle or f"the first batch's log-probs differ from the plain forward's by {gap:.1e}"
         session.collate = collate_pairs
         session.log(f"[iopo] batching: plain, because {why}")
 
@@ -681,9 +677,8 @@ def train(cfg: TrainConfig) -> dict:
     )
     if sharding.sharded(cfg, accelerator):
         log(f"[iopo] fsdp: {shard_report(session)}")
-    if session.step < len(
-        schedule
-    ):  # the same batching for the test split's log-probs and the training steps
+    # The batching is chosen before the test split's reference log-probs, so they and the steps use the same.
+    if session.step < len(schedule):
         choose_batching(session, next_sample(session, train_pairs))
     if resume_dir is not None:
         log(f"[iopo] resumed from {resume_dir} at step {session.step}/{len(schedule)}")
