@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import math
@@ -69,10 +70,20 @@ def _model_metrics(
 ) -> dict:
     import torch
 
-    from iopo.logprobs import SequenceLogProbs, sequence_logps
+    from iopo.data import collate_pairs, collate_shared
+    from iopo.logprobs import SequenceLogProbs, layouts_agree, sequence_logps, sharing_obstacle
     from iopo.scoring import dataset_logps, offline_metrics
 
     module = SequenceLogProbs(model).eval()
+    # Prefix sharing when the model allows it and its first batch agrees with the plain layout (as in training).
+    pack = 2 * max(
+        (len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs_tokens), default=1
+    )
+    collate = collate_pairs
+    if pairs_tokens and sharing_obstacle(model) is None:
+        gap = layouts_agree(module, pairs_tokens[: cfg.batch_size], tokenizer.pad_token_id, pack)
+        if gap <= (1e-4 if cfg.dtype == "float32" else 2e-2):
+            collate = functools.partial(collate_shared, pack_tokens=pack)
     with torch.inference_mode():
         logps = dataset_logps(
             lambda batch: sequence_logps(module, batch),
@@ -80,6 +91,7 @@ def _model_metrics(
             cfg.batch_size,
             tokenizer.pad_token_id,
             progress=f"log-probs {label}" if cfg.progress_bar else None,
+            collate=collate,
         )
     if ref_logps is None:
         return logps

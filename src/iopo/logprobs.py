@@ -123,6 +123,37 @@ class SequenceLogProbs(torch.nn.Module):
 SHARED_ATTENTION = ("sdpa", "eager")  # attention implementations that take a custom 4D mask
 
 
+def sharing_obstacle(model) -> str | None:
+    """Why a model cannot take prefix-shared batches (None when it can)."""
+    config = _transformers_model(model).config
+    implementation = getattr(config, "_attn_implementation", None) or "eager"
+    if implementation not in SHARED_ATTENTION:
+        return f"its attention implementation {implementation} takes no 4D mask"
+    layer_types = getattr(config, "layer_types", None) or []
+    if getattr(config, "sliding_window", None) or "sliding_attention" in layer_types:
+        return "it uses sliding-window attention, which a custom mask would override"
+    return None
+
+
+def layouts_agree(module, sample: list, pad_token_id: int, pack_tokens: int) -> float:
+    """The largest relative gap between the plain and the prefix-shared log-probs of `sample` (no autograd)."""
+    from iopo.data import collate_pairs, collate_shared
+
+    device = next(module.parameters()).device
+    with torch.no_grad():
+        outs = [
+            sequence_logps(module, {k: v.to(device) for k, v in batch.items()})
+            for batch in (
+                collate_pairs(sample, pad_token_id),
+                collate_shared(sample, pad_token_id, pack_tokens=pack_tokens),
+            )
+        ]
+    return max(
+        float((outs[0][k] - outs[1][k]).abs().max() / (1.0 + outs[0][k].abs().max()))
+        for k in ("chosen_logps", "rejected_logps")
+    )
+
+
 def attention_bias(mask: torch.Tensor, config, backbone) -> torch.Tensor:
     """The 4D block mask in the form the model's attention wants: bool for SDPA, additive float for eager."""
     implementation = getattr(config, "_attn_implementation", None) or "eager"

@@ -23,7 +23,7 @@ from iopo import checkpoint as ckpt
 from iopo import sharding
 from iopo.config import MAX_STEPS, ConfigError, TrainConfig, dump_config
 from iopo.data import TokenizedPair, collate_pairs, collate_shared, load_training_data
-from iopo.logprobs import SequenceLogProbs, sequence_logps
+from iopo.logprobs import SequenceLogProbs, sequence_logps, sharing_obstacle
 from iopo.losses import LOSSES
 from iopo.models import adapter_parameters, add_lora_adapters, load_model, load_tokenizer
 from iopo.scoring import dataset_logps, format_table, offline_metrics
@@ -496,28 +496,13 @@ def shared_collate(cfg: TrainConfig):
     return functools.partial(collate_shared, pack_tokens=2 * cfg.data.max_length)
 
 
-def _sharing_obstacle(model) -> str | None:
-    """Why a model cannot take prefix-shared batches (None when it can)."""
-    from iopo.logprobs import SHARED_ATTENTION, _transformers_model
-
-    config = _transformers_model(model).config
-    implementation = getattr(config, "_attn_implementation", None) or "eager"
-    if implementation not in SHARED_ATTENTION:
-        return f"its attention implementation {implementation} takes no 4D mask"
-    if getattr(config, "sliding_window", None) or "sliding_attention" in (
-        getattr(config, "layer_types", None) or []
-    ):
-        return "it uses sliding-window attention, which a custom mask would override"
-    return None
-
-
 def choose_batching(session: Session, sample: list[TokenizedPair]) -> None:
     """Set session.collate from cfg.batching: under auto, prefix sharing only when the model allows it and this
     sample's log-probs agree both ways (every process checks its own sample; all must agree)."""
     cfg, accelerator = session.cfg, session.accelerator
     policy = session.policy
     inner = _unwrap(policy.module).model
-    obstacle = _sharing_obstacle(inner)
+    obstacle = sharing_obstacle(inner)
     if cfg.batching == "plain":
         session.collate = collate_pairs
         return
