@@ -174,3 +174,16 @@ def test_a_sliding_window_model_falls_back_to_plain_and_shared_is_refused(tmp_pa
     assert "batching: plain, because it uses sliding-window attention" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="batching=shared"):
         _train(tmp_path, tmp_path / "mistral", "forced", "batching=shared", "iopo.n_mu=1", "iopo.n_nu=1")
+
+
+class RemoteLlama(__import__("transformers").LlamaForCausalLM):
+    """Stands for trust_remote_code modelling code: a class defined outside transformers."""
+
+
+def test_remote_code_models_get_the_plain_layout():
+    from iopo.logprobs import sharing_obstacle
+
+    model = _model("llama", "sdpa")
+    assert sharing_obstacle(model) is None
+    remote = RemoteLlama(model.config)
+    assert "not transformers' own" in sharing_obstacle(remote)

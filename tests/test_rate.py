@@ -456,6 +456,7 @@ def test_http_serves_the_page_and_its_api_only_with_the_token(served):
         assert status == code, (path, status, reply)
         assert "error" in json.loads(reply)
     assert _request(served, "/", headers={"Host": "evil.example"})[0] == 421
+    assert _request(served, "/api/next", {"rater": "alice"}, {**ok, "X-IOPO-Token": "tökén"})[0] == 403
     assert _request(served, "/", b"{}", ok, method="PUT")[0] == 405
     assert len(served.book.ratings()) == 1  # none of the refused requests stored anything
 
@@ -670,3 +671,39 @@ def test_two_raters_in_a_browser_with_keys_a_reload_a_restart_and_inert_markup(e
     assert result["human"]["agreement"]["pairs_rated_by_several"] == len(
         [i for i in book.shared if sum(x["item"] == i for x in ratings) == 2]
     )
+
+
+def test_skip_after_back_keeps_the_rating_and_others_pairs_are_refused(ev):
+    book = RatingBook(ev, overlap=0.0, seed=0, max_pairs=10)
+    view = book.next_pair("alice")
+    book.rate("alice", view["item"], 3, 1, "a")
+    back = book.previous("alice", None)
+    assert back["item"] == view["item"]
+    assert book.skip("alice", back["item"]) is None  # "Next" on a revisited pair: the rating stays
+    assert len(book.ratings()) == 1 and book.progress("alice")["skipped"] == 0
+    assert book.next_pair("bob")["item"] != view["item"]  # and the pair is not released to another rater
+    with pytest.raises(RatingError, match="another rater"):
+        book.rate("bob", view["item"], 0, 0, "tie")
+    outside = next(p.item for p in book.pairs if p.item not in book.order_set)  # beyond max_pairs
+    with pytest.raises(RatingError, match="not offered"):
+        book.rate("alice", outside, 1, 1, "tie")
+    book.close()
+
+
+def test_rating_one_model_keeps_the_others_ratings(built, tmp_path):
+    # An eval of two models: rate one of them (models=[...]); ratings of the other are still counted, not stale.
+    ev = Path(shutil.copytree(built["eval"], tmp_path / "ev2"))
+    other = str(built["root"] / "other")
+    args = [a for a in built["args"] if not a.startswith("output_dir=") and a != other]
+    models = json.dumps([other, f"again={other}"])  # a second label for the same model: its own answers
+    assert iopo_main([*args, f"models={models}", f"output_dir={ev}"]) == 0
+    book = RatingBook(ev, overlap=0.0)
+    assert {p.model for p in book.pairs} == {"other", "again"}
+    _rate_all(book, ["alice"], lambda r, v: (2, 2, "tie"))
+    book.close()
+    only = RatingBook(ev, overlap=0.0, models=["again"])
+    assert {only.by_item[i].model for i in only.order} == {"again"}
+    summary = only.summary(n_boot=50)
+    assert only.stale_ratings() == 0 and set(summary["models"]) == {"other", "again"}
+    assert summary["models"]["other"]["pairs_rated"] == summary["models"]["other"]["pairs"] == 12
+    only.close()

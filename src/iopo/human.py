@@ -180,12 +180,15 @@ class RatingBook:
         if not self.eval_dir.is_dir():
             raise ConfigError(f"{self.eval_dir}: no such eval folder")
         self.results = results if results is not None else read_eval(self.eval_dir)
-        self.pairs = load_pairs(self.eval_dir, self.results, models)
-        if not self.pairs:
+        # Every pair of the eval is known (ratings of any model count in the tables); `models` picks those to rate.
+        self.pairs = load_pairs(self.eval_dir, self.results)
+        offered = load_pairs(self.eval_dir, self.results, models) if models else self.pairs
+        if not offered:
             raise ConfigError(f"{self.eval_dir}: the eval has no answers of its models and baseline to rate")
         self.seed, self.overlap, self.claim_s = seed, overlap, claim_minutes * 60
-        ordered = sorted(self.pairs, key=lambda p: _unit(seed, "order", p.item))
+        ordered = sorted(offered, key=lambda p: _unit(seed, "order", p.item))
         self.order = [p.item for p in ordered][:max_pairs]
+        self.order_set = set(self.order)
         self.by_item = {p.item: p for p in self.pairs}
         self.shared = {i for i in self.order if _unit(seed, "overlap", i) < overlap}
         self.lock = threading.Lock()
@@ -320,8 +323,7 @@ class RatingBook:
     ) -> int:
         """Store one rating as the rater saw it (A = left); returns its id."""
         check_name(rater)
-        if item not in self.by_item:
-            raise RatingError("unknown pair (the eval's answers changed? reload the page)")
+        self._check_offered(rater, item)
         for score in (score_a, score_b):
             if isinstance(score, bool) or score not in SCORES:
                 raise RatingError("each score is one of 0, 1, 2, 3")
@@ -335,13 +337,37 @@ class RatingBook:
             prefer = {"a": left, "b": right, "tie": "tie"}[preference]
             return self._insert(rater, item, left, scores["model"], scores["baseline"], prefer, 0, seconds)
 
-    def skip(self, rater: str, item: str, seconds: float | None = None) -> int:
+    def skip(self, rater: str, item: str, seconds: float | None = None) -> int | None:
+        """Pass a pair on. A pair the rater has already rated (shown again by back) keeps its rating: skipping it
+        only moves on (returns None)."""
         check_name(rater)
-        if item not in self.by_item:
-            raise RatingError("unknown pair (the eval's answers changed? reload the page)")
+        self._check_offered(rater, item)
         with self.lock:
+            rows = self.db.execute(
+                "SELECT skipped FROM rate_ratings WHERE rater = ? AND item = ? ORDER BY id DESC LIMIT 1",
+                (rater, item),
+            ).fetchone()
+            if rows is not None and not rows[0]:
+                with self.db:
+                    self.db.execute("DELETE FROM rate_claims WHERE rater = ? AND item = ?", (rater, item))
+                return None
             left = self._left_for(rater, item)
             return self._insert(rater, item, left, None, None, None, 1, _seconds(seconds))
+
+    def _check_offered(self, rater: str, item: str) -> None:
+        """A rating is taken only for a pair this rater may rate: one of the pairs offered, and not another
+        rater's (unless shown to every rater)."""
+        if item not in self.by_item:
+            raise RatingError("unknown pair (the eval's answers changed? reload the page)")
+        if item not in self.order_set:
+            raise RatingError("this pair is not offered for rating here")
+        if item not in self.shared:
+            with self.lock:
+                other = self.db.execute(
+                    LATEST + " WHERE r.item = ? AND r.rater != ? AND r.skipped = 0", (item, rater)
+                ).fetchone()
+            if other is not None:
+                raise RatingError("another rater has rated this pair; reload for your next one")
 
     def _insert(self, rater, item, left, score_model, score_baseline, preference, skipped, seconds) -> int:
         with self.db:
@@ -416,8 +442,14 @@ class RatingBook:
             self.eval_dir / "store.sqlite",
             boot={"n_boot": n_boot, "confidence": confidence, "seed": seed},
             stale=self.stale_ratings(),
-            pairs=dict(Counter(self.by_item[i].model for i in self.order)),
+            pairs=self._pair_counts(),
         )
+
+    def _pair_counts(self) -> dict[str, int]:
+        """Pairs per model: those offered for rating, and all the eval has for a model not offered."""
+        offered = Counter(self.by_item[i].model for i in self.order)
+        every = Counter(p.model for p in self.pairs)
+        return {m: offered.get(m, n) for m, n in every.items()}
 
 
 def _seconds(value) -> float | None:
@@ -659,10 +691,7 @@ def write_outputs(book: RatingBook, n_boot: int = 1000, confidence: float = 0.95
         writer.writerow(EXPORT_FIELDS)
         for r in ratings:
             writer.writerow(
-                [
-                    _cell(r[k]) if k in ("prompt", "model_answer", "baseline_answer") else r[k]
-                    for k in EXPORT_FIELDS
-                ]
+                [_cell(r[k]) if isinstance(r[k], str | list | dict) else r[k] for k in EXPORT_FIELDS]
             )
     os.replace(tmp, folder / "ratings.csv")
     results = read_eval(book.eval_dir)

@@ -125,7 +125,11 @@ SHARED_ATTENTION = ("sdpa", "eager")  # attention implementations that take a cu
 
 def sharing_obstacle(model) -> str | None:
     """Why a model cannot take prefix-shared batches (None when it can)."""
-    config = _transformers_model(model).config
+    lm = _transformers_model(model)
+    if not type(lm).__module__.startswith("transformers."):
+        # Remote code (trust_remote_code) may build its own mask from a 2D one, or ignore it in training.
+        return f"its modelling code ({type(lm).__module__}) is not transformers' own"
+    config = lm.config
     implementation = getattr(config, "_attn_implementation", None) or "eager"
     if implementation not in SHARED_ATTENTION:
         return f"its attention implementation {implementation} takes no 4D mask"

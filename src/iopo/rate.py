@@ -78,6 +78,7 @@ class Handler(BaseHTTPRequestHandler):
     server: RatingServer
     server_version = "iopo-rate"
     sys_version = ""
+    timeout = 30  # a client that stops sending (a Content-Length larger than its body) frees its thread
 
     def log_message(self, format, *args) -> None:  # quiet: ratings are the log
         pass
@@ -139,7 +140,8 @@ class Handler(BaseHTTPRequestHandler):
         }.get(self.path)
         if action is None:
             return self._error(404, "not found")
-        if not hmac.compare_digest(self.headers.get("X-IOPO-Token", ""), self.server.token):
+        sent = self.headers.get("X-IOPO-Token", "").encode("utf-8", "surrogateescape")
+        if not hmac.compare_digest(sent, self.server.token.encode("utf-8")):
             return self._error(403, "the page is out of date or not this server's: reload it")
         if not self.headers.get("Content-Type", "").startswith("application/json"):
             return self._error(415, "send JSON")
@@ -159,6 +161,9 @@ class Handler(BaseHTTPRequestHandler):
             self._json(200, action(body))
         except RatingError as e:
             self._error(400, str(e))
+        except Exception as e:  # a bug of ours: one line in the console, a JSON error for the page
+            print(f"[iopo] rate: {self.path}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            self._error(500, "the server failed on this request; see its console")
 
     def do_PUT(self) -> None:
         self._error(405, "method not allowed")

@@ -11,6 +11,7 @@ import copy
 import functools
 import json
 import math
+import os
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -340,6 +341,16 @@ def open_accelerator(cfg: TrainConfig):
     from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedDataParallelKwargs, DistributedType
 
+    if (
+        cfg.distributed.strategy == "fsdp"
+        and torch.cuda.is_available()
+        and int(os.environ.get("WORLD_SIZE", "1")) > 1
+        and not torch.distributed.is_initialized()
+    ):
+        # FSDP2 with CPU offload reduces CPU tensors (the gradient norm, the gathered export): the group needs a CPU
+        # backend beside NCCL. accelerate adds one only for its own FSDP launch, so the group is made here.
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group(backend="cuda:nccl,cpu:gloo")
     # Under LoRA IOPO one DDP module holds both adapters and only the agent's gets gradients in a phase.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.model.lora and cfg.method == "iopo")
     # A second run in one process (a notebook, the tests) may ask for another precision: accelerate keeps its
@@ -516,18 +527,21 @@ def choose_batching(session: Session, sample: list[TokenizedPair]) -> None:
     gap = math.inf
     if obstacle is None:
         pad = session.tokenizer.pad_token_id
-        with torch.no_grad(), _autocast(accelerator, policy.module):
-            batches = [collate_pairs(sample, pad), shared_collate(cfg)(sample, pad)]
-            outs = [
-                player_logps(
-                    policy, {k: v.to(accelerator.device) for k, v in b.items()}, session.players, False
-                )
-                for b in batches
-            ]
-        gap = max(
-            float((outs[0][k] - outs[1][k]).abs().max() / (1.0 + outs[0][k].abs().max()))
-            for k in ("chosen_logps", "rejected_logps")
-        )
+        try:
+            with torch.no_grad(), _autocast(accelerator, policy.module):
+                batches = [collate_pairs(sample, pad), shared_collate(cfg)(sample, pad)]
+                outs = [
+                    player_logps(
+                        policy, {k: v.to(accelerator.device) for k, v in b.items()}, session.players, False
+                    )
+                    for b in batches
+                ]
+            gap = max(
+                float((outs[0][k] - outs[1][k]).abs().max() / (1.0 + outs[0][k].abs().max()))
+                for k in ("chosen_logps", "rejected_logps")
+            )
+        except Exception as e:  # a model whose forward refuses a 4D mask or position ids: the plain layout
+            obstacle = f"its forward refused the shared layout ({type(e).__name__}: {str(e)[:120]})"
     gap = max(row[0] for row in _gathered(accelerator, [gap]))
     tolerance = 1e-4 if cfg.mixed_precision == "no" else 2e-2
     if gap <= tolerance:
@@ -777,16 +791,20 @@ def _on_main(accelerator, decide):
     Deciding whether a run folder may be used must not race with the main process already writing into it."""
     if accelerator.num_processes == 1:
         return decide()
-    answer: list = [None, None]
+    answer: list = [None, None, False]
+    failure = None
     if accelerator.is_main_process:
         try:
             found = decide()
-            answer = [None if found is None else str(found), None]
-        except ConfigError as e:
-            answer = [None, str(e)]
+            answer = [None if found is None else str(found), None, False]
+        except Exception as e:  # every process must leave the broadcast, whatever went wrong
+            failure = e
+            answer = [None, str(e), isinstance(e, ConfigError)]
     torch.distributed.broadcast_object_list(answer, src=0)
+    if failure is not None:
+        raise failure
     if answer[1] is not None:
-        raise ConfigError(answer[1])
+        raise ConfigError(answer[1]) if answer[2] else RuntimeError(f"the main process failed: {answer[1]}")
     return None if answer[0] is None else Path(answer[0])
 
 
