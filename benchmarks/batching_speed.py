@@ -26,16 +26,9 @@ import time
 from pathlib import Path
 
 import torch
+from common import preference_step, timed
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def cpu_busy() -> tuple[float, float]:
-    """(jiffies the whole machine was busy, jiffies this process used) so far."""
-    fields = [float(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    busy = sum(fields) - fields[3] - fields[4]  # minus idle and iowait
-    mine = [float(x) for x in Path(f"/proc/{os.getpid()}/stat").read_text().rsplit(")", 1)[1].split()[11:13]]
-    return busy, sum(mine)
 
 
 def matmul_gflops(dtype=torch.float32, n: int = 1024, repeat: int = 20) -> float:
@@ -56,7 +49,7 @@ def main() -> None:
 
     from iopo.config import DataConfig, ModelConfig
     from iopo.data import collate_pairs, collate_shared, load_training_data
-    from iopo.logprobs import SequenceLogProbs, sequence_logps
+    from iopo.logprobs import SequenceLogProbs
     from iopo.losses import dpo_loss
     from iopo.models import load_model, load_tokenizer
 
@@ -77,7 +70,6 @@ def main() -> None:
     policy = SequenceLogProbs(model.train())
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-7)
     cores = os.cpu_count() or 1
-    hz = os.sysconf("SC_CLK_TCK")
 
     results: dict = {
         "machine": f"{platform.processor() or platform.machine()}, {cores} CPUs, torch {torch.__version__}, "
@@ -96,27 +88,11 @@ def main() -> None:
             unique = sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in batch_pairs)
             for name in order:
                 batch = layouts[name](batch_pairs, pad)
-                busy0, mine0 = cpu_busy()
-                tick = time.perf_counter()
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-                    with torch.no_grad():
-                        ref = sequence_logps(reference, batch)
-                    out = sequence_logps(policy, batch)
-                    loss, _ = dpo_loss(
-                        out["chosen_logps"],
-                        out["rejected_logps"],
-                        ref["chosen_logps"],
-                        ref["rejected_logps"],
-                        out["chosen_lengths"],
-                        out["rejected_lengths"],
-                        beta=0.1,
+                seconds, others = timed(
+                    lambda batch=batch, bf16=precision == "bf16": preference_step(
+                        policy, reference, batch, dpo_loss, optimizer, bf16
                     )
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                seconds = time.perf_counter() - tick
-                busy1, mine1 = cpu_busy()
-                others = max(0.0, (busy1 - busy0) - (mine1 - mine0)) / hz / (seconds * cores)
+                )
                 rows[name].append(
                     {
                         "batch": k,

@@ -24,18 +24,12 @@ import platform
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from common import preference_step, timed
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_LENGTH, MAX_PROMPT = 256, 128
-
-
-def cpu_busy() -> tuple[float, float]:
-    fields = [float(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    busy = sum(fields) - fields[3] - fields[4]
-    mine = [float(x) for x in Path(f"/proc/{os.getpid()}/stat").read_text().rsplit(")", 1)[1].split()[11:13]]
-    return busy, sum(mine)
 
 
 def raw_pairs(n: int):
@@ -56,7 +50,7 @@ def iopo_worker(kind: str, precision: str, batches: int):
 
     from iopo.config import DataConfig, ModelConfig
     from iopo.data import collate_shared, load_training_data
-    from iopo.logprobs import SequenceLogProbs, sequence_logps
+    from iopo.logprobs import SequenceLogProbs
     from iopo.losses import dpo_loss, iopo_loss
     from iopo.models import load_model, load_tokenizer
 
@@ -86,26 +80,8 @@ def iopo_worker(kind: str, precision: str, batches: int):
         agent_name = names[k % len(names)]
         agent = players[agent_name]
         env = frozen if kind == "dpo" else players[names[(k + 1) % len(names)]]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            was = env.training
-            env.eval()
-            with torch.no_grad():
-                ref = sequence_logps(env, batch)
-            env.train(was)
-            out = sequence_logps(agent, batch)
-            loss_fn = dpo_loss if kind == "dpo" else iopo_loss
-            loss, _ = loss_fn(
-                out["chosen_logps"],
-                out["rejected_logps"],
-                ref["chosen_logps"],
-                ref["rejected_logps"],
-                out["chosen_lengths"],
-                out["rejected_lengths"],
-                beta=0.1,
-            )
-        loss.backward()
-        optimizers[agent_name].step()
-        optimizers[agent_name].zero_grad(set_to_none=True)
+        loss_fn = dpo_loss if kind == "dpo" else iopo_loss
+        preference_step(agent, env, batch, loss_fn, optimizers[agent_name], precision == "bf16")
         return {"real_tokens": real, "positions": int(batch["input_ids"].numel())}
 
     return step
@@ -173,17 +149,11 @@ def worker_main(name: str, precision: str, batches: int) -> None:
         if name == "trl-dpo"
         else iopo_worker(name.split("-")[1], precision, batches)
     )
-    hz = os.sysconf("SC_CLK_TCK")
-    cores = os.cpu_count() or 1
     print("ready", flush=True)
     for line in sys.stdin:
         k = int(line)
-        busy0, mine0 = cpu_busy()
-        tick = time.perf_counter()
-        info = step(k)
-        seconds = time.perf_counter() - tick
-        busy1, mine1 = cpu_busy()
-        others = max(0.0, (busy1 - busy0) - (mine1 - mine0)) / hz / (seconds * cores)
+        info: dict = {}
+        seconds, others = timed(lambda k=k, info=info: info.update(step(k)))
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30
         print(
             json.dumps(
