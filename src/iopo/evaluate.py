@@ -17,7 +17,6 @@ import json
 import math
 import os
 import time
-from collections import Counter
 from pathlib import Path
 
 from iopo import stats
@@ -71,7 +70,13 @@ def _model_metrics(
     import torch
 
     from iopo.data import collate_pairs, collate_shared
-    from iopo.logprobs import SequenceLogProbs, layouts_agree, sequence_logps, sharing_obstacle
+    from iopo.logprobs import (
+        SequenceLogProbs,
+        layouts_gap,
+        sequence_logps,
+        shared_tolerance,
+        sharing_obstacle,
+    )
     from iopo.scoring import dataset_logps, offline_metrics
 
     module = SequenceLogProbs(model).eval()
@@ -81,11 +86,14 @@ def _model_metrics(
     )
     collate = collate_pairs
     if pairs_tokens and sharing_obstacle(model) is None:
-        try:
-            gap = layouts_agree(module, pairs_tokens[: cfg.batch_size], tokenizer.pad_token_id, pack)
-        except Exception:  # a forward that refuses a 4D mask or position ids: the plain layout
-            gap = math.inf
-        if gap <= (1e-4 if cfg.dtype == "float32" else 2e-2):
+        device = next(module.parameters()).device
+        gap, _ = layouts_gap(
+            lambda batch: sequence_logps(module, {k: v.to(device) for k, v in batch.items()}),
+            pairs_tokens[: cfg.batch_size],
+            tokenizer.pad_token_id,
+            pack,
+        )
+        if gap <= shared_tolerance(cfg.dtype != "float32"):
             collate = functools.partial(collate_shared, pack_tokens=pack)
     with torch.inference_mode():
         logps = dataset_logps(
@@ -242,20 +250,13 @@ def evaluate(cfg: EvalConfig) -> dict:
 
 def _human_tables(out_dir: Path, results: dict, cfg: EvalConfig) -> dict | None:
     """The folder's human ratings (`iopo rate`), recomputed against this eval's answers and judges."""
-    from iopo.human import RatingBook, has_ratings, summarize
+    from iopo.human import RatingBook, has_ratings
 
     if not has_ratings(out_dir):
         return None
     book = RatingBook(out_dir, results=results)
     try:
-        return summarize(
-            book.ratings(),
-            results,
-            out_dir / "store.sqlite",
-            boot={"n_boot": cfg.bootstrap, "confidence": cfg.confidence, "seed": cfg.seed},
-            stale=book.stale_ratings(),
-            pairs=dict(Counter(p.model for p in book.pairs)),
-        )
+        return book.summary(cfg.bootstrap, cfg.confidence, cfg.seed)
     finally:
         book.close()
 

@@ -33,6 +33,8 @@ from pathlib import Path
 
 from iopo import stats
 from iopo.config import ConfigError
+from iopo.generate import read_records
+from iopo.jsonio import write_json, write_jsonl
 from iopo.store import text_key
 
 SCHEMA = """
@@ -85,19 +87,6 @@ class Pair:
     cut: tuple[bool, bool] = (False, False)  # (model, baseline) answer stopped at the token limit
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}: line {number}: not JSON ({e.msg})") from None
-    return records
-
-
 def _safe_name(label: str) -> str:
     from iopo.evaluate import _safe_name
 
@@ -134,8 +123,8 @@ def load_pairs(eval_dir: Path, results: dict, models: list[str] | None = None) -
         if not path.is_file():
             raise ConfigError(f"{path}: missing: the eval's answers of {label!r} are needed to rate them")
         out = {}
-        for number, record in enumerate(_read_jsonl(path), 1):
-            if not isinstance(record, dict) or not {"prompt_id", "sample", "prompt", "answer"} <= set(record):
+        for number, record in enumerate(read_records(path).values(), 1):  # as `iopo eval` reads its own files
+            if not {"prompt_id", "sample", "prompt", "answer"} <= set(record):
                 raise ConfigError(f"{path}: record {number}: not a generation record of `iopo eval`")
             out[str(record["prompt_id"]), int(record["sample"])] = record
         return out
@@ -238,16 +227,17 @@ class RatingBook:
             return self.db.execute(LATEST).fetchall()
         return self.db.execute(LATEST + " WHERE r.rater = ?", (rater,)).fetchall()
 
+    def _live_claims(self, now: float) -> list[tuple[str, str]]:
+        """(rater, item) of every hold not yet expired."""
+        return self.db.execute(
+            "SELECT rater, item FROM rate_claims WHERE claimed > ?", (now - self.claim_s,)
+        ).fetchall()
+
     def _open_items(self, rater: str, now: float) -> list[str]:
         """The items this rater may still get, in order."""
         mine = {row[2] for row in self._latest(rater)}
         taken = {row[2] for row in self._latest() if row[1] != rater and not row[7]}
-        taken |= {
-            item
-            for (item,) in self.db.execute(
-                "SELECT item FROM rate_claims WHERE rater != ? AND claimed > ?", (rater, now - self.claim_s)
-            )
-        }
+        taken |= {item for who, item in self._live_claims(now) if who != rater}
         return [i for i in self.order if i not in mine and (i in self.shared or i not in taken)]
 
     def next_pair(self, rater: str) -> dict | None:
@@ -256,13 +246,7 @@ class RatingBook:
         now = time.time()
         with self.lock:
             open_items = self._open_items(rater, now)
-            held = {
-                item
-                for (item,) in self.db.execute(
-                    "SELECT item FROM rate_claims WHERE rater = ? AND claimed > ?",
-                    (rater, now - self.claim_s),
-                )
-            }
+            held = {item for who, item in self._live_claims(now) if who == rater}
             item = next((i for i in open_items if i in held), None) or (open_items[0] if open_items else None)
             if item is None:
                 return None
@@ -310,12 +294,16 @@ class RatingBook:
 
     # ------------------------------------------------------------ writing
 
-    def _left_for(self, rater: str, item: str) -> str:
-        """The layout this rater saw: their stored one when they rated it before, else their draw."""
-        row = self.db.execute(
-            "SELECT left_side FROM rate_ratings WHERE rater = ? AND item = ? ORDER BY id DESC LIMIT 1",
+    def _last_row(self, rater: str, item: str) -> tuple | None:
+        """(left_side, skipped) of this rater's newest row for the pair, or None (call under the lock)."""
+        return self.db.execute(
+            "SELECT left_side, skipped FROM rate_ratings WHERE rater = ? AND item = ? ORDER BY id DESC LIMIT 1",
             (rater, item),
         ).fetchone()
+
+    def _left_for(self, rater: str, item: str) -> str:
+        """The layout this rater saw: their stored one when they rated it before, else their draw."""
+        row = self._last_row(rater, item)
         return row[0] if row else self.left_side(rater, item)
 
     def rate(
@@ -343,11 +331,8 @@ class RatingBook:
         check_name(rater)
         self._check_offered(rater, item)
         with self.lock:
-            rows = self.db.execute(
-                "SELECT skipped FROM rate_ratings WHERE rater = ? AND item = ? ORDER BY id DESC LIMIT 1",
-                (rater, item),
-            ).fetchone()
-            if rows is not None and not rows[0]:
+            row = self._last_row(rater, item)
+            if row is not None and not row[1]:
                 with self.db:
                     self.db.execute("DELETE FROM rate_claims WHERE rater = ? AND item = ?", (rater, item))
                 return None
@@ -434,10 +419,12 @@ class RatingBook:
 
     # ------------------------------------------------------------ results
 
-    def summary(self, n_boot: int = 1000, confidence: float = 0.95, seed: int = 0) -> dict:
-        ratings = self.ratings()
+    def summary(
+        self, n_boot: int = 1000, confidence: float = 0.95, seed: int = 0, ratings: list[dict] | None = None
+    ) -> dict:
+        """The human tables (`summarize`) of the current ratings (read here unless given)."""
         return summarize(
-            ratings,
+            self.ratings() if ratings is None else ratings,
             self.results,
             self.eval_dir / "store.sqlite",
             boot={"n_boot": n_boot, "confidence": confidence, "seed": seed},
@@ -677,14 +664,11 @@ def _cell(value) -> str:
 
 def write_outputs(book: RatingBook, n_boot: int = 1000, confidence: float = 0.95) -> dict:
     """human/ratings.csv and human/ratings.jsonl (every current rating), and the human tables into eval.json."""
-    summary = book.summary(n_boot, confidence)
     ratings = book.ratings()
+    summary = book.summary(n_boot, confidence, ratings=ratings)
     folder = book.eval_dir / "human"
     folder.mkdir(exist_ok=True)
-    _atomic(
-        folder / "ratings.jsonl",
-        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ratings),
-    )
+    write_jsonl(folder / "ratings.jsonl", ratings)
     tmp = folder / f".ratings.csv.{os.getpid()}.tmp"
     with open(tmp, "w", encoding="utf-8", newline="") as f:
         writer = csv.writer(f)
@@ -696,14 +680,8 @@ def write_outputs(book: RatingBook, n_boot: int = 1000, confidence: float = 0.95
     os.replace(tmp, folder / "ratings.csv")
     results = read_eval(book.eval_dir)
     results["human"] = summary
-    _atomic(book.eval_dir / "eval.json", json.dumps(stats.json_safe(results), indent=2, allow_nan=False))
+    write_json(book.eval_dir / "eval.json", results)
     return summary
-
-
-def _atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def has_ratings(eval_dir: Path) -> bool:

@@ -7,6 +7,8 @@ float32 logits for the whole batch never exist at once (only one chunk's, during
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -139,23 +141,28 @@ def sharing_obstacle(model) -> str | None:
     return None
 
 
-def layouts_agree(module, sample: list, pad_token_id: int, pack_tokens: int) -> float:
-    """The largest relative gap between the plain and the prefix-shared log-probs of `sample` (no autograd)."""
+def layouts_gap(forward, sample: list, pad_token_id: int, pack_tokens: int) -> tuple[float, str | None]:
+    """How far the prefix-shared log-probs of `sample` are from the plain layout's: (the largest gap relative to
+    the batch's largest log-prob sum, None), or (inf, why) when `forward(batch)` refuses the shared batch (a model
+    whose code wants a 2D mask). `forward` runs one batch without autograd (its device, adapter, precision)."""
     from iopo.data import collate_pairs, collate_shared
 
-    device = next(module.parameters()).device
-    with torch.no_grad():
-        outs = [
-            sequence_logps(module, {k: v.to(device) for k, v in batch.items()})
-            for batch in (
-                collate_pairs(sample, pad_token_id),
-                collate_shared(sample, pad_token_id, pack_tokens=pack_tokens),
-            )
-        ]
-    return max(
-        float((outs[0][k] - outs[1][k]).abs().max() / (1.0 + outs[0][k].abs().max()))
+    try:
+        with torch.no_grad():
+            plain = forward(collate_pairs(sample, pad_token_id))
+            shared = forward(collate_shared(sample, pad_token_id, pack_tokens=pack_tokens))
+    except Exception as e:  # a model whose forward refuses a 4D mask or position ids: the plain layout
+        return math.inf, f"its forward refused the shared layout ({type(e).__name__}: {str(e)[:120]})"
+    gap = max(
+        float((plain[k] - shared[k]).abs().max() / (1.0 + plain[k].abs().max()))
         for k in ("chosen_logps", "rejected_logps")
     )
+    return gap, None
+
+
+def shared_tolerance(low_precision: bool) -> float:
+    """The largest relative gap `layouts_gap` may show for the shared layout to be used."""
+    return 2e-2 if low_precision else 1e-4
 
 
 def attention_bias(mask: torch.Tensor, config, backbone) -> torch.Tensor:

@@ -38,6 +38,7 @@ from iopo import stats, trainer
 from iopo.config import ConfigError, OnlineConfig, changed_settings, dump_config
 from iopo.data import load_split, tokenize_pairs, unique_prompts, write_rejects
 from iopo.data_formats import PreferencePair
+from iopo.jsonio import write_json, write_jsonl
 
 STAGES = {
     "iter_dpo": ("prompts", "generate", "judge", "pairs", "train", "score"),
@@ -77,26 +78,6 @@ class BudgetReached(Exception):
 
 
 # ---------------------------------------------------------------- files
-
-
-def write_json(path: Path, value) -> None:
-    """Write JSON atomically (temp file, fsync, rename): a kill leaves the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        f.write(json.dumps(stats.json_safe(value), indent=2, ensure_ascii=False, allow_nan=False))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def read_jsonl(path: Path) -> list[dict]:

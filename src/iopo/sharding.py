@@ -13,6 +13,7 @@ With one process nothing is sharded (there is nothing to share), but checkpoints
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -88,13 +89,13 @@ def set_gradient_sync(module, sync: bool) -> None:
 # ---------------------------------------------------------------- checkpoints
 
 
+@contextmanager
 def _quiet():
-    ctx = warnings.catch_warnings()
-    ctx.__enter__()
-    # One process without a process group: DCP says it assumes a single process, which is the case.
-    warnings.filterwarnings("ignore", message=".*process group.*")
-    warnings.filterwarnings("ignore", message=".*assuming the intent.*")
-    return ctx
+    """One process without a process group: DCP warns that it assumes a single process, which is the case."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*process group.*")
+        warnings.filterwarnings("ignore", message=".*assuming the intent.*")
+        yield
 
 
 def stepped(session) -> list[str]:
@@ -135,11 +136,8 @@ def save(session, folder: Path) -> list[str]:
     import torch.distributed.checkpoint as dcp
 
     with_optimizer = stepped(session)
-    ctx = _quiet()
-    try:
+    with _quiet():
         dcp.save(_state(session, with_optimizer), checkpoint_id=str(folder / DCP_FOLDER))
-    finally:
-        ctx.__exit__(None, None, None)
     return with_optimizer
 
 
@@ -158,8 +156,7 @@ def load(session, folder: Path, with_optimizer: list[str]) -> None:
             f"{folder} holds no sharded (DCP) checkpoint: it was written with distributed.strategy=ddp; resume "
             "it with that strategy"
         )
-    ctx = _quiet()
-    try:
+    with _quiet():
         state = _state(session, with_optimizer)  # what to load into (those AdamW states are made empty first)
         dcp.load(state, checkpoint_id=str(folder / DCP_FOLDER))
         players = list(session.players.values())
@@ -177,8 +174,6 @@ def load(session, folder: Path, with_optimizer: list[str]) -> None:
                 set_model_state_dict(p.module, state[p.name])
                 if p.name in with_optimizer:
                     set_optimizer_state_dict(p.module, p.optimizer, state[f"{p.name}.optimizer"])
-    finally:
-        ctx.__exit__(None, None, None)
 
 
 def full_state_dict(module) -> dict:

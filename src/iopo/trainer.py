@@ -24,7 +24,13 @@ from iopo import checkpoint as ckpt
 from iopo import sharding
 from iopo.config import MAX_STEPS, ConfigError, TrainConfig, dump_config
 from iopo.data import TokenizedPair, collate_pairs, collate_shared, load_training_data
-from iopo.logprobs import SequenceLogProbs, sequence_logps, sharing_obstacle
+from iopo.logprobs import (
+    SequenceLogProbs,
+    layouts_gap,
+    sequence_logps,
+    shared_tolerance,
+    sharing_obstacle,
+)
 from iopo.losses import LOSSES
 from iopo.models import adapter_parameters, add_lora_adapters, load_model, load_tokenizer
 from iopo.scoring import dataset_logps, format_table, offline_metrics
@@ -526,24 +532,16 @@ def choose_batching(session: Session, sample: list[TokenizedPair]) -> None:
         return
     gap = math.inf
     if obstacle is None:
+
+        def forward(batch):
+            with _autocast(accelerator, policy.module):
+                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+                return player_logps(policy, batch, session.players, False)
+
         pad = session.tokenizer.pad_token_id
-        try:
-            with torch.no_grad(), _autocast(accelerator, policy.module):
-                batches = [collate_pairs(sample, pad), shared_collate(cfg)(sample, pad)]
-                outs = [
-                    player_logps(
-                        policy, {k: v.to(accelerator.device) for k, v in b.items()}, session.players, False
-                    )
-                    for b in batches
-                ]
-            gap = max(
-                float((outs[0][k] - outs[1][k]).abs().max() / (1.0 + outs[0][k].abs().max()))
-                for k in ("chosen_logps", "rejected_logps")
-            )
-        except Exception as e:  # a model whose forward refuses a 4D mask or position ids: the plain layout
-            obstacle = f"its forward refused the shared layout ({type(e).__name__}: {str(e)[:120]})"
+        gap, obstacle = layouts_gap(forward, sample, pad, 2 * cfg.data.max_length)
     gap = max(row[0] for row in _gathered(accelerator, [gap]))
-    tolerance = 1e-4 if cfg.mixed_precision == "no" else 2e-2
+    tolerance = shared_tolerance(cfg.mixed_precision != "no")
     if gap <= tolerance:
         session.collate = shared_collate(cfg)
         session.log(
@@ -868,8 +866,7 @@ def _reduce(accelerator, sums: dict[str, float]) -> dict[str, float]:
     if accelerator.num_processes == 1:
         return dict(sums)
     keys = sorted(sums)
-    local = torch.tensor([sums[k] for k in keys], device=accelerator.device, dtype=torch.float64)
-    table = accelerator.gather(local[None])  # (world, K)
+    table = torch.tensor(_gathered(accelerator, [sums[k] for k in keys]), dtype=torch.float64)  # (world, K)
     out = {}
     for i, key in enumerate(keys):
         column = table[:, i]
