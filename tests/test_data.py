@@ -18,7 +18,9 @@ from iopo.data import (
     collate_pairs,
     default_data_path,
     load_pairs,
+    load_split,
     load_training_data,
+    relabel_pairs,
     split_by_prompt,
     tokenize_pairs,
 )
@@ -702,3 +704,67 @@ def test_load_training_data_on_user_files(tokenizer, tmp_path):
         load_training_data(DataConfig(path=str(path)), tokenizer, tmp_path)  # user data: strict by default
     _, _, report = load_training_data(DataConfig(path=str(path), skip_invalid=True), tokenizer, tmp_path)
     assert report["rejected"] == 1 and (tmp_path / "rejects.jsonl").is_file()
+
+
+# ---------------------------------------------------------------- corrupted annotators (flip_labels, annotator)
+
+
+def _pairs(n: int) -> list[PreferencePair]:
+    # chosen is shorter than rejected in even rows, longer in odd rows; row 3 has equal lengths
+    return [
+        PreferencePair(f"q{i}", "a" * (5 if i % 2 == 0 else 9), "b" * (7 if i != 3 else 9), f"f:line {i + 1}")
+        for i in range(n)
+    ]
+
+
+def test_flip_labels_swaps_exactly_that_share_seeded():
+    pairs = _pairs(20)
+    out, report = relabel_pairs(pairs, flip=0.3, seed=7)
+    flipped = [i for i, (a, b) in enumerate(zip(pairs, out)) if a.chosen != b.chosen]
+    assert len(flipped) == 6 == report["labels_flipped"] == report["labels_opposite_data"]
+    for i in flipped:  # a swap, nothing else
+        assert (out[i].chosen, out[i].rejected) == (pairs[i].rejected, pairs[i].chosen)
+        assert out[i].prompt == pairs[i].prompt and out[i].source == pairs[i].source
+    again, _ = relabel_pairs(pairs, flip=0.3, seed=7)
+    other, _ = relabel_pairs(pairs, flip=0.3, seed=8)
+    assert again == out and other != out
+    assert relabel_pairs(pairs) == (pairs, {})  # the default changes nothing and reports nothing
+    assert all(a.chosen != b.chosen for a, b in zip(pairs, relabel_pairs(pairs, flip=1.0)[0]))
+
+
+def test_length_biased_annotator_prefers_the_longer_answer():
+    pairs = _pairs(6)
+    out, report = relabel_pairs(pairs, annotator="longer")
+    for a, b in zip(pairs, out):
+        assert len(b.chosen) >= len(b.rejected)
+    # rows 0, 2, 4 had the shorter answer chosen; row 3 is a tie (kept), rows 1 and 5 already chose the longer
+    assert [a.chosen != b.chosen for a, b in zip(pairs, out)] == [True, False, True, False, True, False]
+    assert report["labels_by_length_changed"] == 3 and report["labels_opposite_data"] == 3
+    messages = PreferencePair(
+        [{"role": "user", "content": "q"}],
+        [{"role": "assistant", "content": "short"}],
+        [{"role": "assistant", "content": "much longer"}],
+        "m:line 1",
+    )
+    (b,), _ = relabel_pairs([messages], annotator="longer")
+    assert b.chosen == messages.rejected and b.rejected == messages.chosen
+    # the length bias first, then random flips on top: a flipped biased label can be the data's again
+    both, report = relabel_pairs(pairs, annotator="longer", flip=0.5, seed=1)
+    assert report["labels_flipped"] == 3
+    assert report["labels_opposite_data"] == sum(a.chosen != b.chosen for a, b in zip(pairs, both))
+
+
+def test_load_split_corrupts_the_training_side_only(tmp_path):
+    rows = [standard_row(i) for i in range(40)]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    clean_train, clean_test, _, _ = load_split(DataConfig(path=str(path), test_size=10, max_train_samples=20))
+    train, test, _, report = load_split(
+        DataConfig(path=str(path), test_size=10, max_train_samples=20, flip_labels=0.25)
+    )
+    assert test == clean_test  # held-out labels are the data's
+    assert [p.prompt for p in train] == [p.prompt for p in clean_train]  # same pairs, same order
+    assert sum(a.chosen != b.chosen for a, b in zip(clean_train, train)) == 5 == report["labels_flipped"]
+    with pytest.raises(ValueError, match="flip_labels"):
+        DataConfig(flip_labels=1.5)
+    with pytest.raises(ValueError, match="annotator"):
+        DataConfig(annotator="shorter")

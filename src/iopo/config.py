@@ -104,6 +104,18 @@ class DataConfig(_Part):
     max_rows: int = Field(10_000_000, gt=0, description="A data file (or folder) with more rows is refused.")
     max_train_samples: int | None = Field(None, gt=0)
     max_eval_samples: int | None = Field(None, gt=0)
+    annotator: Literal["data", "longer"] = Field(
+        "data",
+        description="Who labels the training pairs: the data's own labels, or 'longer', a length-biased annotator "
+        "that prefers the longer answer. The test split keeps the data's labels.",
+    )
+    flip_labels: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Share of the training pairs (after max_train_samples and annotator) whose chosen and rejected "
+        "are swapped: an annotator that errs at random. Seeded by split_seed; the test split is never changed.",
+    )
     skip_invalid: bool | None = Field(
         None,
         description="Count bad rows, write them to rejects.jsonl and go on; unset = true for the embedded data "

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -26,6 +26,7 @@ __all__ = [
     "default_data_path",
     "load_pairs",
     "load_split",
+    "relabel_pairs",
     "load_training_data",
     "prompt_id",
     "split_by_prompt",
@@ -404,7 +405,53 @@ def load_split(cfg) -> tuple[list[PreferencePair], list[PreferencePair], list[di
     else:
         train, test = split_by_prompt(pairs, cfg.test_size, cfg.split_seed)
     report["skip_invalid"] = skip_invalid
-    return train[: cfg.max_train_samples], test[: cfg.max_eval_samples], list(rejects), report
+    train, relabelled = relabel_pairs(
+        train[: cfg.max_train_samples], cfg.annotator, cfg.flip_labels, cfg.split_seed
+    )
+    report |= relabelled
+    return train, test[: cfg.max_eval_samples], list(rejects), report
+
+
+def answer_chars(answer: str | list[dict]) -> int:
+    """Length of an answer in characters: the text, or the content of its messages."""
+    if isinstance(answer, str):
+        return len(answer)
+    return sum(len(m["content"]) for m in answer if isinstance(m.get("content"), str))
+
+
+def relabel_pairs(
+    pairs: list[PreferencePair], annotator: str = "data", flip: float = 0.0, seed: int = 0
+) -> tuple[list[PreferencePair], dict]:
+    """The pairs as a corrupted annotator would label them, and what changed (annotator-bias experiments).
+
+    annotator="longer" makes the longer answer (in characters) the chosen one; equal lengths keep the data's
+    label. Then exactly round(flip * n) pairs, drawn with `seed`, have chosen and rejected swapped. The report says
+    how many pairs now carry the opposite of the data's label. Nothing changes for ("data", 0.0).
+    """
+    if annotator not in ("data", "longer"):
+        raise ValueError(f"annotator must be 'data' or 'longer', got {annotator!r}")
+    if not 0.0 <= flip <= 1.0:
+        raise ValueError(f"flip_labels must be in [0, 1], got {flip}")
+    if annotator == "data" and flip == 0.0:
+        return pairs, {}
+    swapped = [annotator == "longer" and answer_chars(p.rejected) > answer_chars(p.chosen) for p in pairs]
+    biased = sum(swapped)
+    n_flip = round(flip * len(pairs))
+    for i in random.Random(f"flip_labels:{seed}").sample(range(len(pairs)), n_flip):
+        swapped[i] = not swapped[i]
+    out = [
+        replace(p, chosen=p.rejected, rejected=p.chosen) if s else p
+        for p, s in zip(pairs, swapped, strict=True)
+    ]
+    report = {
+        "annotator": annotator,
+        "flip_labels": flip,
+        "labels_flipped": n_flip,
+        "labels_opposite_data": sum(swapped),
+    }
+    if annotator == "longer":
+        report["labels_by_length_changed"] = biased
+    return out, report
 
 
 def write_rejects(rejects: list[dict], run_dir: Path | None) -> Path | None:
