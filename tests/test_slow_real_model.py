@@ -63,7 +63,7 @@ def test_reward_model_and_llm_judge_on_the_real_model(tmp_path):
 
     from iopo.cli import main as iopo_main
 
-    from llama_server import find_embedded_gguf, find_llama_server, running_llama_server
+    from iopo.llama_server import find_embedded_gguf, find_llama_server, running_llama_server
 
     data = ["data.max_length=160", "data.max_prompt_length=96", "data.max_eval_samples=8"]
     assert (

