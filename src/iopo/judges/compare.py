@@ -49,6 +49,7 @@ def judge_against(
         )
         table["n"] = sum(o != "invalid" for o in flat)
         table["invalid"] = sum(o == "invalid" for o in flat)
+        table["outcomes"] = outcomes_by_prompt  # per prompt, for pooled or cross-run intervals
         return table
 
     if "pairwise" in modes:
