@@ -1,0 +1,592 @@
+"""The suite's results: every number with its 95% interval, from the finished runs' files (experiments/suite.py).
+
+Intervals: a run's metric over the held-out pairs (or judged prompts) gets a percentile bootstrap over those pairs;
+a method's metric over seeds gets a two-level bootstrap (seeds drawn with replacement, then pairs within each drawn
+seed), so it carries both the test-set noise and the seed-to-seed spread. A difference between two methods is taken
+pair by pair on the same test pairs and seeds (paired), which is tighter than comparing two intervals.
+
+write_results() writes results_dir/*.json, the figures, and the tables inside docs/results.md between
+<!-- suite:NAME --> and <!-- /suite:NAME --> markers (the prose around them is left as it is).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+
+N_BOOT = 2000
+CONFIDENCE = 0.95
+
+
+def _read(path: Path):
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _quantiles(values: np.ndarray) -> list[float]:
+    alpha = (1 - CONFIDENCE) / 2
+    low, high = np.quantile(values, [alpha, 1 - alpha])
+    return [float(low), float(high)]
+
+
+def two_level_bootstrap(per_seed: list[np.ndarray], statistic, seed: int = 0) -> list[float]:
+    """95% interval of statistic(values pooled over seeds), resampling seeds, then the units within each seed.
+
+    per_seed: one array per seed, first axis = units (test pairs, prompts). One seed: a plain bootstrap."""
+    rng = np.random.default_rng(seed)
+    out = np.empty(N_BOOT)
+    for b in range(N_BOOT):
+        seeds = rng.integers(0, len(per_seed), len(per_seed)) if len(per_seed) > 1 else [0]
+        drawn = [per_seed[s][rng.integers(0, len(per_seed[s]), len(per_seed[s]))] for s in seeds]
+        out[b] = statistic(np.concatenate(drawn))
+    return _quantiles(out)
+
+
+def _accuracy(margins: np.ndarray) -> float:
+    return float(np.mean(margins > 0))
+
+
+def _mean(values: np.ndarray) -> float:
+    return float(np.mean(values))
+
+
+# ---------------------------------------------------------------- offline runs: margin reward, pairwise accuracy
+
+
+def done_record(work: Path, folder: Path) -> dict | None:
+    """What the suite recorded when the run in `folder` finished (its command, seconds), or None."""
+    path = work / "_suite" / folder.relative_to(work) / "done.json"
+    return _read(path) if path.is_file() else None
+
+
+def run_eval(work: Path, folder: Path) -> dict | None:
+    """A finished train run's test-split evaluation (eval.json: per-pair margins against the starting model)."""
+    if done_record(work, folder) is None or not (folder / "eval.json").is_file():
+        return None
+    found = _read(folder / "eval.json")
+    found["margins"] = np.asarray(found["margins"], dtype=np.float64)
+    if not np.all(np.isfinite(found["margins"])):
+        raise ValueError(f"{folder / 'eval.json'}: a margin is not finite")
+    return found
+
+
+def method_summary(evals: list[dict]) -> dict:
+    """Margin reward and pairwise accuracy of one method: per seed with its pair bootstrap, and over seeds."""
+    margins = [e["margins"] for e in evals]
+    per_seed = [
+        {
+            "margin_reward": _mean(m),
+            "margin_reward_ci": two_level_bootstrap([m], _mean),
+            "pairwise_accuracy": _accuracy(m),
+            "pairwise_accuracy_ci": two_level_bootstrap([m], _accuracy),
+        }
+        for m in margins
+    ]
+    pooled = np.concatenate(margins)
+    return {
+        "seeds": len(evals),
+        "pairs": int(len(margins[0])),
+        "margin_reward": _mean(pooled),
+        "margin_reward_ci": two_level_bootstrap(margins, _mean),
+        "pairwise_accuracy": _accuracy(pooled),
+        "pairwise_accuracy_ci": two_level_bootstrap(margins, _accuracy),
+        "per_seed": per_seed,
+    }
+
+
+def paired_difference(a: list[dict], b: list[dict]) -> dict:
+    """a - b on the same test pairs and seeds: margin reward and pairwise accuracy, with two-level intervals."""
+    diff_margin = [x["margins"] - y["margins"] for x, y in zip(a, b, strict=True)]
+    diff_acc = [(x["margins"] > 0).astype(float) - (y["margins"] > 0) for x, y in zip(a, b, strict=True)]
+    return {
+        "margin_reward": _mean(np.concatenate(diff_margin)),
+        "margin_reward_ci": two_level_bootstrap(diff_margin, _mean),
+        "pairwise_accuracy": _mean(np.concatenate(diff_acc)),
+        "pairwise_accuracy_ci": two_level_bootstrap(diff_acc, _mean),
+    }
+
+
+def is_weight_stats(folders: list[Path]) -> dict:
+    """IOPO's importance weights over training, per phase: the mean weight and the shares of pairs whose weight
+    was cut low (rho < 1 - eps) or capped (rho > 1 + eps), averaged over steps and seeds, plus the curve."""
+    per_phase: dict[str, dict[str, list]] = {}
+    for folder in folders:
+        for record in _jsonl(folder / "metrics.jsonl"):
+            if "is/weight_mean" not in record:
+                continue
+            phase = per_phase.setdefault(
+                record.get("agent", "?"), {"weight_mean": [], "low_frac": [], "capped_frac": [], "steps": {}}
+            )
+            phase["weight_mean"].append(record["is/weight_mean"])
+            phase["low_frac"].append(record["is/low_frac"])
+            phase["capped_frac"].append(record["is/capped_frac"])
+            phase["steps"].setdefault(record["step"], []).append(record["is/weight_mean"])
+    out = {}
+    for agent, phase in per_phase.items():
+        out[agent] = {
+            "steps_logged": len(phase["weight_mean"]),
+            "weight_mean": float(np.mean(phase["weight_mean"])),
+            "low_frac": float(np.mean(phase["low_frac"])),
+            "capped_frac": float(np.mean(phase["capped_frac"])),
+            "curve": {int(s): float(np.mean(v)) for s, v in sorted(phase["steps"].items())},
+        }
+    return out
+
+
+def curves(folders: list[Path]) -> dict:
+    """Test-split margin reward and pairwise accuracy at each evaluated optimizer step, averaged over seeds."""
+    points: dict[int, dict[str, list]] = {}
+    for folder in folders:
+        for record in _jsonl(folder / "metrics.jsonl"):
+            if "eval/margin_reward" in record:
+                p = points.setdefault(int(record["step"]), {"margin_reward": [], "pairwise_accuracy": []})
+                p["margin_reward"].append(record["eval/margin_reward"])
+                p["pairwise_accuracy"].append(record["eval/pairwise_accuracy"])
+    return {s: {k: float(np.mean(v)) for k, v in p.items()} for s, p in sorted(points.items())}
+
+
+# ---------------------------------------------------------------- judged answers: win / tie / lose
+
+
+def judged(eval_folders: list[Path]) -> dict:
+    """{judge: {model: win/tie/lose over seeds}} from the eval folders of one baseline (one folder per seed)."""
+    outcomes: dict[tuple[str, str], list[list[list[str]]]] = {}
+    for folder in eval_folders:
+        found = _read(folder / "eval.json")
+        for judge, entry in found["judges"].items():
+            for model, tables in entry["models"].items():
+                table = tables.get("table1")
+                if table and "outcomes" in table:
+                    outcomes.setdefault((judge, model), []).append(table["outcomes"])
+    out: dict = {}
+    for (judge, model), seeds in outcomes.items():
+        # per seed: prompts x answers -> one array of per-prompt shares (equal weight per prompt)
+        arrays = [_prompt_shares(groups) for groups in seeds]
+        row = {"seeds": len(seeds), "prompts": int(sum(len(a) for a in arrays))}
+        for i, key in enumerate(("win", "tie", "lose")):
+            pooled = np.concatenate(arrays)[:, i]
+            row[key] = float(pooled.mean())
+            row[f"{key}_ci"] = two_level_bootstrap([a[:, i] for a in arrays], _mean, seed=i)
+        wl = [a[:, 0] - a[:, 2] for a in arrays]
+        row["win_minus_lose"] = _mean(np.concatenate(wl))
+        row["win_minus_lose_ci"] = two_level_bootstrap(wl, _mean, seed=7)
+        out.setdefault(judge, {})[model] = row
+    return out
+
+
+def _prompt_shares(groups: list[list[str]]) -> np.ndarray:
+    rows = []
+    for group in groups:
+        valid = [o for o in group if o in ("win", "tie", "lose", "bad")]
+        if valid:
+            rows.append([sum(o == k for o in valid) / len(valid) for k in ("win", "tie", "lose")])
+    return np.asarray(rows, dtype=np.float64).reshape(-1, 3)
+
+
+# ---------------------------------------------------------------- online rounds
+
+
+def online_summary(folders_by_method: dict[str, list[Path]]) -> dict:
+    """Per method and round: margin reward, pairwise accuracy and the judged win rate against the starting policy,
+    mean over seeds with a t interval over the seeds' values (each round's bootstrap interval over prompts is in
+    the run's round_k/scores.json); and the judge requests spent on annotation."""
+    out = {}
+    for method, folders in folders_by_method.items():
+        rounds: dict[int, dict[str, list]] = {}
+        annotations = []
+        for folder in folders:
+            summary = _read(folder / "online.json")
+            for r in summary.get("rounds", []):
+                scores = r.get("scores") or {}
+                values = {
+                    "margin_reward": scores.get("margin_reward"),
+                    "pairwise_accuracy": scores.get("pairwise_accuracy"),
+                    "win_rate": (scores.get("judged") or {}).get("win"),
+                    "lose_rate": (scores.get("judged") or {}).get("lose"),
+                }
+                entry = rounds.setdefault(int(r["round"]), {})
+                for key, value in values.items():
+                    if value is not None:
+                        entry.setdefault(key, []).append(float(value))
+            annotations.append(summary["totals"]["annotation"]["requests"])
+        out[method] = {
+            "seeds": len(folders),
+            "annotation_requests_per_run": float(np.mean(annotations)) if annotations else 0.0,
+            "rounds": {k: {m: _t_interval(v) for m, v in vals.items()} for k, vals in sorted(rounds.items())},
+        }
+    return out
+
+
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}
+
+
+def _t_interval(values: list[float]) -> dict:
+    x = np.asarray(values, dtype=np.float64)
+    mean = float(x.mean())
+    if len(x) < 2:
+        return {"mean": mean, "ci": [math.nan, math.nan], "n": len(x)}
+    half = T975.get(len(x) - 1, 1.96) * float(x.std(ddof=1)) / math.sqrt(len(x))
+    return {"mean": mean, "ci": [mean - half, mean + half], "n": len(x)}
+
+
+# ---------------------------------------------------------------- the results of the whole suite
+
+
+def _seconds(work: Path) -> dict:
+    """Wall seconds of every finished run, per table (the compute the suite spent)."""
+    out: dict[str, float] = {}
+    for done in (work / "_suite").rglob("done.json"):
+        table = done.relative_to(work / "_suite").parts[0]
+        out[table] = out.get(table, 0.0) + _read(done)["seconds"]
+    return out
+
+
+def offline_table(suite, table: str) -> dict | None:
+    t = suite.spec["tables"][table]
+    seeds = t.get("seeds", suite.spec["seeds"])
+    conditions = t.get("conditions") or {"": {}}
+    out: dict = {"dataset": t["dataset"], "seeds": seeds, "conditions": {}}
+    for condition in conditions:
+        methods, evals_of = {}, {}
+        for method in t["methods"]:
+            folders = [
+                suite.work / "/".join(x for x in (table, condition, f"seed-{s}", method) if x) for s in seeds
+            ]
+            evals = [run_eval(suite.work, f) for f in folders]
+            if any(e is None for e in evals):
+                continue  # not every seed has finished: left out, not averaged over fewer seeds
+            evals_of[method] = evals
+            methods[method] = method_summary(evals)
+            methods[method]["curve"] = curves(folders)
+            if suite.spec["methods"][method]["method"] == "iopo":
+                methods[method]["is_weights"] = is_weight_stats(folders)
+            seconds = [done_record(suite.work, f)["seconds"] for f in folders]
+            methods[method]["seconds_per_run"] = float(np.mean(seconds))
+        vs = "dpo" if "dpo" in evals_of else None
+        for method, evals in evals_of.items():
+            if vs and method != vs:
+                methods[method]["minus_dpo"] = paired_difference(evals, evals_of[vs])
+        out["conditions"][condition or "clean"] = {
+            "methods": methods,
+            "margins": {m: np.concatenate([e["margins"] for e in ev]).tolist() for m, ev in evals_of.items()},
+        }
+    if t.get("judged"):
+        out["judged"] = {}
+        for baseline in t["judged"]["baselines"]:
+            for judge in ("rm", "llm"):
+                folders = [suite.work / f"{table}-eval/seed-{s}/{judge}-vs-{baseline}" for s in seeds]
+                if all(done_record(suite.work, f) for f in folders):
+                    out["judged"].setdefault(f"vs {baseline}", {}).update(judged(folders))
+    return out
+
+
+def write_results(suite, tables: list[str], results_dir: Path, docs: Path | None) -> dict:
+    """Aggregate every finished run of `tables` into results_dir (JSON, PNG) and docs/results.md's tables."""
+    from suite import choose_learning_rates
+
+    results_dir.mkdir(parents=True, exist_ok=True)
+    results: dict = {"compute_seconds": _seconds(suite.work)}
+    if (suite.work / "sweep" / "choice.json").is_file():
+        results["sweep"] = choose_learning_rates(suite)
+    for table in tables:
+        if table == "sweep":
+            continue
+        if table == "online":
+            t = suite.spec["tables"]["online"]
+            folders = {
+                m: [suite.work / f"online/seed-{s}/{m}" for s in t.get("seeds", suite.spec["seeds"])]
+                for m in t["methods"]
+            }
+            finished = {m: fs for m, fs in folders.items() if all(done_record(suite.work, f) for f in fs)}
+            results["online"] = online_summary(finished)
+        else:
+            results[table] = offline_table(suite, table)
+        for data in suite.data.values():
+            results.setdefault("data", {})[Path(data["splits"]["train"]["file"]).parent.name] = {
+                k: v for k, v in data.items() if k != "spec"
+            }
+    for name, value in results.items():
+        if name == "compute_seconds" or value is None:
+            continue
+        (results_dir / f"{name}.json").write_text(
+            json.dumps(_strip(value), indent=1, allow_nan=False), encoding="utf-8"
+        )
+    (results_dir / "compute.json").write_text(
+        json.dumps(results["compute_seconds"], indent=1), encoding="utf-8"
+    )
+    figures = make_figures(results, results_dir)
+    if docs is not None:
+        write_docs(docs, results, figures, results_dir)
+    total = sum(results["compute_seconds"].values())
+    print(
+        f"[suite] results in {results_dir} ({len(figures)} figures); runs' wall time {total / 3600:.2f} h in all"
+    )
+    return results
+
+
+def _strip(value):
+    """JSON-ready: numpy scalars to floats, file paths made relative to nothing machine-specific."""
+    if isinstance(value, dict):
+        return {str(k): _strip(v) for k, v in value.items() if k != "file"}
+    if isinstance(value, list):
+        return [_strip(v) for v in value]
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    return value
+
+
+# ---------------------------------------------------------------- figures
+
+
+def make_figures(results: dict, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    offline = (results.get("offline") or {}).get("conditions", {}).get("clean")
+    if offline and offline["methods"]:
+        fig, ax = plt.subplots(figsize=(8, 4.8))
+        for method, margins in offline["margins"].items():
+            x = np.asarray(margins)
+            ax.hist(x, bins=40, histtype="step", density=True, label=f"{method} (mean {x.mean():.3f})")
+        ax.axvline(0, color="#888", lw=0.8)
+        ax.set(
+            xlabel="margin reward on a held-out pair (3 seeds pooled)",
+            ylabel="density",
+            title="Margin-reward distributions (Fig. 3)",
+        )
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "margins.png", dpi=110)
+        plt.close(fig)
+        made.append("margins.png")
+
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+        for method, row in offline["methods"].items():
+            curve = row.get("curve") or {}
+            if curve:
+                steps = list(curve)
+                axes[0].plot(steps, [curve[s]["margin_reward"] for s in steps], marker="o", label=method)
+                axes[1].plot(steps, [curve[s]["pairwise_accuracy"] for s in steps], marker="o", label=method)
+        axes[0].set(
+            xlabel="optimizer steps (IOPO: both players')",
+            ylabel="margin reward",
+            title="Margin reward (Fig. 5)",
+        )
+        axes[1].set(
+            xlabel="optimizer steps (IOPO: both players')",
+            ylabel="pairwise accuracy",
+            title="Pairwise accuracy",
+        )
+        axes[1].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "curves.png", dpi=110)
+        plt.close(fig)
+        made.append("curves.png")
+
+        weights = {m: r["is_weights"] for m, r in offline["methods"].items() if r.get("is_weights")}
+        if weights:
+            fig, ax = plt.subplots(figsize=(8, 4.2))
+            for method, phases in weights.items():
+                for agent, stats in phases.items():
+                    steps = list(stats["curve"])
+                    ax.plot(steps, [stats["curve"][s] for s in steps], marker=".", label=f"{method}: {agent}")
+            ax.set(
+                xlabel="optimizer step",
+                ylabel="mean IS weight of the batch",
+                title="IOPO's importance weights",
+            )
+            ax.legend(fontsize=7)
+            fig.tight_layout()
+            fig.savefig(out / "is_weights.png", dpi=110)
+            plt.close(fig)
+            made.append("is_weights.png")
+
+    bias = results.get("bias")
+    if bias and bias["conditions"]:
+        clean = (results.get("offline") or {}).get("conditions", {}).get("clean", {}).get("methods", {})
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        labels = ["clean"] + list(bias["conditions"])
+        for i, method in enumerate(next(iter(bias["conditions"].values()))["methods"]):
+            rows = [clean.get(method)] + [c["methods"].get(method) for c in bias["conditions"].values()]
+            xs = [j + (i - 1) * 0.12 for j, r in enumerate(rows) if r]
+            ys = [r["pairwise_accuracy"] for r in rows if r]
+            err = np.array(
+                [
+                    [
+                        r["pairwise_accuracy"] - r["pairwise_accuracy_ci"][0],
+                        r["pairwise_accuracy_ci"][1] - r["pairwise_accuracy"],
+                    ]
+                    for r in rows
+                    if r
+                ]
+            ).T
+            ax.errorbar(xs, ys, yerr=err, fmt="o-", capsize=3, label=method)
+        ax.set_xticks(range(len(labels)), labels)
+        ax.set(
+            ylabel="pairwise accuracy on clean held-out pairs",
+            title="Annotator bias: corrupted training labels",
+        )
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "bias.png", dpi=110)
+        plt.close(fig)
+        made.append("bias.png")
+
+    online = results.get("online")
+    if online:
+        fig, axes = plt.subplots(1, 3, figsize=(13, 4))
+        for method, row in online.items():
+            rounds = list(row["rounds"])
+            for ax, key in zip(axes, ("margin_reward", "pairwise_accuracy", "win_rate"), strict=True):
+                pts = [(k, row["rounds"][k][key]) for k in rounds if key in row["rounds"][k]]
+                if pts:
+                    ax.errorbar(
+                        [p[0] for p in pts],
+                        [p[1]["mean"] for p in pts],
+                        yerr=np.array(
+                            [[p[1]["mean"] - p[1]["ci"][0], p[1]["ci"][1] - p[1]["mean"]] for p in pts]
+                        ).T,
+                        fmt="o-",
+                        capsize=3,
+                        label=method,
+                    )
+                ax.set(xlabel="round", ylabel=key.replace("_", " "))
+        axes[0].set_title("Online rounds (mean of seeds, 95% t interval)")
+        axes[2].legend()
+        fig.tight_layout()
+        fig.savefig(out / "online.png", dpi=110)
+        plt.close(fig)
+        made.append("online.png")
+    return made
+
+
+# ---------------------------------------------------------------- docs/results.md
+
+
+def _ci(value: float, ci, digits: int = 3) -> str:
+    if ci is None or any(v is None or not math.isfinite(v) for v in ci):
+        return f"{value:.{digits}f}"
+    return f"{value:.{digits}f} [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+
+
+def offline_markdown(table: dict) -> str:
+    lines = []
+    for condition, found in table["conditions"].items():
+        if len(table["conditions"]) > 1:
+            lines.append(f"\n**{condition}**\n")
+        lines += [
+            "| method | margin reward | pairwise accuracy | − DPO: margin | − DPO: accuracy | s/run |",
+            "|---|---|---|---|---|---|",
+        ]
+        for method, row in found["methods"].items():
+            diff = row.get("minus_dpo")
+            lines.append(
+                f"| {method} | {_ci(row['margin_reward'], row['margin_reward_ci'], 4)} | "
+                f"{_ci(row['pairwise_accuracy'], row['pairwise_accuracy_ci'])} | "
+                + (
+                    f"{_ci(diff['margin_reward'], diff['margin_reward_ci'], 4)} | {_ci(diff['pairwise_accuracy'], diff['pairwise_accuracy_ci'])}"
+                    if diff
+                    else "— | —"
+                )
+                + f" | {row['seconds_per_run']:.0f} |"
+            )
+    return "\n".join(lines)
+
+
+def judged_markdown(table: dict) -> str:
+    lines = ["| baseline | judge | method | win | tie | lose | win − lose |", "|---|---|---|---|---|---|---|"]
+    for baseline, judges in table.get("judged", {}).items():
+        for judge, models in judges.items():
+            for model, row in models.items():
+                lines.append(
+                    f"| {baseline} | {judge} | {model} | {_ci(row['win'], row['win_ci'], 2)} | "
+                    f"{_ci(row['tie'], row['tie_ci'], 2)} | {_ci(row['lose'], row['lose_ci'], 2)} | "
+                    f"{_ci(row['win_minus_lose'], row['win_minus_lose_ci'], 2)} |"
+                )
+    return "\n".join(lines)
+
+
+def weights_markdown(table: dict) -> str:
+    lines = [
+        "| run | phase | mean weight | share cut low (ρ < 1−ε) | share capped (ρ > 1+ε) |",
+        "|---|---|---|---|---|",
+    ]
+    for method, row in table["conditions"]["clean"]["methods"].items():
+        for agent, stats in (row.get("is_weights") or {}).items():
+            lines.append(
+                f"| {method} | {agent} | {stats['weight_mean']:.3f} | {stats['low_frac']:.3f} | {stats['capped_frac']:.3f} |"
+            )
+    return "\n".join(lines)
+
+
+def online_markdown(online: dict) -> str:
+    lines = [
+        "| method | round | margin reward | pairwise accuracy | RM win rate vs start | annotation requests/run |",
+        "|---|---|---|---|---|---|",
+    ]
+    for method, row in online.items():
+        for k, vals in row["rounds"].items():
+            cells = [
+                _ci(vals[key]["mean"], vals[key]["ci"], 4 if key == "margin_reward" else 3)
+                if key in vals
+                else "—"
+                for key in ("margin_reward", "pairwise_accuracy", "win_rate")
+            ]
+            lines.append(
+                f"| {method} | {k} | {' | '.join(cells)} | {row['annotation_requests_per_run']:.0f} |"
+            )
+    return "\n".join(lines)
+
+
+def sweep_markdown(sweep: dict) -> str:
+    rates = sorted({lr for row in sweep["validation"].values() for lr in row}, key=float)
+    lines = [
+        "| method | " + " | ".join(f"lr {r}" for r in rates) + " | chosen |",
+        "|---" * (len(rates) + 2) + "|",
+    ]
+    for method, row in sweep["validation"].items():
+        cells = [
+            f"{row[r]['validation_accuracy']:.3f} ({row[r]['validation_margin']:+.4f})" if r in row else "—"
+            for r in rates
+        ]
+        lines.append(f"| {method} | {' | '.join(cells)} | {sweep['choice'][method]:g} |")
+    return "\n".join(lines)
+
+
+def write_docs(docs: Path, results: dict, figures: list[str], results_dir: Path) -> None:
+    blocks = {}
+    if results.get("sweep"):
+        blocks["sweep"] = sweep_markdown(results["sweep"])
+    for name in ("offline", "offline_hh", "bias"):
+        if results.get(name):
+            blocks[name] = offline_markdown(results[name])
+    if results.get("offline", {}).get("judged"):
+        blocks["judged"] = judged_markdown(results["offline"])
+        blocks["weights"] = weights_markdown(results["offline"])
+    if results.get("online"):
+        blocks["online"] = online_markdown(results["online"])
+    total = sum(results["compute_seconds"].values())
+    per_table = ", ".join(f"{k} {v / 60:.0f} min" for k, v in sorted(results["compute_seconds"].items()))
+    blocks["compute"] = f"Runs' wall time: {total / 3600:.2f} h in all ({per_table})."
+    text = docs.read_text(encoding="utf-8") if docs.is_file() else ""
+    for name, body in blocks.items():
+        pattern = re.compile(rf"<!-- suite:{name} -->.*?<!-- /suite:{name} -->", re.S)
+        block = f"<!-- suite:{name} -->\n{body}\n<!-- /suite:{name} -->"
+        if pattern.search(text):
+            text = pattern.sub(lambda _m, b=block: b, text)
+        else:
+            text += f"\n{block}\n"
+    docs.parent.mkdir(parents=True, exist_ok=True)
+    docs.write_text(text, encoding="utf-8")

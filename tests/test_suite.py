@@ -1,0 +1,172 @@
+"""The evidence suite (experiments/suite.py): its statistics by hand, its splits, and the whole pipeline on a tiny
+random model (--smoke: every kind of run, its results, its resumption, its refusal of changed settings)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from iopo.llama_server import find_llama_server
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "experiments"))
+
+import analysis  # noqa: E402
+import suite  # noqa: E402
+
+
+def test_two_level_bootstrap_degenerate_and_spread():
+    ones = [np.ones(50), np.ones(40)]
+    assert analysis.two_level_bootstrap(ones, analysis._mean) == [1.0, 1.0]
+    # seeds that disagree: the interval spans both seeds' values; one seed alone gives a tight interval
+    apart = [np.zeros(100), np.ones(100)]
+    low, high = analysis.two_level_bootstrap(apart, analysis._mean)
+    assert low == 0.0 and high == 1.0
+    low, high = analysis.two_level_bootstrap([np.r_[np.zeros(50), np.ones(50)]], analysis._mean)
+    assert 0.35 < low < 0.5 < high < 0.65
+
+
+def test_paired_difference_on_the_same_pairs():
+    a = [{"margins": np.array([0.3, -0.1, 0.2, 0.5])}]
+    b = [{"margins": np.array([0.1, -0.2, -0.1, 0.4])}]
+    diff = analysis.paired_difference(a, b)
+    assert diff["margin_reward"] == pytest.approx(np.mean([0.2, 0.1, 0.3, 0.1]))
+    assert diff["pairwise_accuracy"] == pytest.approx(0.25)  # pair 3 turned right, nothing turned wrong
+    assert diff["margin_reward_ci"][0] > 0  # every pair moved up
+    same = analysis.paired_difference(a, a)
+    assert same["margin_reward"] == 0 and same["margin_reward_ci"] == [0.0, 0.0]
+
+
+def test_prompt_shares_weigh_prompts_equally():
+    shares = analysis._prompt_shares([["win", "lose"], ["tie"], ["invalid"], ["win", "win", "win", "bad"]])
+    assert shares.tolist() == [[0.5, 0.0, 0.5], [0.0, 1.0, 0.0], [0.75, 0.0, 0.0]]
+
+
+def test_prepare_data_splits_by_prompt_without_duplicates(tmp_path):
+    ds = {
+        "path": "experiments/data/pku-saferlhf/pku_seferlhf_realign_dpo_5k.json",
+        "columns": {"chosen": "response.0", "rejected": "response.1"},
+        "test": 40,
+        "validation": 30,
+    }
+    report = suite.prepare_data("pku", ds, tmp_path)
+    assert report["rows"] == 5135 and report["duplicates_dropped"] == 1545
+    rows = {
+        split: [json.loads(x) for x in (tmp_path / f"{split}.jsonl").read_text().splitlines()]
+        for split in ("train", "validation", "test")
+    }
+    assert len(rows["test"]) == 40 and len(rows["validation"]) == 30
+    assert sum(len(r) for r in rows.values()) == 5135 - 1545
+    prompts = {split: {r["prompt"] for r in found} for split, found in rows.items()}
+    assert not prompts["test"] & prompts["train"] and not prompts["test"] & prompts["validation"]
+    assert not prompts["validation"] & prompts["train"]
+    assert suite.prepare_data("pku", ds, tmp_path) == json.loads(
+        (tmp_path / "splits.json").read_text()
+    )  # reused
+
+
+def _suite(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(REPO / "experiments" / "suite.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=1500,
+        check=False,
+    )
+
+
+@pytest.mark.slow
+def test_smoke_suite_runs_every_table_resumes_and_reports(tiny_model_dir, tmp_path):
+    work, results, docs = tmp_path / "runs", tmp_path / "results", tmp_path / "results.md"
+    docs.write_text(
+        "# Results\n\nprose kept\n<!-- suite:offline -->\nold table\n<!-- /suite:offline -->\nend\n"
+    )
+    args = [
+        "--smoke",
+        "--model",
+        str(tiny_model_dir),
+        "--work-dir",
+        str(work),
+        "--results-dir",
+        str(results),
+        "--docs",
+        str(docs),
+    ]
+    llm = find_llama_server() is not None
+    if not llm:
+        args.append("--no-llm-judge")
+    first = _suite(*args)
+    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
+
+    offline = json.loads((results / "offline.json").read_text())
+    methods = offline["conditions"]["clean"]["methods"]
+    assert set(methods) == {"sft", "dpo", "iopo", "iopo_equal_compute"}
+    for row in methods.values():
+        assert row["seeds"] == 2 and row["pairs"] == 8
+        low, high = row["pairwise_accuracy_ci"]
+        assert low <= row["pairwise_accuracy"] <= high
+        assert len(row["curve"]) >= 2  # eval_steps=1: test-split points over training
+    # budgets: IOPO at equal policy steps runs both players' steps, at equal compute the baselines' count
+    steps = {
+        m: yaml.safe_load((work / f"offline/seed-1/{m}/config.yaml").read_text())["optim"]["max_steps"]
+        for m in methods
+    }
+    assert steps == {"sft": 2, "dpo": 2, "iopo": 4, "iopo_equal_compute": 2}
+    chosen = json.loads((results / "sweep.json").read_text())["choice"]
+    assert (
+        yaml.safe_load((work / "offline/seed-2/dpo/config.yaml").read_text())["optim"]["learning_rate"]
+        == chosen["dpo"]
+    )
+    weights = methods["iopo"]["is_weights"]
+    assert weights["protagonist"]["steps_logged"] == 4 and weights["adversary"]["steps_logged"] == 4
+    assert "minus_dpo" in methods["iopo"] and "minus_dpo" not in methods["dpo"]
+
+    judged = offline["judged"]
+    assert set(judged["vs sft"]["rm"]) == {"dpo", "iopo", "iopo_equal_compute"}
+    assert set(judged["vs dpo"]["rm"]) == {"sft", "iopo", "iopo_equal_compute"}
+    for row in judged["vs sft"]["rm"].values():
+        assert row["seeds"] == 2 and row["win"] + row["tie"] + row["lose"] == pytest.approx(1.0)
+    if llm:
+        assert set(judged["vs sft"]["llm"]) == {"iopo"}
+    # the answers were generated once: the second baseline's folder reused them (same files)
+    first_answers = (work / "offline-eval/seed-1/rm-vs-sft/generations/iopo.jsonl").read_text()
+    assert (work / "offline-eval/seed-1/rm-vs-dpo/generations/iopo.jsonl").read_text() == first_answers
+
+    bias = json.loads((results / "bias.json").read_text())
+    assert set(bias["conditions"]) == {"flip30", "longer"}
+    flipped = yaml.safe_load((work / "bias/flip30/seed-1/dpo/config.yaml").read_text())["data"]
+    assert flipped["flip_labels"] == 0.3 and flipped["test_path"].endswith("test.jsonl")
+
+    online = json.loads((results / "online.json").read_text())
+    assert set(online) == {"iter_dpo", "iopo"}
+    assert (
+        online["iter_dpo"]["annotation_requests_per_run"] > 0 == online["iopo"]["annotation_requests_per_run"]
+    )
+    assert set(online["iopo"]["rounds"]) == {"1", "2"}
+
+    text = docs.read_text()
+    assert text.startswith("# Results\n\nprose kept\n") and text.rstrip().endswith("<!-- /suite:compute -->")
+    assert "old table" not in text and "| iopo_equal_compute |" in text and "<!-- suite:online -->" in text
+    for png in ("margins.png", "curves.png", "is_weights.png", "bias.png", "online.png"):
+        assert (results / png).stat().st_size > 5000, png
+
+    # run again: every run is done, nothing is trained, the results are the same
+    second = _suite(*args)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "iopo train ..." not in second.stdout and "0.0 min of runs this time" in second.stdout
+    assert json.loads((results / "offline.json").read_text()) == offline
+
+    # a finished run whose settings changed stops the suite, naming it; nothing is deleted
+    spec = yaml.safe_load((REPO / "experiments" / "suite.yaml").read_text())
+    spec["smoke"]["steps"] = 3
+    (tmp_path / "changed.yaml").write_text(yaml.safe_dump(spec))
+    changed = _suite(*args, "--spec", str(tmp_path / "changed.yaml"))
+    assert changed.returncode == 1
+    assert "sweep/sft/lr-0.001/seed-1 finished with other settings" in changed.stderr
+    assert (work / "sweep/sft/lr-0.001/seed-1/final").is_dir()
