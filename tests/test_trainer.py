@@ -524,3 +524,29 @@ def test_kill_9_in_the_checkpoint_window_then_resume_equals_uninterrupted(tmp_pa
     straight_eval = json.loads((straight.run_dir / "eval.json").read_text())
     assert resumed["margin_reward"] == pytest.approx(straight_eval["margin_reward"], abs=1e-6)
     assert not any(p.name.startswith(".tmp-") for p in root.iterdir())  # the torn write was cleaned up
+
+
+def test_reference_cache_is_shared_across_seeds_and_methods_and_equals_computing(tmp_path, tiny_model_dir, capsys):
+    """eval_reference_cache: the second run (another seed, another method) reads the first run's test-split
+    reference log-probs, and its evaluation equals that of a run computing them itself; another starting model, or
+    a damaged cache file, is computed afresh."""
+    cache = tmp_path / "refcache"
+    shared = ("model.lora=true", "optim.max_steps=2", "eval_steps=null", f"eval_reference_cache={cache}")
+    first = trainer.train(make_cfg(tmp_path / "a", tiny_model_dir, *shared, "seed=1", method="dpo"))
+    (key_file,) = cache.glob("*.pt")
+    assert "reused" not in capsys.readouterr().out
+    second_cfg = make_cfg(tmp_path / "b", tiny_model_dir, *shared, "seed=2", method="iopo")
+    second = trainer.train(second_cfg)
+    assert f"reused {key_file}" in capsys.readouterr().out and list(cache.glob("*.pt")) == [key_file]
+    # the same run computing its own reference gives the same evaluation, to the last bit
+    alone = trainer.train(make_cfg(tmp_path / "c", tiny_model_dir, *shared[:-1], "seed=2", method="iopo"))
+    assert second["margins"] == alone["margins"] and second["pairwise_accuracy"] == alone["pairwise_accuracy"]
+    assert first["n_pairs"] == second["n_pairs"]
+    # a damaged file is not trusted: computed again (and rewritten)
+    key_file.write_bytes(b"not a tensor file")
+    trainer.train(make_cfg(tmp_path / "d", tiny_model_dir, *shared, "seed=3", method="dpo"))
+    assert "reused" not in capsys.readouterr().out
+    assert torch.load(key_file, weights_only=True)["chosen_logps"].numel() == first["n_pairs"]
+    # full fine-tuning starts from the same weights but under other parameter names: its own entry
+    trainer.train(make_cfg(tmp_path / "e", tiny_model_dir, *shared[1:], "seed=1", method="dpo"))
+    assert "reused" not in capsys.readouterr().out and len(list(cache.glob("*.pt"))) == 2

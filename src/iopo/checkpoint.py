@@ -32,6 +32,7 @@ RESUME_FREE_KEYS = {
     "eval_batch_size",
     "eval_steps",
     "eval_at_end",
+    "eval_reference_cache",
     "export",
     "merge_lora",
     # how FSDP holds the shards, not what is computed

@@ -236,6 +236,11 @@ class TrainConfig(_Part):
     )
     overwrite: bool = Field(False, description="Allow a fresh run into an output_dir that has checkpoints.")
     eval_batch_size: int = Field(8, gt=0)
+    eval_reference_cache: str | None = Field(
+        None,
+        description="Folder where runs from the same starting model share its test-split log-probs (sweeps, "
+        "seeds): computed once, reused only on an exact match of weights, test tokens, batching and precision.",
+    )
     eval_at_end: bool = True
     export: bool = Field(True, description="Write the protagonist/policy as a from_pretrained folder.")
     merge_lora: bool = Field(True, description="LoRA: export merged weights (else the adapter folder).")

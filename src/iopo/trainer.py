@@ -21,7 +21,7 @@ import torch
 import yaml
 
 from iopo import checkpoint as ckpt
-from iopo import sharding
+from iopo import refcache, sharding
 from iopo.config import MAX_STEPS, ConfigError, TrainConfig, dump_config
 from iopo.data import TokenizedPair, collate_pairs, collate_shared, load_training_data
 from iopo.logprobs import (
@@ -691,7 +691,7 @@ def train(cfg: TrainConfig) -> dict:
                 raise ConfigError(
                     f"{ref_file} is missing or stale; cannot recover the starting model's log-probs"
                 )
-            eval_ref = session_logps(session, test_pairs)
+            eval_ref = refcache.reference_logps(session, test_pairs, lambda: session_logps(session, test_pairs), log)
             if accelerator.is_main_process:
                 torch.save(eval_ref, ref_file)
 
