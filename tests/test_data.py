@@ -720,7 +720,7 @@ def _pairs(n: int) -> list[PreferencePair]:
 def test_flip_labels_swaps_exactly_that_share_seeded():
     pairs = _pairs(20)
     out, report = relabel_pairs(pairs, flip=0.3, seed=7)
-    flipped = [i for i, (a, b) in enumerate(zip(pairs, out)) if a.chosen != b.chosen]
+    flipped = [i for i, (a, b) in enumerate(zip(pairs, out, strict=True)) if a.chosen != b.chosen]
     assert len(flipped) == 6 == report["labels_flipped"] == report["labels_opposite_data"]
     for i in flipped:  # a swap, nothing else
         assert (out[i].chosen, out[i].rejected) == (pairs[i].rejected, pairs[i].chosen)
@@ -729,16 +729,23 @@ def test_flip_labels_swaps_exactly_that_share_seeded():
     other, _ = relabel_pairs(pairs, flip=0.3, seed=8)
     assert again == out and other != out
     assert relabel_pairs(pairs) == (pairs, {})  # the default changes nothing and reports nothing
-    assert all(a.chosen != b.chosen for a, b in zip(pairs, relabel_pairs(pairs, flip=1.0)[0]))
+    assert all(a.chosen != b.chosen for a, b in zip(pairs, relabel_pairs(pairs, flip=1.0)[0], strict=True))
 
 
 def test_length_biased_annotator_prefers_the_longer_answer():
     pairs = _pairs(6)
     out, report = relabel_pairs(pairs, annotator="longer")
-    for a, b in zip(pairs, out):
+    for b in out:
         assert len(b.chosen) >= len(b.rejected)
     # rows 0, 2, 4 had the shorter answer chosen; row 3 is a tie (kept), rows 1 and 5 already chose the longer
-    assert [a.chosen != b.chosen for a, b in zip(pairs, out)] == [True, False, True, False, True, False]
+    assert [a.chosen != b.chosen for a, b in zip(pairs, out, strict=True)] == [
+        True,
+        False,
+        True,
+        False,
+        True,
+        False,
+    ]
     assert report["labels_by_length_changed"] == 3 and report["labels_opposite_data"] == 3
     messages = PreferencePair(
         [{"role": "user", "content": "q"}],
@@ -751,7 +758,9 @@ def test_length_biased_annotator_prefers_the_longer_answer():
     # the length bias first, then random flips on top: a flipped biased label can be the data's again
     both, report = relabel_pairs(pairs, annotator="longer", flip=0.5, seed=1)
     assert report["labels_flipped"] == 3
-    assert report["labels_opposite_data"] == sum(a.chosen != b.chosen for a, b in zip(pairs, both))
+    assert report["labels_opposite_data"] == sum(
+        a.chosen != b.chosen for a, b in zip(pairs, both, strict=True)
+    )
 
 
 def test_load_split_corrupts_the_training_side_only(tmp_path):
@@ -763,7 +772,11 @@ def test_load_split_corrupts_the_training_side_only(tmp_path):
     )
     assert test == clean_test  # held-out labels are the data's
     assert [p.prompt for p in train] == [p.prompt for p in clean_train]  # same pairs, same order
-    assert sum(a.chosen != b.chosen for a, b in zip(clean_train, train)) == 5 == report["labels_flipped"]
+    assert (
+        sum(a.chosen != b.chosen for a, b in zip(clean_train, train, strict=True))
+        == 5
+        == report["labels_flipped"]
+    )
     with pytest.raises(ValueError, match="flip_labels"):
         DataConfig(flip_labels=1.5)
     with pytest.raises(ValueError, match="annotator"):

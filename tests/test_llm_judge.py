@@ -15,8 +15,8 @@ import pytest
 
 from iopo.cli import main as iopo_main
 from iopo.config import JudgeConfig
-
 from iopo.llama_server import find_embedded_gguf, find_llama_server, running_llama_server
+
 from tiny import save_tiny, write_pairs
 
 pytestmark = pytest.mark.llama_server

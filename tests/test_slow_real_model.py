@@ -62,7 +62,6 @@ def test_reward_model_and_llm_judge_on_the_real_model(tmp_path):
     import os
 
     from iopo.cli import main as iopo_main
-
     from iopo.llama_server import find_embedded_gguf, find_llama_server, running_llama_server
 
     data = ["data.max_length=160", "data.max_prompt_length=96", "data.max_eval_samples=8"]

@@ -526,7 +526,9 @@ def test_kill_9_in_the_checkpoint_window_then_resume_equals_uninterrupted(tmp_pa
     assert not any(p.name.startswith(".tmp-") for p in root.iterdir())  # the torn write was cleaned up
 
 
-def test_reference_cache_is_shared_across_seeds_and_methods_and_equals_computing(tmp_path, tiny_model_dir, capsys):
+def test_reference_cache_is_shared_across_seeds_and_methods_and_equals_computing(
+    tmp_path, tiny_model_dir, capsys
+):
     """eval_reference_cache: the second run (another seed, another method) reads the first run's test-split
     reference log-probs, and its evaluation equals that of a run computing them itself; another starting model, or
     a damaged cache file, is computed afresh."""

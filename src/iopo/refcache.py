@@ -49,7 +49,9 @@ def _usable(found, n_pairs: int) -> bool:
         isinstance(found, dict)
         and all(isinstance(found.get(k), torch.Tensor) for k in ("chosen_logps", "rejected_logps"))
         and found["chosen_logps"].numel() == n_pairs == found["rejected_logps"].numel()
-        and bool(torch.isfinite(found["chosen_logps"]).all() and torch.isfinite(found["rejected_logps"]).all())
+        and bool(
+            torch.isfinite(found["chosen_logps"]).all() and torch.isfinite(found["rejected_logps"]).all()
+        )
     )
 
 

@@ -691,7 +691,9 @@ def train(cfg: TrainConfig) -> dict:
                 raise ConfigError(
                     f"{ref_file} is missing or stale; cannot recover the starting model's log-probs"
                 )
-            eval_ref = refcache.reference_logps(session, test_pairs, lambda: session_logps(session, test_pairs), log)
+            eval_ref = refcache.reference_logps(
+                session, test_pairs, lambda: session_logps(session, test_pairs), log
+            )
             if accelerator.is_main_process:
                 torch.save(eval_ref, ref_file)
 
