@@ -347,6 +347,13 @@ def _strip(value):
 # ---------------------------------------------------------------- figures
 
 
+def _save(plt, fig, path: Path, made: list[str]) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    made.append(path.name)
+
+
 def make_figures(results: dict, out: Path) -> list[str]:
     import matplotlib
 
@@ -367,10 +374,7 @@ def make_figures(results: dict, out: Path) -> list[str]:
             title="Margin-reward distributions (Fig. 3)",
         )
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "margins.png", dpi=110)
-        plt.close(fig)
-        made.append("margins.png")
+        _save(plt, fig, out / "margins.png", made)
 
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
         for method, row in offline["methods"].items():
@@ -390,10 +394,7 @@ def make_figures(results: dict, out: Path) -> list[str]:
             title="Pairwise accuracy",
         )
         axes[1].legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "curves.png", dpi=110)
-        plt.close(fig)
-        made.append("curves.png")
+        _save(plt, fig, out / "curves.png", made)
 
         weights = {m: r["is_weights"] for m, r in offline["methods"].items() if r.get("is_weights")}
         if weights:
@@ -408,10 +409,7 @@ def make_figures(results: dict, out: Path) -> list[str]:
                 title="IOPO's importance weights",
             )
             ax.legend(fontsize=7)
-            fig.tight_layout()
-            fig.savefig(out / "is_weights.png", dpi=110)
-            plt.close(fig)
-            made.append("is_weights.png")
+            _save(plt, fig, out / "is_weights.png", made)
 
     bias = results.get("bias")
     if bias and bias["conditions"]:
@@ -439,10 +437,7 @@ def make_figures(results: dict, out: Path) -> list[str]:
             title="Annotator bias: corrupted training labels",
         )
         ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "bias.png", dpi=110)
-        plt.close(fig)
-        made.append("bias.png")
+        _save(plt, fig, out / "bias.png", made)
 
     online = results.get("online")
     if online:
@@ -465,10 +460,7 @@ def make_figures(results: dict, out: Path) -> list[str]:
                 ax.set(xlabel="round", ylabel=key.replace("_", " "))
         axes[0].set_title("Online rounds (mean of seeds, 95% t interval)")
         axes[2].legend()
-        fig.tight_layout()
-        fig.savefig(out / "online.png", dpi=110)
-        plt.close(fig)
-        made.append("online.png")
+        _save(plt, fig, out / "online.png", made)
     return made
 
 

@@ -38,6 +38,13 @@ class SuiteError(RuntimeError):
     pass
 
 
+def _rel(path) -> str:
+    """A path as the runs' settings hold it: relative to the checkout when inside it (the runs start there), so a
+    moved checkout finds its finished runs unchanged."""
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
 # ---------------------------------------------------------------- the spec
 
 
@@ -180,8 +187,10 @@ class Suite:
         return {"model.name_or_path": self.model} if self.model else {}
 
     def data_settings(self, dataset: str, split: str = "test") -> dict:
+        """The dataset's split files and its own settings (lengths)."""
         files = self.files(dataset)
-        return {"data.path": files["train"], "data.test_path": files[split]}
+        own = self.spec["datasets"][dataset].get("settings", {})
+        return {"data.path": _rel(files["train"]), "data.test_path": _rel(files[split]), **own}
 
     def learning_rate(self, method: str) -> float:
         """The sweep's choice for the method (or the method it borrows it from)."""
@@ -217,9 +226,10 @@ class Suite:
                 "optim.learning_rate": lr if lr is not None else self.learning_rate(method),
                 "optim.max_steps": steps,
                 "eval_steps": None,
+                "eval_reference_cache": _rel(self.work / "reference-logps"),  # one test-split pass per split
                 **extra,
                 "seed": seed,
-                "output_dir": str(folder),
+                "output_dir": _rel(folder),
                 "resume": True,
             },
             folder,
@@ -272,10 +282,10 @@ class Suite:
             "iopo.n_mu": 1,
             "iopo.n_nu": 1,
             "judge.type": "reward_model",
-            "judge.model": str(self.reward_model(t["dataset"]).folder / "final"),
+            "judge.model": _rel(self.reward_model(t["dataset"]).folder / "final"),
             "keep_checkpoints": 1,
             "seed": seed,
-            "output_dir": str(folder),
+            "output_dir": _rel(folder),
         }
         return Run(f"online/seed-{seed}/{method}", "online", settings, folder)
 
@@ -286,7 +296,7 @@ class Suite:
             **self._model(),
             **self.data_settings(dataset),
             "seed": 1,
-            "output_dir": str(folder),
+            "output_dir": _rel(folder),
             "overwrite": True,  # an unfinished reward model is trained again (only ever this suite's folder)
         }
         return Run(f"rm/{dataset}", "train-rm", settings, folder)
@@ -296,7 +306,7 @@ class Suite:
         (llm_judge) the named methods by the LLM judge. The answers are generated once and copied between folders."""
         judged = t["judged"]
         runs_dir = self.work / table / f"seed-{seed}"
-        rm = str(self.reward_model(t["dataset"]).folder / "final")
+        rm = _rel(self.reward_model(t["dataset"]).folder / "final")
         first: Path | None = None
         out = []
         for baseline in judged["baselines"]:
@@ -308,8 +318,8 @@ class Suite:
                         continue
                 folder = self.work / f"{table}-eval/seed-{seed}/{judge}-vs-{baseline}"
                 settings = {
-                    "models": [str(runs_dir / m) for m in models],
-                    "baseline": str(runs_dir / baseline),
+                    "models": [_rel(runs_dir / m) for m in models],
+                    "baseline": _rel(runs_dir / baseline),
                     "split": "test",
                     "max_prompts": judged["prompts"],
                     "metrics": False,
@@ -318,7 +328,7 @@ class Suite:
                     "generation.batch_size": 16,
                     "generation.seed": seed,
                     "bootstrap": 1000,
-                    "output_dir": str(folder),
+                    "output_dir": _rel(folder),
                     "progress_bar": False,
                 }
                 if judge == "rm":
@@ -475,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [t for t in tables if t not in spec["tables"]]
     if unknown:
         parser.error(f"unknown table(s) {unknown}; suite.yaml has {list(spec['tables'])}")
-    work = Path(args.work_dir or REPO / spec["work_dir"])
+    work = Path(args.work_dir or REPO / spec["work_dir"]).resolve()
     results = Path(args.results_dir or REPO / spec["results_dir"])
     suite = Suite(spec, work, args.model, llm=not args.no_llm_judge)
 
