@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
+import platform
 import time
 from pathlib import Path
 
@@ -13,6 +15,68 @@ def cpu_busy() -> tuple[float, float]:
     busy = sum(fields) - fields[3] - fields[4]  # minus idle and iowait
     mine = [float(x) for x in Path(f"/proc/{os.getpid()}/stat").read_text().rsplit(")", 1)[1].split()[11:13]]
     return busy, sum(mine)
+
+
+def machine() -> str:
+    """The machine in one line: CPU, cores, memory, C library (its malloc decides how much freed memory stays in the
+    RSS), Python and torch with its thread count."""
+    import torch
+
+    kib = int(Path("/proc/meminfo").read_text().split()[1])  # MemTotal
+    libc = " ".join(platform.libc_ver()) or "unknown libc"
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {kib / 2**20:.0f} GiB, {libc}, "
+        f"Python {platform.python_version()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
+
+
+def matmul_gflops(dtype, shape: tuple[int, int, int] = (1024, 1024, 1024), repeat: int = 20) -> float:
+    """This machine's rate for one (m, k) x (k, n) matmul in `dtype`, GFLOP/s: the best of 3 timings of `repeat`
+    products, after 3 warm-up products."""
+    import torch
+
+    m, k, n = shape
+    a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+    for _ in range(3):
+        a @ b
+    best = math.inf
+    for _ in range(3):
+        tick = time.perf_counter()
+        for _ in range(repeat):
+            a @ b
+        best = min(best, time.perf_counter() - tick)
+    return 2 * m * k * n * repeat / best / 1e9
+
+
+def model_shape(model) -> dict:
+    """What the useful FLOPs of a Llama-like causal LM scale with: parameters outside the embedding and the LM head
+    (`body`), hidden size, layers, vocabulary."""
+    config = model.config
+    skip = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
+    body = sum(p.numel() for p in model.parameters() if id(p) not in skip)
+    return {
+        "body_parameters": body,
+        "hidden": config.hidden_size,
+        "layers": config.num_hidden_layers,
+        "vocabulary": config.vocab_size,
+    }
+
+
+def useful_flops(shape: dict, pairs: list[tuple[int, int, int]]) -> float:
+    """The FLOPs one preference step needs at the least, for (prompt, chosen, rejected) token counts per pair: the
+    prompt once, no padding, the LM head on completion tokens only, causal attention over the pairs it really
+    attends. One forward costs 2 x body parameters per token, 2 x hidden x vocabulary per completion token and 4 x
+    hidden per attended (query, key) pair and layer; a step is the agent's forward and backward (3 forwards) and
+    the reference's or the other player's forward: 4 forwards. Embedding lookups, norms and the optimizer are left
+    out (their FLOPs are small, not matmuls)."""
+    h, v, layers = shape["hidden"], shape["vocabulary"], shape["layers"]
+    forward = 0.0
+    for p, c, r in pairs:
+        attended = p * (p + 1) / 2 + (c + r) * p + c * (c + 1) / 2 + r * (r + 1) / 2
+        forward += (
+            2 * shape["body_parameters"] * (p + c + r) + 2 * h * v * (c + r) + 4 * h * layers * attended
+        )
+    return 4 * forward
 
 
 def timed(run) -> tuple[float, float]:

@@ -2,8 +2,9 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from iopo.logprobs import SequenceLogProbs, completion_logps, sequence_logps
+from iopo.logprobs import SequenceLogProbs, completion_logps, sequence_logps, summed_logps
 
 from tiny import build_model
 
@@ -94,3 +95,30 @@ def test_sequence_logps_splits_chosen_and_rejected(model):
     torch.testing.assert_close(out["chosen_logps"], full[:2])
     torch.testing.assert_close(out["rejected_logps"], full[2:])
     assert out["chosen_lengths"].tolist() == [6, 3]
+
+
+@pytest.mark.parametrize("softcap", [None, 30.0])
+@pytest.mark.parametrize("chunk", [4, 1024])
+def test_in_place_head_backward_is_bitwise_autograds_own(softcap, chunk):
+    """The head's backward that reuses the logits' buffer gives exactly autograd's gradients of the same expression
+    (values too), through the chunk checkpoints, with and without a logit softcap."""
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(32, 400, bias=True)
+    hidden = torch.randn(13, 32, generator=g, requires_grad=True)
+    targets = torch.randint(0, 400, (13,), generator=g)
+    sequence = torch.tensor([0] * 6 + [1] * 7)
+    logps = summed_logps(hidden, targets, sequence, 2, head, chunk, softcap)
+    weights = torch.tensor([0.7, -1.3])
+    grads = torch.autograd.grad((logps * weights).sum(), [hidden, head.weight, head.bias])
+
+    logits = F.linear(hidden, head.weight, head.bias)
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    token = logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
+    expected = torch.zeros(2).index_add(0, sequence, token)
+    expected_grads = torch.autograd.grad((expected * weights).sum(), [hidden, head.weight, head.bias])
+    if chunk == 1024:  # one chunk: the same operations on the same values, bit for bit
+        assert torch.equal(logps, expected)
+        assert all(torch.equal(a, b) for a, b in zip(grads, expected_grads, strict=True))
+    for a, b in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

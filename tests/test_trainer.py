@@ -103,6 +103,8 @@ def test_full_iopo_step_changes_only_the_agent(tmp_path, tiny_model_dir, acceler
     assert changed(before_p, protagonist.module) == set(before_p)  # every protagonist weight moved
     assert changed(before_a, adversary.module) == set()  # the env is untouched
     assert all(p.grad is None for p in adversary.params)
+    # The agent's gradients are freed after its update, not kept until its next step.
+    assert all(p.grad is None for p in protagonist.params)
     # Step one: mu == nu, so h = 0 and the loss is mean(w) * ln 2.
     assert metrics["loss"] == pytest.approx(metrics["is/weight_mean"] * math.log(2), rel=1e-5)
     assert metrics["rewards/margins"] == pytest.approx(0.0, abs=1e-6)
@@ -219,6 +221,28 @@ def test_run_writes_metrics_checkpoints_export_eval(tmp_path, tiny_model_dir):
     assert saved["n_pairs"] == 4 and saved["player"] == "protagonist"
     assert saved["pairwise_accuracy"] == results["pairwise_accuracy"]
     assert saved["margin_reward"] == pytest.approx(sum(saved["margins"]) / 4, abs=1e-5)
+
+
+def test_memory_trace_marks_every_phase_in_order(tmp_path, tiny_model_dir, monkeypatch):
+    """IOPO_MEMORY_TRACE=<file>: one JSON line per phase entered, with the RSS and its high-water mark."""
+    trace = tmp_path / "trace.jsonl"
+    monkeypatch.setenv(trainer.MEMORY_TRACE, str(trace))
+    cfg = make_cfg(tmp_path, tiny_model_dir, "iopo.n_iter=1", "iopo.n_mu=1", "iopo.n_nu=1", "eval_steps=1")
+    trainer.train(cfg)
+    marks = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert [m["phase"] for m in marks] == [
+        "load",
+        "reference log-probs",
+        "train step 1 (protagonist)",
+        "eval at step 1",
+        "train step 2 (adversary)",
+        "checkpoint",
+        "export",
+        "eval at step 2",
+        "done",
+    ]
+    assert all(0 < m["rss_gb"] <= m["hwm_gb"] for m in marks)
+    assert [m["t"] for m in marks] == sorted(m["t"] for m in marks)
 
 
 def test_export_reloads_and_reproduces_eval(tmp_path, tiny_model_dir):

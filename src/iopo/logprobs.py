@@ -17,15 +17,40 @@ from torch.utils.checkpoint import checkpoint
 def _token_logps(hidden: torch.Tensor, targets: torch.Tensor, head: torch.nn.Module, softcap: float | None):
     """log π(target | context) for M positions: hidden (M, H), targets (M,) -> (M,) float32."""
     with torch.autocast(device_type=hidden.device.type, enabled=False):
-        if type(head) is torch.nn.Linear:
+        own = type(head) is torch.nn.Linear  # the logits below are then a new tensor no other backward reads
+        if own:
             # Project in float32 even when the weights are bf16: the log-softmax needs the precision.
             bias = None if head.bias is None else head.bias.float()
             logits = F.linear(hidden.float(), head.weight.float(), bias)  # (M, V)
         else:  # an adapted or custom head: call it as is, upcast after
             logits = head(hidden.to(head.weight.dtype)).float()
         if softcap:
+            # A new tensor again (tanh's backward keeps tanh's own output, not this product).
             logits = softcap * torch.tanh(logits / softcap)
+            own = True
+        if own and logits.requires_grad:
+            return _TargetLogSoftmax.apply(logits, targets)
         return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
+
+
+class _TargetLogSoftmax(torch.autograd.Function):
+    """logits.gather(target) - logits.logsumexp(), whose backward turns the saved (M, V) logits into their gradient
+    in place. Autograd's own backward of the same expression makes three more (M, V) float32 tensors (the softmax,
+    its product with the gradient, the scattered one-hot), at the moment of a training step when every activation
+    is still alive. The gradient is the same one, computed with the same operations on the same values:
+    (-g) * exp(logits - lse) everywhere, plus g at the target. Only for logits that nothing else keeps."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        lse = logits.logsumexp(-1)
+        ctx.save_for_backward(logits, lse, targets)
+        return logits.gather(-1, targets[:, None]).squeeze(-1) - lse
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        logits, lse, targets = ctx.saved_tensors
+        grad_logits = logits.sub_(lse[:, None]).exp_().mul_(-grad[:, None])
+        return grad_logits.scatter_add_(-1, targets[:, None], grad[:, None]), None
 
 
 def completion_logps(

@@ -296,6 +296,9 @@ def train_step(
             raise NonFiniteError(quantity, sums[quantity], agent.name)
     sums["learning_rate"] = agent.optimizer.param_groups[0]["lr"]  # the rate this step used
     agent.optimizer.step()
+    # Free the gradients now rather than at this player's next step: kept, they would sit beside the other
+    # player's during its steps and through the evaluations, checkpoint and export (one more model's worth).
+    agent.optimizer.zero_grad(set_to_none=True)
     if agent.scheduler is not None:
         agent.scheduler.step()
     return sums
@@ -469,6 +472,7 @@ def fit(
             indices = micro_batch_indices(session.position + k, session.global_batch, len(pairs), cfg.seed)
             mine = indices[accelerator.process_index * micro : (accelerator.process_index + 1) * micro]
             micro_batches.append(session.collate([pairs[i] for i in mine], session.tokenizer.pad_token_id))
+        mark_phase(f"train step {session.step + 1} ({agent_name})")
         tick = time.perf_counter()
         try:
             sums = train_step(
@@ -557,6 +561,7 @@ def save_session(session: Session, tmp: Path | None = None, final: Path | None =
     """Both players (full weights or adapters), optimizer/scheduler/RNG states and the data position, written
     atomically: into `tmp`, renamed to `final` (default: checkpoints/step-N of the run, pruned to save_total_limit)."""
     cfg, accelerator = session.cfg, session.accelerator
+    mark_phase("checkpoint")
     accelerator.wait_for_everyone()
     keep = None
     if final is None:
@@ -619,6 +624,7 @@ def log_metrics(session: Session, record: dict) -> None:
 
 
 def export_policy(session: Session, out: Path) -> Path:
+    mark_phase("export")
     return _export(session.cfg, session.accelerator, session.policy, session.tokenizer, out)
 
 
@@ -629,6 +635,7 @@ def train(cfg: TrainConfig) -> dict:
     """Train with cfg.method, checkpoint, export the protagonist/policy and evaluate it. Returns eval results."""
     from accelerate.utils import set_seed
 
+    mark_phase("load")
     accelerator = open_accelerator(cfg)
     log = _printer(accelerator)
     set_seed(cfg.seed)
@@ -691,6 +698,7 @@ def train(cfg: TrainConfig) -> dict:
                 raise ConfigError(
                     f"{ref_file} is missing or stale; cannot recover the starting model's log-probs"
                 )
+            mark_phase("reference log-probs")
             eval_ref = refcache.reference_logps(
                 session, test_pairs, lambda: session_logps(session, test_pairs), log
             )
@@ -703,6 +711,7 @@ def train(cfg: TrainConfig) -> dict:
 
     def test_metrics(label: str | None) -> dict:
         """Margin reward and pairwise accuracy of the protagonist/policy vs the starting model on the test split."""
+        mark_phase(f"eval at step {session.step}")
         return policy_metrics(session, test_pairs, eval_ref, label)
 
     def between_steps(s: Session) -> None:
@@ -748,6 +757,7 @@ def train(cfg: TrainConfig) -> dict:
             (run_dir / "eval.json").write_text(text, encoding="utf-8")
         title = f"{cfg.method}: {policy.name} vs the starting model on {len(test_pairs)} test pairs"
         log(format_table(results, title))
+    mark_phase("done")
     log(f"[iopo] peak RSS per process (GB): {', '.join(f'{x:.2f}' for x in _peak_rss(accelerator))}")
     log(f"[iopo] done in {time.time() - started:.0f}s; run folder: {run_dir}")
     accelerator.wait_for_everyone()
@@ -832,6 +842,26 @@ def _peak_rss(accelerator) -> list[float]:
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # KiB on Linux
     return [row[0] for row in _gathered(accelerator, [peak])]
+
+
+# A file path: with it set, every phase mark of the run is appended to that file as one JSON line.
+MEMORY_TRACE = "IOPO_MEMORY_TRACE"
+
+
+def mark_phase(phase: str) -> None:
+    """With IOPO_MEMORY_TRACE=<file> set, append {"t", "pid", "phase", "rss_gb", "hwm_gb"} to that file: the
+    phase starting now, with this process's resident set and its high-water mark so far (benchmarks/
+    memory_timeline.py lines its RSS samples up with these). Without the variable: one dictionary lookup."""
+    path = os.environ.get(MEMORY_TRACE)
+    if not path:
+        return
+    record = {"t": time.time(), "pid": os.getpid(), "phase": phase}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            record[f"{key[2:].lower()}_gb"] = int(value.split()[0]) * 1024 / 1e9  # the kernel counts in KiB
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 def _is_fsdp(module) -> bool:
