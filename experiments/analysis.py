@@ -242,12 +242,20 @@ def _t_interval(values: list[float]) -> dict:
 
 
 def _seconds(work: Path) -> dict:
-    """Wall seconds of every finished run, per table (the compute the suite spent)."""
-    out: dict[str, float] = {}
+    """Wall seconds of every finished run, per table (the compute the suite spent), and the CPU seconds of the runs
+    that recorded them: {table: seconds, ..., "cpu": {table: seconds}}."""
+    out: dict = {"cpu": {}}
     for done in (work / "_suite").rglob("done.json"):
         table = done.relative_to(work / "_suite").parts[0]
-        out[table] = out.get(table, 0.0) + _read(done)["seconds"]
+        record = _read(done)
+        out[table] = out.get(table, 0.0) + record["seconds"]
+        if "cpu_seconds" in record:
+            out["cpu"][table] = out["cpu"].get(table, 0.0) + record["cpu_seconds"]
     return out
+
+
+def _wall(compute: dict) -> dict[str, float]:
+    return {table: seconds for table, seconds in compute.items() if table != "cpu"}
 
 
 def offline_table(suite, table: str) -> dict | None:
@@ -326,7 +334,7 @@ def write_results(suite, tables: list[str], results_dir: Path, docs: Path | None
     figures = make_figures(results, results_dir)
     if docs is not None:
         write_docs(docs, results, figures, results_dir)
-    total = sum(results["compute_seconds"].values())
+    total = sum(_wall(results["compute_seconds"]).values())
     print(
         f"[suite] results in {results_dir} ({len(figures)} figures); runs' wall time {total / 3600:.2f} h in all"
     )
@@ -569,9 +577,14 @@ def write_docs(docs: Path, results: dict, figures: list[str], results_dir: Path)
         blocks["weights"] = weights_markdown(results["offline"])
     if results.get("online"):
         blocks["online"] = online_markdown(results["online"])
-    total = sum(results["compute_seconds"].values())
-    per_table = ", ".join(f"{k} {v / 60:.0f} min" for k, v in sorted(results["compute_seconds"].items()))
-    blocks["compute"] = f"Runs' wall time: {total / 3600:.2f} h in all ({per_table})."
+    wall, cpu = _wall(results["compute_seconds"]), results["compute_seconds"]["cpu"]
+    per_table = ", ".join(f"{k} {v / 60:.0f} min" for k, v in sorted(wall.items()))
+    blocks["compute"] = f"Runs' wall time: {sum(wall.values()) / 3600:.2f} h in all ({per_table})."
+    if cpu:
+        blocks["compute"] += (
+            f" CPU time of the runs that recorded it ({', '.join(sorted(cpu))}): {sum(cpu.values()) / 3600:.2f} h"
+            " (user + system, all threads; wall time grows when other work shares the CPU, this does not)."
+        )
     text = docs.read_text(encoding="utf-8") if docs.is_file() else ""
     for name, body in blocks.items():
         pattern = re.compile(rf"<!-- suite:{name} -->.*?<!-- /suite:{name} -->", re.S)

@@ -20,6 +20,7 @@ import argparse
 import copy
 import hashlib
 import json
+import resource
 import shutil
 import subprocess
 import sys
@@ -392,12 +393,12 @@ class Suite:
         run.state.mkdir(parents=True, exist_ok=True)
         argv = [sys.executable, "-m", "iopo", run.command, *_overrides(settings)]
         print(f"[suite] {run.key}: iopo {run.command} ...", flush=True)
-        tick = time.time()
+        tick, cpu = time.time(), _children_cpu()
         with open(run.state / "log.txt", "a", encoding="utf-8") as log:
             log.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {run.shown()}\n")
             log.flush()
             result = subprocess.run(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=False)
-        seconds = time.time() - tick
+        seconds, cpu = time.time() - tick, _children_cpu() - cpu
         if result.returncode != 0:
             tail = (run.state / "log.txt").read_text(encoding="utf-8", errors="replace")[-3000:]
             raise SuiteError(
@@ -406,12 +407,19 @@ class Suite:
         record = {
             "command": run.argv()[3:],
             "settings": run.settings,
-            "seconds": seconds,
+            "seconds": seconds,  # wall time of this (last) attempt: longer when something else ran beside it
+            "cpu_seconds": cpu,  # CPU time (user + system) of this attempt, all threads: no other process adds to it
             "finished": time.time(),
         }
         (run.state / "done.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
         print(f"[suite] {run.key}: done in {seconds:.0f}s", flush=True)
         return seconds
+
+
+def _children_cpu() -> float:
+    """User + system CPU seconds of every finished child process so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _copy_answers(src: Path, dst: Path) -> None:

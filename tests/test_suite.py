@@ -153,6 +153,9 @@ def test_smoke_suite_runs_every_table_resumes_and_reports(tiny_model_dir, tmp_pa
     text = docs.read_text()
     assert text.startswith("# Results\n\nprose kept\n") and text.rstrip().endswith("<!-- /suite:compute -->")
     assert "old table" not in text and "| iopo_equal_compute |" in text and "<!-- suite:online -->" in text
+    compute = json.loads((results / "compute.json").read_text())
+    assert set(compute["cpu"]) == set(compute) - {"cpu"} and all(v > 0 for v in compute["cpu"].values())
+    assert "CPU time of the runs" in text
     for png in ("margins.png", "curves.png", "is_weights.png", "bias.png", "online.png"):
         assert (results / png).stat().st_size > 5000, png
 
