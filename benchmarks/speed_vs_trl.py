@@ -11,8 +11,11 @@ IOPO step (agent forward+backward, env forward; the agent alternates) with TRL's
 iopo uses its defaults (prefix sharing and packing); TRL 1.16's DPOTrainer its own (padding, both rows).
 
 Per configuration: seconds per step (median, the first step dropped), real (non-padding) tokens per second as each
-side tokenizes them, peak RSS, and the iopo/TRL ratio from the paired steps. A step during which other processes
-used more than 10% of the CPUs is flagged and left out.
+side tokenizes them, peak RSS, the useful FLOP rate (common.useful_flops: the least the same math needs, prompt
+once, no padding, LM head on completions; the same count for both sides on the same pairs) and its share of this
+machine's matmul rate in that precision (measured first, the better of a square and a model-shaped product), and
+the iopo/TRL ratio from the paired steps. A step during which other processes used more than 10% of the CPUs is
+flagged and left out.
 """
 
 from __future__ import annotations
@@ -20,13 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
-from common import preference_step, timed
+from common import machine, matmul_gflops, model_shape, preference_step, timed, useful_flops
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_LENGTH, MAX_PROMPT = 256, 128
@@ -60,6 +62,7 @@ def iopo_worker(kind: str, precision: str, batches: int):
     train, _, _ = load_training_data(data, tokenizer, None)
     pairs = train[: 4 * batches]
     model = load_model(ModelConfig())
+    shape = model_shape(model)
     other = copy.deepcopy(model)
     if kind == "dpo":
         players = {"policy": SequenceLogProbs(model.train())}
@@ -82,7 +85,12 @@ def iopo_worker(kind: str, precision: str, batches: int):
         env = frozen if kind == "dpo" else players[names[(k + 1) % len(names)]]
         loss_fn = dpo_loss if kind == "dpo" else iopo_loss
         preference_step(agent, env, batch, loss_fn, optimizers[agent_name], precision == "bf16")
-        return {"real_tokens": real, "positions": int(batch["input_ids"].numel())}
+        counts = [(len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)) for p in batch_pairs]
+        return {
+            "real_tokens": real,
+            "positions": int(batch["input_ids"].numel()),
+            "useful_flops": useful_flops(shape, counts),
+        }
 
     return step
 
@@ -123,6 +131,7 @@ def trl_worker(precision: str, batches: int):
     trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train(), which is not used here
     model = trainer.model
     model.train()
+    shape = model_shape(model)
     rows = trainer.train_dataset
 
     def step(k: int) -> dict:
@@ -130,10 +139,18 @@ def trl_worker(precision: str, batches: int):
         inputs = trainer.data_collator(features)
         mask = inputs.get("attention_mask")
         real = int(mask.sum()) if mask is not None else int(inputs["input_ids"].numel())
+        # The same pairs as TRL truncated them: rows 0-3 are prompt + chosen, rows 4-7 prompt + rejected.
+        completion = inputs["completion_mask"].sum(-1).tolist()
+        prompt = (inputs["attention_mask"].sum(-1) - inputs["completion_mask"].sum(-1)).tolist()
+        counts = [(prompt[i], completion[i], completion[i + 4]) for i in range(4)]
         trainer.training_step(model, inputs)
         trainer.optimizer.step()
         trainer.optimizer.zero_grad(set_to_none=True)
-        return {"real_tokens": real, "positions": int(inputs["input_ids"].numel())}
+        return {
+            "real_tokens": real,
+            "positions": int(inputs["input_ids"].numel()),
+            "useful_flops": useful_flops(shape, counts),
+        }
 
     return step
 
@@ -194,13 +211,16 @@ class Worker:
         self.proc.wait(timeout=120)
 
 
-def summarize(steps: list[dict]) -> dict:
+def summarize(steps: list[dict], matmul: float) -> dict:
     clean = [s for s in steps[1:] if s["others"] <= 0.10] or steps[1:]
+    gflops = statistics.median(s["useful_flops"] / s["seconds"] for s in clean) / 1e9
     return {
         "seconds_per_step": round(statistics.median(s["seconds"] for s in clean), 3),
         "real_tokens_per_second": round(statistics.median(s["real_tokens"] / s["seconds"] for s in clean), 1),
         "real_tokens_per_step": statistics.median(s["real_tokens"] for s in clean),
         "positions_per_step": statistics.median(s["positions"] for s in clean),
+        "useful_gflops_per_second": round(gflops, 2),
+        "share_of_matmul_rate": round(gflops / matmul, 3),
         "peak_rss_gib": steps[-1]["peak_rss_gib"],
         "steps_timed": len(clean),
         "steps_contended": sum(s["others"] > 0.10 for s in steps),
@@ -219,8 +239,19 @@ def main() -> None:
     import torch
     import trl
 
+    torch.set_num_threads(os.cpu_count() or 1)  # as the workers
+    # The machine's matmul rate per precision: the better of a square product and one of the model's own shapes
+    # (1024 tokens through a 576 -> 1536 MLP projection), measured before any worker starts.
+    matmul = {
+        name: {
+            "square_1024": round(matmul_gflops(dtype), 1),
+            "1024x576x1536": round(matmul_gflops(dtype, (1024, 576, 1536)), 1),
+        }
+        for name, dtype in (("float32", torch.float32), ("bf16", torch.bfloat16))
+    }
     results: dict = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
+        "machine": machine(),
+        "matmul_gflops": matmul,
         "trl": trl.__version__,
         "model": "SmolLM2-135M-Instruct (embedded), full fine-tuning, AdamW",
         "data": f"hh-rlhf harmless-base (embedded), 4 pairs per step, max_length {MAX_LENGTH}",
@@ -246,8 +277,8 @@ def main() -> None:
             ]
             key = f"{precision} {ours} vs trl"
             results["runs"][key] = {
-                ours: summarize(steps[ours]),
-                "trl-dpo": summarize(steps["trl-dpo"]),
+                ours: summarize(steps[ours], max(matmul[precision].values())),
+                "trl-dpo": summarize(steps["trl-dpo"], max(matmul[precision].values())),
                 "throughput_ratio_paired_median": round(statistics.median(pair), 3) if pair else None,
                 "steps": steps,
             }
