@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import preference_step, timed
+from common import MAX_LENGTH, preference_step, quickstart_batches, timed
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,22 +47,18 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "batching_speed.json"))
     opts = parser.parse_args()
 
-    from iopo.config import DataConfig, ModelConfig
-    from iopo.data import collate_pairs, collate_shared, load_training_data
+    from iopo.config import ModelConfig
+    from iopo.data import collate_pairs, collate_shared
     from iopo.logprobs import SequenceLogProbs
     from iopo.losses import dpo_loss
-    from iopo.models import load_model, load_tokenizer
+    from iopo.models import load_model
 
     torch.manual_seed(0)
     model_cfg = ModelConfig()
-    tokenizer = load_tokenizer(model_cfg)
-    data_cfg = DataConfig(max_length=256, max_prompt_length=128)
-    train, _, _ = load_training_data(data_cfg, tokenizer, None)
-    batches = [train[4 * k : 4 * k + 4] for k in range(opts.batches)]
-    pad = tokenizer.pad_token_id
+    batches, pad = quickstart_batches(opts.batches)
     layouts = {
         "plain": collate_pairs,
-        "shared": lambda pairs, pad_id: collate_shared(pairs, pad_id, pack_tokens=2 * data_cfg.max_length),
+        "shared": lambda pairs, pad_id: collate_shared(pairs, pad_id, pack_tokens=2 * MAX_LENGTH),
     }
     model = load_model(model_cfg)
     n_params = sum(p.numel() for p in model.parameters())

@@ -30,6 +30,23 @@ def machine() -> str:
     )
 
 
+MAX_LENGTH, MAX_PROMPT = 256, 128  # the quickstart's data sizes
+
+
+def quickstart_batches(n: int) -> tuple[list[list], int]:
+    """The first `n` batches of 4 hh-rlhf harmless-base training pairs (from the package) at the quickstart's sizes,
+    tokenized for the embedded model, and its pad token id."""
+    from iopo.config import DataConfig, ModelConfig
+    from iopo.data import load_training_data
+    from iopo.models import load_tokenizer
+
+    tokenizer = load_tokenizer(ModelConfig())
+    train, _, _ = load_training_data(
+        DataConfig(max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT), tokenizer, None
+    )
+    return [train[4 * k : 4 * k + 4] for k in range(n)], tokenizer.pad_token_id
+
+
 def matmul_gflops(dtype, shape: tuple[int, int, int] = (1024, 1024, 1024), repeat: int = 20) -> float:
     """This machine's rate for one (m, k) x (k, n) matmul in `dtype`, GFLOP/s: the best of 3 timings of `repeat`
     products, after 3 warm-up products."""

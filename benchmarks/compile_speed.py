@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 import torch._dynamo
-from common import machine, preference_step, timed
+from common import MAX_LENGTH, machine, preference_step, quickstart_batches, timed
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,23 +42,16 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "compile_speed.json"))
     opts = parser.parse_args()
 
-    from iopo.config import DataConfig, ModelConfig
-    from iopo.data import collate_shared, load_training_data
+    from iopo.config import ModelConfig
+    from iopo.data import collate_shared
     from iopo.logprobs import SequenceLogProbs, sequence_logps
     from iopo.losses import dpo_loss
-    from iopo.models import load_model, load_tokenizer
+    from iopo.models import load_model
 
     torch.manual_seed(0)
-    model_cfg = ModelConfig()
-    tokenizer = load_tokenizer(model_cfg)
-    data_cfg = DataConfig(max_length=256, max_prompt_length=128)
-    train, _, _ = load_training_data(data_cfg, tokenizer, None)
-    pad = tokenizer.pad_token_id
-    batches = [
-        collate_shared(train[4 * k : 4 * k + 4], pad, pack_tokens=2 * data_cfg.max_length)
-        for k in range(opts.batches)
-    ]
-    model = load_model(model_cfg)
+    pairs, pad = quickstart_batches(opts.batches)
+    batches = [collate_shared(b, pad, pack_tokens=2 * MAX_LENGTH) for b in pairs]
+    model = load_model(ModelConfig())
     reference = SequenceLogProbs(copy.deepcopy(model).eval().requires_grad_(False))
     results: dict = {
         "machine": machine(),
