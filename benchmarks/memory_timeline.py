@@ -249,7 +249,8 @@ def measure(name: str, workdir: Path) -> dict:
     method = "dpo" if "method=dpo" in args else "iopo"
     lora = "model.lora=true" in args
     result = {
-        "args": args,
+        # As written to the file: paths relative to the checkout, the temporary run folder as <tmp>.
+        "args": [arg.replace(str(workdir), "<tmp>").replace(f"{ROOT}/", "") for arg in args],
         "seconds": round(run["seconds"], 1),
         "cpu": run["cpu"],
         "peak_rss_gb": round(max([s for _, s in run["samples"]] + [run["marks"][-1]["hwm_gb"]]), 3),
