@@ -22,23 +22,12 @@ import json
 import os
 import platform
 import statistics
-import time
 from pathlib import Path
 
 import torch
-from common import MAX_LENGTH, preference_step, quickstart_batches, timed
+from common import MAX_LENGTH, matmul_gflops, preference_step, quickstart_batches, timed
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def matmul_gflops(dtype=torch.float32, n: int = 1024, repeat: int = 20) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    tick = time.perf_counter()
-    for _ in range(repeat):
-        a @ b
-    return 2 * n**3 * repeat / (time.perf_counter() - tick) / 1e9
 
 
 def main() -> None:
@@ -72,7 +61,7 @@ def main() -> None:
         f"{torch.get_num_threads()} threads",
         "model": "SmolLM2-135M-Instruct (embedded), full fine-tuning, DPO step (policy fwd+bwd, reference fwd)",
         "data": "hh-rlhf harmless-base (embedded), 4 pairs per batch, max_length 256, max_prompt_length 128",
-        "matmul_gflops_float32": round(matmul_gflops(), 1),
+        "matmul_gflops_float32": round(matmul_gflops(torch.float32), 1),
         "precisions": {},
     }
     for precision in ("float32", "bf16"):
