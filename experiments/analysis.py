@@ -241,21 +241,43 @@ def _t_interval(values: list[float]) -> dict:
 # ---------------------------------------------------------------- the results of the whole suite
 
 
-def _seconds(work: Path) -> dict:
+def _seconds(work: Path, planned: set[str] | None = None) -> dict:
     """Wall seconds of every finished run, per table (the compute the suite spent), and the CPU seconds of the runs
-    that recorded them: {table: seconds, ..., "cpu": {table: seconds}}."""
-    out: dict = {"cpu": {}}
+    that recorded them: {table: seconds, ..., "cpu": {table: seconds}, "outside_plan": {...}}. Runs that the plan
+    no longer lists (a learning rate dropped from the sweep's grid) are counted apart, in "outside_plan"."""
+    out: dict = {"cpu": {}, "outside_plan": {"runs": 0, "seconds": 0.0, "cpu_seconds": 0.0}}
     for done in (work / "_suite").rglob("done.json"):
-        table = done.relative_to(work / "_suite").parts[0]
+        key = done.parent.relative_to(work / "_suite").as_posix()
         record = _read(done)
+        if planned is not None and key not in planned:
+            extra = out["outside_plan"]
+            extra["runs"] += 1
+            extra["seconds"] += record["seconds"]
+            extra["cpu_seconds"] += record.get("cpu_seconds", 0.0)
+            continue
+        table = key.split("/")[0]
         out[table] = out.get(table, 0.0) + record["seconds"]
         if "cpu_seconds" in record:
             out["cpu"][table] = out["cpu"].get(table, 0.0) + record["cpu_seconds"]
     return out
 
 
+def planned_keys(suite) -> set[str]:
+    """The keys of every run the suite's plan lists (tables whose learning rates are not chosen yet are left out)."""
+    keys: set[str] = set()
+    for stage in suite.plan(list(suite.spec["tables"])):
+        try:
+            runs = suite.table_runs(stage) if isinstance(stage, str) else stage
+        except (
+            RuntimeError
+        ):  # suite.SuiteError (of __main__ when run as a script): no learning rate chosen yet
+            continue
+        keys |= {run.key for run in runs}
+    return keys
+
+
 def _wall(compute: dict) -> dict[str, float]:
-    return {table: seconds for table, seconds in compute.items() if table != "cpu"}
+    return {table: seconds for table, seconds in compute.items() if table not in ("cpu", "outside_plan")}
 
 
 def offline_table(suite, table: str) -> dict | None:
@@ -302,7 +324,7 @@ def write_results(suite, tables: list[str], results_dir: Path, docs: Path | None
     from suite import choose_learning_rates
 
     results_dir.mkdir(parents=True, exist_ok=True)
-    results: dict = {"compute_seconds": _seconds(suite.work)}
+    results: dict = {"compute_seconds": _seconds(suite.work, planned_keys(suite))}
     if (suite.work / "sweep" / "choice.json").is_file():
         results["sweep"] = choose_learning_rates(suite)
     for table in tables:
@@ -584,6 +606,12 @@ def write_docs(docs: Path, results: dict, figures: list[str], results_dir: Path)
         blocks["compute"] += (
             f" CPU time of the runs that recorded it ({', '.join(sorted(cpu))}): {sum(cpu.values()) / 3600:.2f} h"
             " (user + system, all threads; wall time grows when other work shares the CPU, this does not)."
+        )
+    extra = results["compute_seconds"].get("outside_plan") or {}
+    if extra.get("runs"):
+        blocks["compute"] += (
+            f" Not counted above: {extra['runs']} finished runs the plan no longer lists (an earlier sweep grid),"
+            f" {extra['seconds'] / 60:.0f} min of wall time."
         )
     text = docs.read_text(encoding="utf-8") if docs.is_file() else ""
     for name, body in blocks.items():

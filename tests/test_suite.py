@@ -48,6 +48,24 @@ def test_prompt_shares_weigh_prompts_equally():
     assert shares.tolist() == [[0.5, 0.0, 0.5], [0.0, 1.0, 0.0], [0.75, 0.0, 0.0]]
 
 
+def test_compute_counts_planned_runs_per_table_and_the_rest_apart(tmp_path):
+    for key, seconds, cpu in (
+        ("sweep/dpo/lr-0.001/seed-1", 100.0, 190.0),
+        ("sweep/dpo/lr-0.0001/seed-1", 50.0, 95.0),  # a rate since dropped from the grid
+        ("offline/seed-1/dpo", 120.0, 230.0),
+        ("rm/pku", 30.0, None),  # recorded before CPU time was
+    ):
+        (tmp_path / "_suite" / key).mkdir(parents=True)
+        record = {"seconds": seconds} | ({"cpu_seconds": cpu} if cpu else {})
+        (tmp_path / "_suite" / key / "done.json").write_text(json.dumps(record))
+    planned = {"sweep/dpo/lr-0.001/seed-1", "offline/seed-1/dpo", "rm/pku", "offline/seed-2/dpo"}
+    found = analysis._seconds(tmp_path, planned)
+    assert analysis._wall(found) == {"sweep": 100.0, "offline": 120.0, "rm": 30.0}
+    assert found["cpu"] == {"sweep": 190.0, "offline": 230.0}
+    assert found["outside_plan"] == {"runs": 1, "seconds": 50.0, "cpu_seconds": 95.0}
+    assert analysis._wall(analysis._seconds(tmp_path))["sweep"] == 150.0  # no plan: every run counts
+
+
 def test_prepare_data_splits_by_prompt_without_duplicates(tmp_path):
     ds = {
         "path": "experiments/data/pku-saferlhf/pku_seferlhf_realign_dpo_5k.json",
@@ -154,7 +172,8 @@ def test_smoke_suite_runs_every_table_resumes_and_reports(tiny_model_dir, tmp_pa
     assert text.startswith("# Results\n\nprose kept\n") and text.rstrip().endswith("<!-- /suite:compute -->")
     assert "old table" not in text and "| iopo_equal_compute |" in text and "<!-- suite:online -->" in text
     compute = json.loads((results / "compute.json").read_text())
-    assert set(compute["cpu"]) == set(compute) - {"cpu"} and all(v > 0 for v in compute["cpu"].values())
+    assert set(compute["cpu"]) == set(compute) - {"cpu", "outside_plan"}
+    assert all(v > 0 for v in compute["cpu"].values()) and compute["outside_plan"]["runs"] == 0
     assert "CPU time of the runs" in text
     for png in ("margins.png", "curves.png", "is_weights.png", "bias.png", "online.png"):
         assert (results / png).stat().st_size > 5000, png
