@@ -280,6 +280,15 @@ def _wall(compute: dict) -> dict[str, float]:
     return {table: seconds for table, seconds in compute.items() if table not in ("cpu", "outside_plan")}
 
 
+READING_BASE = "iopo_equal_compute"  # the ablations of our reading are compared with IOPO at the same compute
+
+
+def _is_reading(suite, method: str) -> bool:
+    """An IOPO run at equal total compute: the default reading's ablations (adversary, clip, log-prob form)."""
+    settings = suite.spec["methods"][method]
+    return settings["method"] == "iopo" and settings.get("budget") == "total_steps"
+
+
 def offline_table(suite, table: str) -> dict | None:
     t = suite.spec["tables"][table]
     seeds = t.get("seeds", suite.spec["seeds"])
@@ -305,6 +314,10 @@ def offline_table(suite, table: str) -> dict | None:
         for method, evals in evals_of.items():
             if vs and method != vs:
                 methods[method]["minus_dpo"] = paired_difference(evals, evals_of[vs])
+        base = READING_BASE if READING_BASE in evals_of else None
+        for method, evals in evals_of.items():
+            if base and method != base and _is_reading(suite, method):
+                methods[method]["minus_reading_base"] = paired_difference(evals, evals_of[base])
         out["conditions"][condition or "clean"] = {
             "methods": methods,
             "margins": {m: np.concatenate([e["margins"] for e in ev]).tolist() for m, ev in evals_of.items()},
@@ -527,6 +540,29 @@ def offline_markdown(table: dict) -> str:
     return "\n".join(lines)
 
 
+def readings_markdown(table: dict) -> str:
+    """Each ablation of our reading minus IOPO as ALGORITHM.md reads it, at the same compute (paired)."""
+    lines = [
+        f"| reading | margin reward | pairwise accuracy | − {READING_BASE}: margin | − {READING_BASE}: accuracy |",
+        "|---|---|---|---|---|",
+    ]
+    methods = table["conditions"]["clean"]["methods"]
+    for method, row in methods.items():
+        diff = row.get("minus_reading_base")
+        if method == READING_BASE or diff:
+            lines.append(
+                f"| {method} | {_ci(row['margin_reward'], row['margin_reward_ci'], 4)} | "
+                f"{_ci(row['pairwise_accuracy'], row['pairwise_accuracy_ci'])} | "
+                + (
+                    f"{_ci(diff['margin_reward'], diff['margin_reward_ci'], 4)} | "
+                    f"{_ci(diff['pairwise_accuracy'], diff['pairwise_accuracy_ci'])} |"
+                    if diff
+                    else "— | — |"
+                )
+            )
+    return "\n".join(lines)
+
+
 def judged_markdown(table: dict) -> str:
     lines = ["| baseline | judge | method | win | tie | lose | win − lose |", "|---|---|---|---|---|---|---|"]
     for baseline, judges in table.get("judged", {}).items():
@@ -594,6 +630,9 @@ def write_docs(docs: Path, results: dict, figures: list[str], results_dir: Path)
     for name in ("offline", "offline_hh", "bias"):
         if results.get(name):
             blocks[name] = offline_markdown(results[name])
+    clean = (results.get("offline") or {}).get("conditions", {}).get("clean", {}).get("methods", {})
+    if any(row.get("minus_reading_base") for row in clean.values()):
+        blocks["readings"] = readings_markdown(results["offline"])
     if results.get("offline", {}).get("judged"):
         blocks["judged"] = judged_markdown(results["offline"])
         blocks["weights"] = weights_markdown(results["offline"])

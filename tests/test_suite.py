@@ -124,7 +124,7 @@ def test_smoke_suite_runs_every_table_resumes_and_reports(tiny_model_dir, tmp_pa
 
     offline = json.loads((results / "offline.json").read_text())
     methods = offline["conditions"]["clean"]["methods"]
-    assert set(methods) == {"sft", "dpo", "iopo", "iopo_equal_compute"}
+    assert set(methods) == {"sft", "dpo", "iopo", "iopo_equal_compute", "iopo_reversed"}
     for row in methods.values():
         assert row["seeds"] == 2 and row["pairs"] == 8
         low, high = row["pairwise_accuracy_ci"]
@@ -135,7 +135,7 @@ def test_smoke_suite_runs_every_table_resumes_and_reports(tiny_model_dir, tmp_pa
         m: yaml.safe_load((work / f"offline/seed-1/{m}/config.yaml").read_text())["optim"]["max_steps"]
         for m in methods
     }
-    assert steps == {"sft": 2, "dpo": 2, "iopo": 4, "iopo_equal_compute": 2}
+    assert steps == {"sft": 2, "dpo": 2, "iopo": 4, "iopo_equal_compute": 2, "iopo_reversed": 2}
     chosen = json.loads((results / "sweep.json").read_text())["choice"]
     assert (
         yaml.safe_load((work / "offline/seed-2/dpo/config.yaml").read_text())["optim"]["learning_rate"]
@@ -144,10 +144,12 @@ def test_smoke_suite_runs_every_table_resumes_and_reports(tiny_model_dir, tmp_pa
     weights = methods["iopo"]["is_weights"]
     assert weights["protagonist"]["steps_logged"] == 4 and weights["adversary"]["steps_logged"] == 4
     assert "minus_dpo" in methods["iopo"] and "minus_dpo" not in methods["dpo"]
+    # the ablation of our reading is set against IOPO at the same compute, not against IOPO at equal policy steps
+    assert "minus_reading_base" in methods["iopo_reversed"] and "minus_reading_base" not in methods["iopo"]
 
     judged = offline["judged"]
-    assert set(judged["vs sft"]["rm"]) == {"dpo", "iopo", "iopo_equal_compute"}
-    assert set(judged["vs dpo"]["rm"]) == {"sft", "iopo", "iopo_equal_compute"}
+    assert set(judged["vs sft"]["rm"]) == {"dpo", "iopo", "iopo_equal_compute", "iopo_reversed"}
+    assert set(judged["vs dpo"]["rm"]) == {"sft", "iopo", "iopo_equal_compute", "iopo_reversed"}
     for row in judged["vs sft"]["rm"].values():
         assert row["seeds"] == 2 and row["win"] + row["tie"] + row["lose"] == pytest.approx(1.0)
     if llm:
@@ -171,6 +173,8 @@ def test_smoke_suite_runs_every_table_resumes_and_reports(tiny_model_dir, tmp_pa
     text = docs.read_text()
     assert text.startswith("# Results\n\nprose kept\n") and text.rstrip().endswith("<!-- /suite:compute -->")
     assert "old table" not in text and "| iopo_equal_compute |" in text and "<!-- suite:online -->" in text
+    readings = text.split("<!-- suite:readings -->")[1].split("<!-- /suite:readings -->")[0]
+    assert "| iopo_reversed |" in readings and "| iopo_equal_compute |" in readings
     compute = json.loads((results / "compute.json").read_text())
     assert set(compute["cpu"]) == set(compute) - {"cpu", "outside_plan"}
     assert all(v > 0 for v in compute["cpu"].values()) and compute["outside_plan"]["runs"] == 0
