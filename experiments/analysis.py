@@ -633,9 +633,10 @@ def write_docs(docs: Path, results: dict, figures: list[str], results_dir: Path)
     clean = (results.get("offline") or {}).get("conditions", {}).get("clean", {}).get("methods", {})
     if any(row.get("minus_reading_base") for row in clean.values()):
         blocks["readings"] = readings_markdown(results["offline"])
+    if clean:
+        blocks["weights"] = weights_markdown(results["offline"])
     if results.get("offline", {}).get("judged"):
         blocks["judged"] = judged_markdown(results["offline"])
-        blocks["weights"] = weights_markdown(results["offline"])
     if results.get("online"):
         blocks["online"] = online_markdown(results["online"])
     wall, cpu = _wall(results["compute_seconds"]), results["compute_seconds"]["cpu"]
