@@ -28,10 +28,19 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import machine, matmul_gflops, model_shape, preference_step, timed, useful_flops
+from common import (
+    MAX_LENGTH,
+    MAX_PROMPT,
+    machine,
+    matmul_gflops,
+    model_shape,
+    preference_step,
+    quickstart_batches,
+    timed,
+    useful_flops,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
-MAX_LENGTH, MAX_PROMPT = 256, 128
 
 
 def raw_pairs(n: int):
@@ -50,17 +59,14 @@ def iopo_worker(kind: str, precision: str, batches: int):
 
     import torch
 
-    from iopo.config import DataConfig, ModelConfig
-    from iopo.data import collate_shared, load_training_data
+    from iopo.config import ModelConfig
+    from iopo.data import collate_shared
     from iopo.logprobs import SequenceLogProbs
     from iopo.losses import dpo_loss, iopo_loss
-    from iopo.models import load_model, load_tokenizer
+    from iopo.models import load_model
 
     torch.manual_seed(0)
-    tokenizer = load_tokenizer(ModelConfig())
-    data = DataConfig(max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT)
-    train, _, _ = load_training_data(data, tokenizer, None)
-    pairs = train[: 4 * batches]
+    pair_batches, pad = quickstart_batches(batches)
     model = load_model(ModelConfig())
     shape = model_shape(model)
     other = copy.deepcopy(model)
@@ -73,10 +79,9 @@ def iopo_worker(kind: str, precision: str, batches: int):
             "adversary": SequenceLogProbs(other.train()),
         }
     optimizers = {n: torch.optim.AdamW(m.parameters(), lr=1e-7) for n, m in players.items()}
-    pad = tokenizer.pad_token_id
 
     def step(k: int) -> dict:
-        batch_pairs = pairs[4 * k : 4 * k + 4]
+        batch_pairs = pair_batches[k]
         batch = collate_shared(batch_pairs, pad, pack_tokens=2 * MAX_LENGTH)
         real = sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in batch_pairs)
         names = list(players)

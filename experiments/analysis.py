@@ -264,16 +264,8 @@ def _seconds(work: Path, planned: set[str] | None = None) -> dict:
 
 def planned_keys(suite) -> set[str]:
     """The keys of every run the suite's plan lists (tables whose learning rates are not chosen yet are left out)."""
-    keys: set[str] = set()
-    for stage in suite.plan(list(suite.spec["tables"])):
-        try:
-            runs = suite.table_runs(stage) if isinstance(stage, str) else stage
-        except (
-            RuntimeError
-        ):  # suite.SuiteError (of __main__ when run as a script): no learning rate chosen yet
-            continue
-        keys |= {run.key for run in runs}
-    return keys
+    stages = suite.known_runs(list(suite.spec["tables"]))
+    return {run.key for _, runs in stages if isinstance(runs, list) for run in runs}
 
 
 def _wall(compute: dict) -> dict[str, float]:

@@ -369,6 +369,15 @@ class Suite:
                 stages.append(table)  # built when reached: needs the sweep's choice
         return stages
 
+    def known_runs(self, tables: list[str]):
+        """(stage, its runs) for every stage of the plan that can be built now, or (stage, the SuiteError saying
+        why not: a table whose learning rates the sweep has not chosen yet)."""
+        for stage in self.plan(tables):
+            try:
+                yield stage, self.table_runs(stage) if isinstance(stage, str) else stage
+            except SuiteError as e:
+                yield stage, e
+
     def _judges(self, table: str) -> bool:
         t = self.spec["tables"][table]
         return bool(t.get("judged")) or table == "online"
@@ -527,11 +536,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _list(suite: Suite, tables: list[str], show: str | None) -> int:
-    for stage in suite.plan(tables):
-        try:
-            runs = suite.table_runs(stage) if isinstance(stage, str) else stage
-        except SuiteError as e:
-            print(f"{stage}: {e}")
+    for stage, runs in suite.known_runs(tables):
+        if isinstance(runs, SuiteError):
+            print(f"{stage}: {runs}")
             continue
         for run in runs:
             if show and run.key == show:
