@@ -226,6 +226,42 @@ def online_summary(folders_by_method: dict[str, list[Path]]) -> dict:
     return out
 
 
+def _last_round_scores(folder: Path) -> dict:
+    rounds = [int(p.name.split("_")[1]) for p in folder.glob("round_*") if (p / "scores.json").is_file()]
+    if not rounds:
+        raise ValueError(f"{folder}: no round was scored")
+    return _read(folder / f"round_{max(rounds)}" / "scores.json") | {"round": max(rounds)}
+
+
+def online_compare(folders_by_method: dict[str, list[Path]], baselines=("iter_dpo", "dpo")) -> dict:
+    """Each method minus each baseline after the last round, paired on the same seeds: margin reward and pairwise
+    accuracy on the same test pairs (two-level bootstrap over seeds and pairs, from each run's per-pair margins),
+    and the reward model's win rate against the starting policy (t interval over the seeds' differences)."""
+    last = {m: [_last_round_scores(f) for f in fs] for m, fs in folders_by_method.items()}
+    out: dict = {}
+    for baseline in baselines:
+        if baseline not in last:
+            continue
+        for method, scores in last.items():
+            if method == baseline:
+                continue
+            base = last[baseline]
+            row: dict = {"round": scores[0]["round"], "seeds": len(scores)}
+            if all(s.get("margins") for s in scores + base):
+                evals = [{"margins": np.asarray(s["margins"], dtype=np.float64)} for s in scores]
+                base_evals = [{"margins": np.asarray(s["margins"], dtype=np.float64)} for s in base]
+                for e in evals + base_evals:
+                    if not np.all(np.isfinite(e["margins"])):
+                        raise ValueError(f"online {method} or {baseline}: a test margin is not finite")
+                row |= paired_difference(evals, base_evals)
+            wins = [(s.get("judged") or {}).get("win") for s in scores + base]
+            if all(w is not None for w in wins):
+                n = len(scores)
+                row["win_rate"] = _t_interval([wins[i] - wins[n + i] for i in range(n)])
+            out.setdefault(f"minus {baseline}", {})[method] = row
+    return out
+
+
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}
 
 
@@ -343,6 +379,7 @@ def write_results(suite, tables: list[str], results_dir: Path, docs: Path | None
             }
             finished = {m: fs for m, fs in folders.items() if all(done_record(suite.work, f) for f in fs)}
             results["online"] = online_summary(finished)
+            results["online_compare"] = online_compare(finished) or None
         else:
             results[table] = offline_table(suite, table)
         for data in suite.data.values():
@@ -398,17 +435,29 @@ def make_figures(results: dict, out: Path) -> list[str]:
     made = []
     offline = (results.get("offline") or {}).get("conditions", {}).get("clean")
     if offline and offline["methods"]:
-        fig, ax = plt.subplots(figsize=(8, 4.8))
-        for method, margins in offline["margins"].items():
-            x = np.asarray(margins)
-            ax.hist(x, bins=40, histtype="step", density=True, label=f"{method} (mean {x.mean():.3f})")
+        # one box per method (quartiles, whiskers at the 5th and 95th percentiles, the mean as a diamond): ten
+        # overlaid histograms could not be told apart
+        names = list(offline["margins"])
+        data = [np.asarray(offline["margins"][m]) for m in names]
+        fig, ax = plt.subplots(figsize=(9, 0.45 * len(names) + 1.6))
+        ax.boxplot(
+            data,
+            vert=False,
+            whis=(5, 95),
+            showfliers=False,
+            showmeans=True,
+            meanprops={"marker": "D", "markerfacecolor": "#c33", "markeredgecolor": "#c33", "markersize": 4},
+        )
+        ax.set_yticks(
+            range(1, len(names) + 1),
+            [f"{m} (mean {x.mean():+.3f})" for m, x in zip(names, data, strict=True)],
+        )
+        ax.invert_yaxis()
         ax.axvline(0, color="#888", lw=0.8)
         ax.set(
-            xlabel="margin reward on a held-out pair (3 seeds pooled)",
-            ylabel="density",
-            title="Margin-reward distributions (Fig. 3)",
+            xlabel="margin reward on a held-out pair (seeds pooled)",
+            title="Margin-reward distributions (Fig. 3)\nbox: quartiles, whiskers: 5th-95th percentile, diamond: mean",
         )
-        ax.legend(fontsize=7)
         _save(plt, fig, out / "margins.png", made)
 
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -600,6 +649,23 @@ def online_markdown(online: dict) -> str:
     return "\n".join(lines)
 
 
+def online_compare_markdown(compare: dict) -> str:
+    lines = [
+        "| comparison | method | round | − baseline: margin | − baseline: accuracy | − baseline: RM win rate vs start |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, rows in compare.items():
+        for method, row in rows.items():
+            cells = [
+                _ci(row[key], row[f"{key}_ci"], 4 if key == "margin_reward" else 3) if key in row else "—"
+                for key in ("margin_reward", "pairwise_accuracy")
+            ]
+            win = row.get("win_rate")
+            cells.append(_ci(win["mean"], win["ci"]) if win else "—")
+            lines.append(f"| {name} | {method} | {row['round']} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
 def sweep_markdown(sweep: dict) -> str:
     rates = sorted({lr for row in sweep["validation"].values() for lr in row}, key=float)
     lines = [
@@ -631,6 +697,8 @@ def write_docs(docs: Path, results: dict, figures: list[str], results_dir: Path)
         blocks["judged"] = judged_markdown(results["offline"])
     if results.get("online"):
         blocks["online"] = online_markdown(results["online"])
+    if results.get("online_compare"):
+        blocks["online_compare"] = online_compare_markdown(results["online_compare"])
     wall, cpu = _wall(results["compute_seconds"]), results["compute_seconds"]["cpu"]
     per_table = ", ".join(f"{k} {v / 60:.0f} min" for k, v in sorted(wall.items()))
     blocks["compute"] = f"Runs' wall time: {sum(wall.values()) / 3600:.2f} h in all ({per_table})."

@@ -86,6 +86,11 @@ def test_iter_dpo_rounds_leave_their_files_and_a_manifest(work, tmp_path, capsys
         assert all(s["done"] and s["seconds"] >= 0 for s in manifest["stages"].values())
         assert manifest["reference"] == "initial" and manifest["judge"]["type"] == "reward_model"
         assert manifest["seeds"]["generation"] == k and len(manifest["policy_fingerprint_at_start"]) == 16
+        # every test pair's margin is kept (paired comparisons between runs); their mean is the margin reward
+        scores = json.loads((folder / "scores.json").read_text())
+        assert len(scores["margins"]) == 6
+        assert sum(scores["margins"]) / 6 == pytest.approx(scores["margin_reward"], abs=1e-5)
+        assert sum(m > 0 for m in scores["margins"]) / 6 == pytest.approx(scores["pairwise_accuracy"])
         prompts = [json.loads(x) for x in (folder / "prompts.jsonl").read_text().splitlines()]
         assert len(prompts) == 6
         answers = [json.loads(x) for x in (folder / "generations.jsonl").read_text().splitlines()]
@@ -131,6 +136,7 @@ def test_iter_dpo_rounds_leave_their_files_and_a_manifest(work, tmp_path, capsys
     assert all(r["scores"]["judged"]["n"] == 4 for r in rounds)
     saved = json.loads((out / "online.json").read_text())
     assert saved["status"] == "done" and saved["rounds"][1]["scores"]["step"] == 4
+    assert "margins" not in saved["rounds"][1]["scores"]  # the summary stays small: they are in scores.json
     printed = capsys.readouterr().out
     assert "Online iter_dpo: done" in printed
 

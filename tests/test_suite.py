@@ -43,6 +43,40 @@ def test_paired_difference_on_the_same_pairs():
     assert same["margin_reward"] == 0 and same["margin_reward_ci"] == [0.0, 0.0]
 
 
+def test_online_compare_pairs_the_last_round_of_each_seed(tmp_path):
+    def run(name, seed, rounds):  # rounds: per round (margins, RM win rate vs start)
+        folder = tmp_path / name / f"seed-{seed}"
+        for k, (margins, win) in enumerate(rounds, 1):
+            (folder / f"round_{k}").mkdir(parents=True)
+            (folder / f"round_{k}" / "scores.json").write_text(
+                json.dumps({"round": k, "margins": margins, "judged": {"win": win}})
+            )
+        return folder
+
+    early = ([9.0, 9.0], 1.0)  # round 1 must not count: only the last round is compared
+    folders = {
+        "iter_dpo": [
+            run("iter_dpo", 1, [early, ([0.1, -0.2], 0.5)]),
+            run("iter_dpo", 2, [early, ([0.0, 0.1], 0.4)]),
+        ],
+        "iopo": [run("iopo", 1, [early, ([0.3, 0.2], 0.6)]), run("iopo", 2, [early, ([0.1, -0.1], 0.6)])],
+    }
+    compare = analysis.online_compare(folders)
+    assert set(compare) == {"minus iter_dpo"}  # no DPO runs: that baseline is left out
+    row = compare["minus iter_dpo"]["iopo"]
+    assert row["round"] == 2 and row["seeds"] == 2
+    assert row["margin_reward"] == pytest.approx(np.mean([0.2, 0.4, 0.1, -0.2]))
+    # right (> 0) per pair, iopo minus iter_dpo: seed 1 [1, 1] - [1, 0]; seed 2 [1, 0] - [0, 1] (a 0.0 is not right)
+    assert row["pairwise_accuracy"] == pytest.approx(np.mean([0, 1, 1, -1]))
+    assert row["win_rate"]["mean"] == pytest.approx(0.15) and row["win_rate"]["n"] == 2
+    # a non-finite margin is an error, not a result
+    (folders["iopo"][0] / "round_2" / "scores.json").write_text(
+        json.dumps({"round": 2, "margins": [float("nan"), 0.1], "judged": {"win": 0.5}})
+    )
+    with pytest.raises(ValueError, match="not finite"):
+        analysis.online_compare(folders)
+
+
 def test_prompt_shares_weigh_prompts_equally():
     shares = analysis._prompt_shares([["win", "lose"], ["tie"], ["invalid"], ["win", "win", "win", "bad"]])
     assert shares.tolist() == [[0.5, 0.0, 0.5], [0.0, 1.0, 0.0], [0.75, 0.0, 0.0]]
@@ -169,10 +203,32 @@ def test_smoke_suite_runs_every_table_resumes_and_reports(tiny_model_dir, tmp_pa
         online["iter_dpo"]["annotation_requests_per_run"] > 0 == online["iopo"]["annotation_requests_per_run"]
     )
     assert set(online["iopo"]["rounds"]) == {"1", "2"}
+    # after the last round, IOPO minus Iter-DPO on the same seeds and test pairs, from each run's per-pair margins
+    compare = json.loads((results / "online_compare.json").read_text())["minus iter_dpo"]["iopo"]
+    assert compare["round"] == 2 and compare["seeds"] == 2
+    last = {
+        m: [json.loads((work / f"online/seed-{s}/{m}/round_2/scores.json").read_text()) for s in (1, 2)]
+        for m in ("iopo", "iter_dpo")
+    }
+    assert compare["margin_reward"] == pytest.approx(
+        np.mean(
+            [
+                np.mean(a["margins"]) - np.mean(b["margins"])
+                for a, b in zip(last["iopo"], last["iter_dpo"], strict=True)
+            ]
+        )
+    )
+    lo, hi = compare["pairwise_accuracy_ci"]
+    assert lo <= compare["pairwise_accuracy"] <= hi
+    wins = [
+        a["judged"]["win"] - b["judged"]["win"] for a, b in zip(last["iopo"], last["iter_dpo"], strict=True)
+    ]
+    assert compare["win_rate"]["mean"] == pytest.approx(np.mean(wins)) and compare["win_rate"]["n"] == 2
 
     text = docs.read_text()
     assert text.startswith("# Results\n\nprose kept\n") and text.rstrip().endswith("<!-- /suite:compute -->")
     assert "old table" not in text and "| iopo_equal_compute |" in text and "<!-- suite:online -->" in text
+    assert "| minus iter_dpo | iopo | 2 |" in text
     readings = text.split("<!-- suite:readings -->")[1].split("<!-- /suite:readings -->")[0]
     assert "| iopo_reversed |" in readings and "| iopo_equal_compute |" in readings
     compute = json.loads((results / "compute.json").read_text())

@@ -712,6 +712,8 @@ class Online:
             "round": k,
             "step": self.session.step,
             **{key: metrics.get(key) for key in ("margin_reward", "pairwise_accuracy", "margin_reward_std")},
+            # per test pair, in the split's order: paired comparisons between runs and the margin distributions
+            **({"margins": metrics["margins"]} if metrics else {}),
         }
         judge, jcfg = self.get_judge("score")
         if self.start_answers is not None and judge is not None:
@@ -825,7 +827,7 @@ def summarize(run: Path, cfg: OnlineConfig | None, status: str) -> dict:
             {
                 "round": manifest["round"],
                 "reference": manifest["reference"],
-                "scores": {k: v for k, v in (scores or {}).items() if k != "ledger"} or None,
+                "scores": {k: v for k, v in (scores or {}).items() if k not in ("ledger", "margins")} or None,
                 "annotation": _ledger_total(annotate),
                 "scoring": _ledger_total(scoring),
                 "stage_seconds": {name: s.get("seconds") for name, s in stages.items() if s.get("done")},
