@@ -115,6 +115,54 @@ def paired_difference(a: list[dict], b: list[dict]) -> dict:
     }
 
 
+def change_difference(a: list[dict], a0: list[dict], b: list[dict], b0: list[dict]) -> dict:
+    """(a - a0) - (b - b0) on the same test pairs and seeds: how much more method a changed between two conditions
+    than method b did (a difference of paired differences), with two-level intervals."""
+    runs = list(zip(a, a0, b, b0, strict=True))
+    margin = [(x["margins"] - x0["margins"]) - (y["margins"] - y0["margins"]) for x, x0, y, y0 in runs]
+    right = [
+        ((x["margins"] > 0).astype(float) - (x0["margins"] > 0))
+        - ((y["margins"] > 0).astype(float) - (y0["margins"] > 0))
+        for x, x0, y, y0 in runs
+    ]
+    return {
+        "margin_reward": _mean(np.concatenate(margin)),
+        "margin_reward_ci": two_level_bootstrap(margin, _mean),
+        "pairwise_accuracy": _mean(np.concatenate(right)),
+        "pairwise_accuracy_ci": two_level_bootstrap(right, _mean),
+    }
+
+
+def bias_change(suite, table: str = "bias", clean_table: str = "offline") -> dict:
+    """Per corrupted condition and method: its change from the same method trained on clean labels (the offline
+    table's runs, same seeds, same test pairs), and that change minus DPO's (negative: it degraded more than DPO)."""
+    t = suite.spec["tables"][table]
+    seeds = t.get("seeds", suite.spec["seeds"])
+    if suite.spec["tables"].get(clean_table, {}).get("dataset") != t["dataset"]:
+        return {}  # no clean runs on the same test pairs to compare with
+
+    def evals(*parts) -> list[dict] | None:
+        found = [
+            run_eval(suite.work, suite.work / "/".join((*parts[:-1], f"seed-{s}", parts[-1]))) for s in seeds
+        ]
+        return None if any(e is None for e in found) else found
+
+    out: dict = {}
+    for condition in t.get("conditions") or {}:
+        pairs = {}
+        for method in t["methods"]:
+            clean, corrupted = evals(clean_table, method), evals(table, condition, method)
+            if clean is not None and corrupted is not None:
+                pairs[method] = (corrupted, clean)
+        rows = {m: {"minus_clean": paired_difference(c, c0)} for m, (c, c0) in pairs.items()}
+        for method, (c, c0) in pairs.items():
+            if method != "dpo" and "dpo" in pairs:
+                rows[method]["minus_dpo_change"] = change_difference(c, c0, *pairs["dpo"])
+        if rows:
+            out[condition] = rows
+    return out
+
+
 def is_weight_stats(folders: list[Path]) -> dict:
     """IOPO's importance weights over training, per phase: the mean weight and the shares of pairs whose weight
     was cut low (rho < 1 - eps) or capped (rho > 1 + eps), averaged over steps and seeds, plus the curve."""
@@ -382,6 +430,8 @@ def write_results(suite, tables: list[str], results_dir: Path, docs: Path | None
             results["online_compare"] = online_compare(finished) or None
         else:
             results[table] = offline_table(suite, table)
+            if table == "bias" and results[table] is not None:
+                results[table]["change_from_clean"] = bias_change(suite)
         for data in suite.data.values():
             results.setdefault("data", {})[Path(data["splits"]["train"]["file"]).parent.name] = {
                 k: v for k, v in data.items() if k != "spec"
@@ -604,6 +654,28 @@ def readings_markdown(table: dict) -> str:
     return "\n".join(lines)
 
 
+def bias_change_markdown(change: dict) -> str:
+    lines = [
+        "| condition | method | − clean: margin | − clean: accuracy | − DPO's change: margin | − DPO's change: accuracy |",
+        "|---|---|---|---|---|---|",
+    ]
+    for condition, rows in change.items():
+        for method, row in rows.items():
+            cells = []
+            for key in ("minus_clean", "minus_dpo_change"):
+                d = row.get(key)
+                cells += (
+                    [
+                        _ci(d["margin_reward"], d["margin_reward_ci"], 4),
+                        _ci(d["pairwise_accuracy"], d["pairwise_accuracy_ci"]),
+                    ]
+                    if d
+                    else ["—", "—"]
+                )
+            lines.append(f"| {condition} | {method} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
 def judged_markdown(table: dict) -> str:
     lines = ["| baseline | judge | method | win | tie | lose | win − lose |", "|---|---|---|---|---|---|---|"]
     for baseline, judges in table.get("judged", {}).items():
@@ -695,6 +767,8 @@ def write_docs(docs: Path, results: dict, figures: list[str], results_dir: Path)
         blocks["weights"] = weights_markdown(results["offline"])
     if results.get("offline", {}).get("judged"):
         blocks["judged"] = judged_markdown(results["offline"])
+    if (results.get("bias") or {}).get("change_from_clean"):
+        blocks["bias_change"] = bias_change_markdown(results["bias"]["change_from_clean"])
     if results.get("online"):
         blocks["online"] = online_markdown(results["online"])
     if results.get("online_compare"):

@@ -43,6 +43,23 @@ def test_paired_difference_on_the_same_pairs():
     assert same["margin_reward"] == 0 and same["margin_reward_ci"] == [0.0, 0.0]
 
 
+def test_change_difference_is_a_difference_of_paired_changes():
+    iopo_clean, iopo_flip = (
+        [{"margins": np.array([0.4, 0.2, -0.1])}],
+        [{"margins": np.array([0.3, -0.1, -0.2])}],
+    )
+    dpo_clean, dpo_flip = [{"margins": np.array([0.5, 0.1, 0.2])}], [{"margins": np.array([0.1, -0.2, -0.3])}]
+    d = analysis.change_difference(iopo_flip, iopo_clean, dpo_flip, dpo_clean)
+    # iopo changed by [-0.1, -0.3, -0.1], dpo by [-0.4, -0.3, -0.5]: iopo lost 0.4 / 3 less margin per pair
+    assert d["margin_reward"] == pytest.approx(np.mean([0.3, 0.0, 0.4]))
+    # right answers: iopo [1, 1, 0] -> [1, 0, 0] (-1 right), dpo [1, 1, 1] -> [1, 0, 0] (-2 right)
+    assert d["pairwise_accuracy"] == pytest.approx(1 / 3)
+    assert analysis.change_difference(dpo_flip, dpo_clean, dpo_flip, dpo_clean)["margin_reward_ci"] == [
+        0.0,
+        0.0,
+    ]
+
+
 def test_online_compare_pairs_the_last_round_of_each_seed(tmp_path):
     def run(name, seed, rounds):  # rounds: per round (margins, RM win rate vs start)
         folder = tmp_path / name / f"seed-{seed}"
@@ -196,6 +213,15 @@ def test_smoke_suite_runs_every_table_resumes_and_reports(tiny_model_dir, tmp_pa
     assert set(bias["conditions"]) == {"flip30", "longer"}
     flipped = yaml.safe_load((work / "bias/flip30/seed-1/dpo/config.yaml").read_text())["data"]
     assert flipped["flip_labels"] == 0.3 and flipped["test_path"].endswith("test.jsonl")
+    # each method's change from its clean offline runs (same seeds and test pairs), and IOPO's change minus DPO's
+    change = bias["change_from_clean"]
+    assert set(change) == {"flip30", "longer"} and set(change["flip30"]) == {"dpo", "iopo"}
+    assert (
+        "minus_dpo_change" in change["flip30"]["iopo"] and "minus_dpo_change" not in change["flip30"]["dpo"]
+    )
+    flip = bias["conditions"]["flip30"]["methods"]["dpo"]["margin_reward"]
+    clean = offline["conditions"]["clean"]["methods"]["dpo"]["margin_reward"]
+    assert change["flip30"]["dpo"]["minus_clean"]["margin_reward"] == pytest.approx(flip - clean)
 
     online = json.loads((results / "online.json").read_text())
     assert set(online) == {"iter_dpo", "iopo"}
