@@ -394,6 +394,8 @@ def offline_table(suite, table: str) -> dict | None:
         for method, evals in evals_of.items():
             if base and method != base and _is_reading(suite, method):
                 methods[method]["minus_reading_base"] = paired_difference(evals, evals_of[base])
+        if not methods:
+            continue  # nothing finished on every seed yet: no empty table
         out["conditions"][condition or "clean"] = {
             "methods": methods,
             "margins": {m: np.concatenate([e["margins"] for e in ev]).tolist() for m, ev in evals_of.items()},
@@ -405,7 +407,7 @@ def offline_table(suite, table: str) -> dict | None:
                 folders = [suite.work / f"{table}-eval/seed-{s}/{judge}-vs-{baseline}" for s in seeds]
                 if all(done_record(suite.work, f) for f in folders):
                     out["judged"].setdefault(f"vs {baseline}", {}).update(judged(folders))
-    return out
+    return out if out["conditions"] else None
 
 
 def write_results(suite, tables: list[str], results_dir: Path, docs: Path | None) -> dict:
@@ -550,7 +552,8 @@ def make_figures(results: dict, out: Path) -> list[str]:
         clean = (results.get("offline") or {}).get("conditions", {}).get("clean", {}).get("methods", {})
         fig, ax = plt.subplots(figsize=(8, 4.5))
         labels = ["clean"] + list(bias["conditions"])
-        for i, method in enumerate(next(iter(bias["conditions"].values()))["methods"]):
+        shown = dict.fromkeys(m for c in bias["conditions"].values() for m in c["methods"])
+        for i, method in enumerate(shown):
             rows = [clean.get(method)] + [c["methods"].get(method) for c in bias["conditions"].values()]
             xs = [j + (i - 1) * 0.12 for j, r in enumerate(rows) if r]
             ys = [r["pairwise_accuracy"] for r in rows if r]
@@ -576,13 +579,14 @@ def make_figures(results: dict, out: Path) -> list[str]:
     online = results.get("online")
     if online:
         fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-        for method, row in online.items():
+        for i, (method, row) in enumerate(online.items()):
             rounds = list(row["rounds"])
+            shift = (i - (len(online) - 1) / 2) * 0.06  # side by side: the error bars would hide each other
             for ax, key in zip(axes, ("margin_reward", "pairwise_accuracy", "win_rate"), strict=True):
                 pts = [(k, row["rounds"][k][key]) for k in rounds if key in row["rounds"][k]]
                 if pts:
                     ax.errorbar(
-                        [p[0] for p in pts],
+                        [int(p[0]) + shift for p in pts],
                         [p[1]["mean"] for p in pts],
                         yerr=np.array(
                             [[p[1]["mean"] - p[1]["ci"][0], p[1]["ci"][1] - p[1]["mean"]] for p in pts]
@@ -591,7 +595,11 @@ def make_figures(results: dict, out: Path) -> list[str]:
                         capsize=3,
                         label=method,
                     )
-                ax.set(xlabel="round", ylabel=key.replace("_", " "))
+                ax.set(
+                    xlabel="round",
+                    ylabel={"win_rate": "RM win rate vs the start"}.get(key, key.replace("_", " ")),
+                )
+                ax.set_xticks([int(k) for k in rounds])
         axes[0].set_title("Online rounds (mean of seeds, 95% t interval)")
         axes[2].legend()
         _save(plt, fig, out / "online.png", made)
@@ -765,7 +773,7 @@ def write_docs(docs: Path, results: dict, figures: list[str], results_dir: Path)
         blocks["readings"] = readings_markdown(results["offline"])
     if clean:
         blocks["weights"] = weights_markdown(results["offline"])
-    if results.get("offline", {}).get("judged"):
+    if (results.get("offline") or {}).get("judged"):
         blocks["judged"] = judged_markdown(results["offline"])
     if (results.get("bias") or {}).get("change_from_clean"):
         blocks["bias_change"] = bias_change_markdown(results["bias"]["change_from_clean"])
