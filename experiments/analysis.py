@@ -662,24 +662,22 @@ def readings_markdown(table: dict) -> str:
     return "\n".join(lines)
 
 
-def bias_change_markdown(change: dict) -> str:
-    lines = [
-        "| condition | method | − clean: margin | − clean: accuracy | − DPO's change: margin | − DPO's change: accuracy |",
-        "|---|---|---|---|---|---|",
+def _difference_cells(d: dict | None) -> list[str]:
+    """The margin and accuracy cells of a paired difference with its intervals (dashes when there is none)."""
+    if not d:
+        return ["—", "—"]
+    return [
+        _ci(d["margin_reward"], d["margin_reward_ci"], 4),
+        _ci(d["pairwise_accuracy"], d["pairwise_accuracy_ci"]),
     ]
+
+
+def bias_change_markdown(change: dict) -> str:
+    head = "| condition | method | − clean: margin | − clean: accuracy | − DPO's change: margin | − DPO's change: accuracy |"
+    lines = [head, "|---" * 6 + "|"]
     for condition, rows in change.items():
         for method, row in rows.items():
-            cells = []
-            for key in ("minus_clean", "minus_dpo_change"):
-                d = row.get(key)
-                cells += (
-                    [
-                        _ci(d["margin_reward"], d["margin_reward_ci"], 4),
-                        _ci(d["pairwise_accuracy"], d["pairwise_accuracy_ci"]),
-                    ]
-                    if d
-                    else ["—", "—"]
-                )
+            cells = _difference_cells(row.get("minus_clean")) + _difference_cells(row.get("minus_dpo_change"))
             lines.append(f"| {condition} | {method} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
@@ -730,16 +728,11 @@ def online_markdown(online: dict) -> str:
 
 
 def online_compare_markdown(compare: dict) -> str:
-    lines = [
-        "| comparison | method | round | − baseline: margin | − baseline: accuracy | − baseline: RM win rate vs start |",
-        "|---|---|---|---|---|---|",
-    ]
+    head = "| comparison | method | round | − baseline: margin | − baseline: accuracy | − baseline: RM win rate vs start |"
+    lines = [head, "|---" * 6 + "|"]
     for name, rows in compare.items():
         for method, row in rows.items():
-            cells = [
-                _ci(row[key], row[f"{key}_ci"], 4 if key == "margin_reward" else 3) if key in row else "—"
-                for key in ("margin_reward", "pairwise_accuracy")
-            ]
+            cells = _difference_cells(row if "margin_reward" in row else None)
             win = row.get("win_rate")
             cells.append(_ci(win["mean"], win["ci"]) if win else "—")
             lines.append(f"| {name} | {method} | {row['round']} | {' | '.join(cells)} |")
