@@ -73,10 +73,24 @@ def run_eval(work: Path, folder: Path) -> dict | None:
     if done_record(work, folder) is None or not (folder / "eval.json").is_file():
         return None
     found = _read(folder / "eval.json")
-    found["margins"] = np.asarray(found["margins"], dtype=np.float64)
-    if not np.all(np.isfinite(found["margins"])):
-        raise ValueError(f"{folder / 'eval.json'}: a margin is not finite")
+    found["margins"] = _finite_margins(found["margins"], folder / "eval.json")
     return found
+
+
+def _finite_margins(values: list, source: Path) -> np.ndarray:
+    """Per-pair margins as an array; a missing (None) or non-finite one is an error naming its file."""
+    margins = np.asarray(values, dtype=np.float64)
+    if not np.all(np.isfinite(margins)):
+        raise ValueError(f"{source}: a margin is not finite")
+    return margins
+
+
+def table_runs(suite, table: str, condition: str, method: str, seeds) -> tuple[list[Path], list[dict] | None]:
+    """The run folders of one method of a table (and condition), one per seed, and their test evaluations: None
+    unless every seed has finished (a method is never averaged over fewer seeds)."""
+    folders = [suite.work / "/".join(x for x in (table, condition, f"seed-{s}", method) if x) for s in seeds]
+    evals = [run_eval(suite.work, f) for f in folders]
+    return folders, None if any(e is None for e in evals) else evals
 
 
 def method_summary(evals: list[dict]) -> dict:
@@ -141,17 +155,12 @@ def bias_change(suite, table: str = "bias", clean_table: str = "offline") -> dic
     if suite.spec["tables"].get(clean_table, {}).get("dataset") != t["dataset"]:
         return {}  # no clean runs on the same test pairs to compare with
 
-    def evals(*parts) -> list[dict] | None:
-        found = [
-            run_eval(suite.work, suite.work / "/".join((*parts[:-1], f"seed-{s}", parts[-1]))) for s in seeds
-        ]
-        return None if any(e is None for e in found) else found
-
     out: dict = {}
     for condition in t.get("conditions") or {}:
         pairs = {}
         for method in t["methods"]:
-            clean, corrupted = evals(clean_table, method), evals(table, condition, method)
+            _, clean = table_runs(suite, clean_table, "", method, seeds)
+            _, corrupted = table_runs(suite, table, condition, method, seeds)
             if clean is not None and corrupted is not None:
                 pairs[method] = (corrupted, clean)
         rows = {m: {"minus_clean": paired_difference(c, c0)} for m, (c, c0) in pairs.items()}
@@ -278,7 +287,12 @@ def _last_round_scores(folder: Path) -> dict:
     rounds = [int(p.name.split("_")[1]) for p in folder.glob("round_*") if (p / "scores.json").is_file()]
     if not rounds:
         raise ValueError(f"{folder}: no round was scored")
-    return _read(folder / f"round_{max(rounds)}" / "scores.json") | {"round": max(rounds)}
+    path = folder / f"round_{max(rounds)}" / "scores.json"
+    scores = _read(path) | {"round": max(rounds)}
+    margins = scores.pop("margins", None)
+    if margins:  # runs scored before iopo kept them have none
+        scores["margins"] = _finite_margins(margins, path)
+    return scores
 
 
 def online_compare(folders_by_method: dict[str, list[Path]], baselines=("iter_dpo", "dpo")) -> dict:
@@ -295,17 +309,11 @@ def online_compare(folders_by_method: dict[str, list[Path]], baselines=("iter_dp
                 continue
             base = last[baseline]
             row: dict = {"round": scores[0]["round"], "seeds": len(scores)}
-            if all(s.get("margins") for s in scores + base):
-                evals = [{"margins": np.asarray(s["margins"], dtype=np.float64)} for s in scores]
-                base_evals = [{"margins": np.asarray(s["margins"], dtype=np.float64)} for s in base]
-                for e in evals + base_evals:
-                    if not np.all(np.isfinite(e["margins"])):
-                        raise ValueError(f"online {method} or {baseline}: a test margin is not finite")
-                row |= paired_difference(evals, base_evals)
-            wins = [(s.get("judged") or {}).get("win") for s in scores + base]
-            if all(w is not None for w in wins):
-                n = len(scores)
-                row["win_rate"] = _t_interval([wins[i] - wins[n + i] for i in range(n)])
+            if all("margins" in s for s in scores + base):
+                row |= paired_difference(scores, base)
+            wins = [[(s.get("judged") or {}).get("win") for s in side] for side in (scores, base)]
+            if all(w is not None for side in wins for w in side):
+                row["win_rate"] = _t_interval([a - b for a, b in zip(*wins, strict=True)])
             out.setdefault(f"minus {baseline}", {})[method] = row
     return out
 
@@ -373,11 +381,8 @@ def offline_table(suite, table: str) -> dict | None:
     for condition in conditions:
         methods, evals_of = {}, {}
         for method in t["methods"]:
-            folders = [
-                suite.work / "/".join(x for x in (table, condition, f"seed-{s}", method) if x) for s in seeds
-            ]
-            evals = [run_eval(suite.work, f) for f in folders]
-            if any(e is None for e in evals):
+            folders, evals = table_runs(suite, table, condition, method, seeds)
+            if evals is None:
                 continue  # not every seed has finished: left out, not averaged over fewer seeds
             evals_of[method] = evals
             methods[method] = method_summary(evals)
