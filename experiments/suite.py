@@ -434,11 +434,11 @@ def _children_cpu() -> float:
 def _copy_answers(src: Path, dst: Path) -> None:
     """The first eval folder's stored answers into another (iopo eval reuses answers whose model fingerprint
     matches, so no model answers twice)."""
-    from iopo.checkpoint import mark_run_dir
+    from iopo.runfolder import mark
 
     if not (src / "generations").is_dir():
         return
-    mark_run_dir(dst)  # the folder is iopo eval's (it would refuse a folder it does not own)
+    mark(dst)  # the folder is iopo eval's (it would refuse a folder it does not own)
     (dst / "generations").mkdir(parents=True, exist_ok=True)
     for file in (src / "generations").glob("*.jsonl"):
         if not (dst / "generations" / file.name).exists():

@@ -303,7 +303,7 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_model_dir, monkeypatch, lora
     monkeypatch.setattr(trainer, "train_step", real_step)
     saved = sorted(p.name for p in (broken.run_dir / "checkpoints").iterdir())
     assert saved == ["step-0000003"]  # the interrupt saved the three finished steps
-    with pytest.raises(Exception, match="already holds checkpoints"):
+    with pytest.raises(Exception, match="already holds an earlier run .*checkpoints.step-0000003"):
         trainer.train(broken)  # a fresh start would lose them: refused
     resumed = trainer.train(broken.model_copy(update={"resume": True}))
 

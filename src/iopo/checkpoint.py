@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from iopo import runfolder
 from iopo.config import ConfigError, TrainConfig, changed_settings, dump_config
 
 CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
@@ -126,91 +127,22 @@ def resolve_resume(cfg: TrainConfig) -> Path | None:
             else "no older intact one is left"
         )
         raise ConfigError(f"the newest checkpoint {existing[-1]} is damaged ({damage}); {offer}")
+    # A fresh start: may it write here, and may it delete what an earlier run there wrote? resume=true with no
+    # checkpoint to resume may replace the traces of a run killed before its first one, never an export.
     inputs = [cfg.model.name_or_path, cfg.data.path, cfg.data.test_path]
-    check_run_dir(run_dir, RUN_ARTIFACTS, inputs)  # a fresh start: may it write (and clean) here?
-    started = existing or (run_dir / "metrics.jsonl").exists()
-    if started and not (cfg.overwrite or want):  # want without checkpoints: nothing finished to lose
-        what = f"checkpoints ({existing[-1].name})" if existing else "an earlier run (metrics.jsonl)"
-        raise ConfigError(
-            f"{run_dir} already holds {what}; "
-            "pass resume=true to continue it, overwrite=true to start over, or another output_dir"
-        )
+    unfinished = (
+        want and not runfolder.own_export(run_dir / "final") and not (run_dir / "eval.json").is_file()
+    )
+    runfolder.fresh_start(run_dir, runfolder.TRAIN_PLACES, inputs, cfg.overwrite or unfinished)
     return None
 
 
-RUN_MARKER = ".iopo-run"  # written into every run folder iopo starts: only such folders are ever cleaned
-
-
-def is_iopo_run(run_dir: Path) -> bool:
-    """A folder iopo started (its marker), or one an older iopo wrote (config.yaml beside its metrics/checkpoints)."""
-    if (run_dir / RUN_MARKER).is_file():
-        return True
-    legacy = (run_dir / "metrics.jsonl").is_file() or (run_dir / "checkpoints").is_dir()
-    return (run_dir / "config.yaml").is_file() and legacy
-
-
-def check_run_dir(run_dir: Path, artifacts: tuple[str, ...], inputs: list[str | None]) -> None:
-    """Refuse, in one line, a fresh run that would write into (and clean) a folder iopo does not own, or that would
-    delete one of its own inputs (a model or data file inside the artifacts of an earlier run there)."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"output_dir {run_dir} is a file, not a folder")
-    if run_dir.is_dir() and not is_iopo_run(run_dir):
-        found = sorted(p.name for p in run_dir.iterdir())
-        if found:
-            shown = ", ".join(found[:5]) + (f" and {len(found) - 5} more" if len(found) > 5 else "")
-            raise ConfigError(
-                f"output_dir {run_dir} is not an iopo run folder and not empty (it holds {shown}); iopo writes "
-                "only into empty folders or its own runs: choose another output_dir"
-            )
-    for given in inputs:
-        if not given or not Path(given).exists():
-            continue
-        where = Path(given).resolve()
-        for name in artifacts:
-            artifact = (run_dir / name).resolve()
-            if where == artifact or artifact in where.parents:
-                raise ConfigError(
-                    f"'{given}' lies in {run_dir / name}, which a fresh run into {run_dir} replaces; copy it "
-                    "elsewhere or choose another output_dir"
-                )
-
-
-def mark_run_dir(run_dir: Path) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    marker = run_dir / RUN_MARKER
-    if not marker.is_file():
-        marker.write_text(
-            json.dumps({"written_by": "iopo", "note": "iopo cleans only folders with this file"}) + "\n"
-        )
-
-
-RUN_ARTIFACTS = (
-    "checkpoints",
-    "metrics.jsonl",
-    "tensorboard",
-    "eval.json",
-    "eval_reference_logps.pt",
-    "rejects.jsonl",
-    "final",
-)
-
-
-def clear_artifacts(run_dir: Path, artifacts: tuple[str, ...]) -> None:
-    """Delete an earlier run's own files and folders by name (check_run_dir has made sure the folder is iopo's)."""
-    for name in artifacts:
-        path = run_dir / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-
-
 def prepare_run_dir(run_dir: Path, resume_step: int | None) -> None:
-    """Fresh start: clear an earlier run's artifacts (allowed by overwrite=true, checked in resolve_resume).
+    """Fresh start: delete what an earlier run there wrote (resolve_resume has checked that it may).
     Resume: drop the metrics logged after the checkpoint, which the resumed run logs again."""
-    mark_run_dir(run_dir)
+    runfolder.mark(run_dir)
     if resume_step is None:
-        clear_artifacts(run_dir, RUN_ARTIFACTS)
+        runfolder.clean(run_dir, runfolder.owned_paths(run_dir, runfolder.TRAIN_PLACES))
         return
     metrics = run_dir / "metrics.jsonl"
     if metrics.is_file():

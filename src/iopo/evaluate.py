@@ -19,8 +19,7 @@ import os
 import time
 from pathlib import Path
 
-from iopo import stats
-from iopo.checkpoint import check_run_dir, mark_run_dir
+from iopo import runfolder, stats
 from iopo.config import ConfigError, DataConfig, EvalConfig, dump_config
 from iopo.data import load_split, tokenize_pairs, unique_prompts
 from iopo.judges.compare import judge_against
@@ -131,8 +130,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     out_dir = Path(cfg.output_dir)
     # The eval folder is continued, never cleaned; but config.yaml and eval.json are rewritten, so only an empty
     # folder or one iopo marked as its own is used.
-    check_run_dir(out_dir, (), [])
-    mark_run_dir(out_dir)
+    runfolder.check_writable(out_dir)
+    runfolder.mark(out_dir)
     resolved = cfg.model_copy(update={"data": data_cfg, "beta": beta})
     (out_dir / "config.yaml").write_text(dump_config(resolved), encoding="utf-8")
     session = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"

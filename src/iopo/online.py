@@ -34,7 +34,7 @@ import torch
 import yaml
 
 from iopo import checkpoint as ckpt
-from iopo import stats, trainer
+from iopo import runfolder, stats, trainer
 from iopo.config import ConfigError, OnlineConfig, changed_settings, dump_config
 from iopo.data import load_split, tokenize_pairs, unique_prompts, write_rejects
 from iopo.data_formats import PreferencePair
@@ -45,18 +45,36 @@ STAGES = {
     "iopo": ("train", "score"),
     "dpo": ("train", "score"),
 }
-ARTIFACTS = (
-    "config.yaml",
-    "online.json",
-    "metrics.jsonl",
-    "store.sqlite",
-    "store.sqlite-wal",
-    "store.sqlite-shm",
-    "rejects.jsonl",
-    "start",
-    "final",
-    "tensorboard",
+ROUND_FILES = (
+    "manifest.json",
+    "prompts.jsonl",
+    "generations.jsonl",
+    "judgments.jsonl",
+    "pairs.jsonl",
+    "scores.json",
+    "score_generations.jsonl",
+    "reference_logps.pt",
 )
+
+
+def _own_round(folder: Path) -> list[Path]:
+    """What the online rounds write into round_k/ (and start/): their files and the round's checkpoint."""
+    found = runfolder.own_files_named(ROUND_FILES)(folder)
+    return (
+        found + runfolder.own_folder(folder / "checkpoint") + runfolder.own_folder(folder / ".tmp-checkpoint")
+    )
+
+
+def _places(run: Path) -> dict:
+    """The places of an online run folder that a fresh start may clean (see iopo.runfolder)."""
+    rounds = sorted(p.name for p in run.glob("round_*")) if run.is_dir() else []
+    own = runfolder.own_file
+    places = {**runfolder.TRAIN_PLACES, "online.json": own, "start": _own_round}
+    places.update({name: own for name in ("store.sqlite", "store.sqlite-wal", "store.sqlite-shm")})
+    places.update({name: _own_round for name in rounds})
+    return places
+
+
 # Settings that may change between a run and its continuation without changing what is computed.
 RESUME_FREE_KEYS = {
     "overwrite",
@@ -136,7 +154,7 @@ def _prepare_run_dir(cfg: OnlineConfig) -> bool:
     """Check and mark the run folder; returns True when an earlier run there is continued."""
     run = cfg.run_dir
     saved_file = run / "config.yaml"
-    if saved_file.is_file() and ckpt.is_iopo_run(run) and not cfg.overwrite:
+    if saved_file.is_file() and runfolder.is_iopo_run(run) and not cfg.overwrite:
         saved = yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {}
         if "rounds" not in saved:
             raise ConfigError(
@@ -151,18 +169,10 @@ def _prepare_run_dir(cfg: OnlineConfig) -> bool:
         return True
     inputs = [cfg.model.name_or_path, cfg.data.path, cfg.data.test_path]
     inputs += [j.model for j in (cfg.judge, cfg.score_judge) if j is not None]
-    rounds = tuple(p.name for p in run.glob("round_*")) if run.is_dir() else ()
-    owned = tuple(dict.fromkeys(ARTIFACTS + ckpt.RUN_ARTIFACTS + rounds))
-    ckpt.check_run_dir(run, owned, inputs)
-    if run.is_dir() and any(run.iterdir()) and not cfg.overwrite and (run / ckpt.RUN_MARKER).is_file():
-        found = [p.name for p in run.iterdir() if p.name != ckpt.RUN_MARKER]
-        if found:
-            raise ConfigError(
-                f"{run} already holds an earlier run ({', '.join(sorted(found)[:4])}); pass overwrite=true to "
-                "start over or choose another output_dir"
-            )
-    ckpt.clear_artifacts(run, owned)
-    ckpt.mark_run_dir(run)
+    hint = "pass overwrite=true to start over or choose another output_dir"
+    doomed = runfolder.fresh_start(run, _places(run), inputs, cfg.overwrite, hint)
+    runfolder.clean(run, doomed)
+    runfolder.mark(run)
     return False
 
 

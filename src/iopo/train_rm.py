@@ -21,7 +21,12 @@ from iopo.config import ConfigError, TrainRMConfig, dump_config
 from iopo.data import TokenizedPair, collate_pairs, load_training_data
 from iopo.models import load_model, load_tokenizer, resolve_model_path
 
-RM_ARTIFACTS = ("final", "metrics.jsonl", "eval.json", "tensorboard", "rejects.jsonl", "config.yaml")
+
+def _rm_places() -> dict:
+    from iopo import runfolder
+
+    names = ("config.yaml", "metrics.jsonl", "eval.json", "rejects.jsonl", "final", "tensorboard")
+    return {name: runfolder.TRAIN_PLACES[name] for name in names}
 
 
 def bradley_terry_loss(
@@ -87,17 +92,14 @@ def _load_backbone(cfg: TrainRMConfig, tokenizer):
 
 
 def _prepare_dir(cfg: TrainRMConfig) -> Path:
-    from iopo.checkpoint import check_run_dir, clear_artifacts, mark_run_dir
+    from iopo import runfolder
 
     run_dir = cfg.run_dir
-    check_run_dir(run_dir, RM_ARTIFACTS, [cfg.model.name_or_path, cfg.data.path, cfg.data.test_path])
-    if (run_dir / "final").exists() or (run_dir / "metrics.jsonl").exists():
-        if not cfg.overwrite:
-            raise ConfigError(
-                f"{run_dir} already holds a reward model run; pass overwrite=true or another output_dir"
-            )
-        clear_artifacts(run_dir, RM_ARTIFACTS)
-    mark_run_dir(run_dir)
+    inputs = [cfg.model.name_or_path, cfg.data.path, cfg.data.test_path]
+    hint = "pass overwrite=true or another output_dir"
+    doomed = runfolder.fresh_start(run_dir, _rm_places(), inputs, cfg.overwrite, hint)
+    runfolder.clean(run_dir, doomed)
+    runfolder.mark(run_dir)
     return run_dir
 
 
@@ -107,6 +109,7 @@ def train_rm(cfg: TrainRMConfig) -> dict:
     from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
 
+    from iopo import runfolder
     from iopo.trainer import _has_accelerator, _optimizer, _scheduler, micro_batch_indices, optimizer_steps
 
     AcceleratorState._reset_state(reset_partial_state=False)
@@ -239,6 +242,7 @@ def train_rm(cfg: TrainRMConfig) -> dict:
             inner = inner.merge_and_unload()
         inner.save_pretrained(final, safe_serialization=True)
         tokenizer.save_pretrained(final)
+        runfolder.record_export(run_dir, final)
         (run_dir / "eval.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
         accuracy = results.get("pairwise_accuracy")
         shown = (

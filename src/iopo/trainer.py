@@ -21,7 +21,7 @@ import torch
 import yaml
 
 from iopo import checkpoint as ckpt
-from iopo import refcache, sharding
+from iopo import refcache, runfolder, sharding
 from iopo.config import MAX_STEPS, ConfigError, TrainConfig, dump_config
 from iopo.data import TokenizedPair, collate_pairs, collate_shared, load_training_data
 from iopo.logprobs import (
@@ -624,8 +624,13 @@ def log_metrics(session: Session, record: dict) -> None:
 
 
 def export_policy(session: Session, out: Path) -> Path:
+    """The protagonist/policy as a from_pretrained folder `out` (inside a run folder), listed in the run's marker so
+    a later fresh start deletes only these files."""
     mark_phase("export")
-    return _export(session.cfg, session.accelerator, session.policy, session.tokenizer, out)
+    written = _export(session.cfg, session.accelerator, session.policy, session.tokenizer, out)
+    if session.accelerator.is_main_process:
+        runfolder.record_export(out.parent, out)
+    return written
 
 
 # ---------------------------------------------------------------- the train command
