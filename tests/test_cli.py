@@ -102,7 +102,9 @@ def test_iopo_help_lists_every_command():
 
 
 def test_plots_and_reports_never_import_torch():
-    code = "import sys, iopo.plots, iopo.report, iopo.stats; print('torch' in sys.modules)"
+    code = (
+        "import sys, iopo.report.plots, iopo.report.markdown, iopo.core.stats; print('torch' in sys.modules)"
+    )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr

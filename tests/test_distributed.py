@@ -10,11 +10,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from iopo import trainer
-from iopo.config import load_config
+from iopo.commands.train import train
+from iopo.config import TrainConfig, load_config
+from iopo.io.models import load_model
 
-from test_trainer import make_cfg
-from tiny import run_overrides, write_pairs
+from tiny import make_cfg, run_overrides, write_pairs
 
 
 @pytest.mark.parametrize("lora", [False, True])
@@ -27,7 +27,7 @@ def test_two_processes_equal_one(tmp_path, tiny_model_dir, lora):
         "model.lora_r=4",
     ]
     one = make_cfg(tmp_path / "one", tiny_model_dir, *common)  # batch_size=4 on one process
-    single = trainer.train(one)
+    single = train(one)
 
     two_dir = tmp_path / "two"
     data = tmp_path / "one" / "pairs.jsonl"
@@ -120,7 +120,7 @@ def fsdp_runs(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("fsdp")
     data = write_pairs(root / "pairs.jsonl", n=24)
     one = load_config(None, run_overrides(tiny_model_dir, data, root / "one", *GAME))
-    trainer.train(one)
+    train(one)
     args = run_overrides(
         tiny_model_dir,
         data,
@@ -151,10 +151,7 @@ def test_fsdp_shards_each_player_in_half_and_equals_one_process(fsdp_runs, tiny_
         r"(protagonist|adversary) ([\d,]+) \+ ([\d,]+) of ([\d,]+) parameters per process", out
     )
     assert [s[0] for s in shares] == ["protagonist", "adversary"]
-    full = sum(
-        p.numel()
-        for p in trainer.load_model(trainer.TrainConfig(model=str(tiny_model_dir)).model).parameters()
-    )
+    full = sum(p.numel() for p in load_model(TrainConfig(model=str(tiny_model_dir)).model).parameters())
     for _, a, b, total in shares:
         a, b, total = (int(x.replace(",", "")) for x in (a, b, total))
         assert total == full and a + b == full and abs(a - b) <= 0.1 * full
@@ -169,7 +166,7 @@ def test_fsdp_shards_each_player_in_half_and_equals_one_process(fsdp_runs, tiny_
     assert (ckpt / "dcp" / ".metadata").is_file() and len(list((ckpt / "dcp").glob("*.distcp"))) == 2
     assert not (ckpt / "protagonist").exists() and not list(ckpt.glob("*.optimizer.pt"))
     from iopo.config import ConfigError
-    from iopo.models import resolve_model
+    from iopo.io.models import resolve_model
 
     with pytest.raises(
         ConfigError, match="sharded"
@@ -228,7 +225,7 @@ def test_fsdp_killed_run_resumes_exactly_and_reshards_onto_one_process(fsdp_runs
         [a for a in args if not a.startswith(("output_dir=", "optim.batch_size="))]
         + [f"output_dir={copy}", "optim.batch_size=4", "resume=true"],
     )
-    trainer.train(one)
+    train(one)
     _assert_close(_weights(copy), _weights(fsdp_runs["two"]), atol=1e-6)
 
 
@@ -244,7 +241,7 @@ def test_fsdp_one_process_checkpoint_resumes_on_two(fsdp_runs, tmp_path, tiny_mo
             "save_steps=3",
         ),
     )
-    trainer.train(single)
+    train(single)
     import shutil
 
     assert (
@@ -277,7 +274,7 @@ def test_fsdp_one_process_checkpoint_resumes_on_two(fsdp_runs, tmp_path, tiny_mo
 def test_fsdp_lora_and_a_sharded_reference_equal_one_process(tmp_path, tiny_model_dir, extra):
     data = write_pairs(tmp_path / "pairs.jsonl", n=24)
     one = load_config(None, run_overrides(tiny_model_dir, data, tmp_path / "one", *GAME, *extra))
-    trainer.train(one)
+    train(one)
     args = run_overrides(
         tiny_model_dir,
         data,

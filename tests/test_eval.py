@@ -59,7 +59,7 @@ def _generate(work, output, *extra):
         ],
         GenerateConfig,
     )
-    from iopo.generate import generate_command
+    from iopo.commands.generate import generate_command
 
     return generate_command(cfg)
 
@@ -98,7 +98,7 @@ def test_generate_resumed_after_a_crash_equals_uninterrupted(work, tmp_path, mon
     straight = tmp_path / "straight.jsonl"
     _generate(work, straight)
 
-    from iopo import generate as G
+    from iopo.eval import generate as G
 
     broken = tmp_path / "broken.jsonl"
     real_call = G.JsonlSink.__call__
@@ -119,7 +119,7 @@ def test_generate_resumed_after_a_crash_equals_uninterrupted(work, tmp_path, mon
         f.write('{"key": "torn')  # a torn last line from the kill
     timing = _generate(work, broken)
     assert timing["reused"] > 0
-    from iopo.generate import read_records
+    from iopo.eval.generate import read_records
 
     by_key = lambda path: {k: r["answer"] for k, r in read_records(path).items()}  # noqa: E731
     assert len(by_key(broken)) == 12
@@ -151,10 +151,10 @@ def test_train_rm_saves_a_standard_reward_model_and_reports_accuracy(work):
 
     # The held-out accuracy in eval.json is what the saved model gives.
     from iopo.data import load_training_data
-    from iopo.train_rm import heldout_accuracy
+    from iopo.engine.reward import heldout_accuracy
 
     cfg = load_config(rm / "config.yaml", schema=__import__("iopo.config").config.TrainRMConfig)
-    from iopo.models import load_tokenizer
+    from iopo.io.models import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model)
     _, test, _ = load_training_data(cfg.data, tokenizer, None)
@@ -168,11 +168,11 @@ def test_bradley_terry_loss_by_hand():
 
     import torch
 
-    from iopo.train_rm import bradley_terry_loss
+    from iopo.core.losses import bradley_terry_loss
 
-    loss, metrics = bradley_terry_loss(torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0]))
-    # -(log σ(1) + log σ(-1)) / 2 = (log(1+e^-1) + log(1+e)) / 2
-    assert loss.item() == pytest.approx((math.log1p(math.exp(-1)) + math.log1p(math.e)) / 2, rel=1e-6)
+    losses, metrics = bradley_terry_loss(torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0]))
+    # per pair -log σ(r_w - r_l): [-log σ(1), -log σ(-1)] = [log(1+e^-1), log(1+e)]; the step takes their mean
+    assert losses.tolist() == pytest.approx([math.log1p(math.exp(-1)), math.log1p(math.e)], rel=1e-6)
     assert metrics["accuracy"] == 0.5 and metrics["margin"] == 0.0
 
 
@@ -283,14 +283,14 @@ def test_eval_end_to_end_then_repeated_eval_asks_no_judge(work, tmp_path, capsys
 
 
 def test_eval_of_a_run_folder_takes_its_data_and_starting_model(work, tmp_path):
-    from iopo import trainer
+    from iopo.commands.train import train
 
     from tiny import run_overrides
 
     cfg = load_config(
         None, run_overrides(work["base"], work["data"], tmp_path / "run", "iopo.n_iter=1", "eval_steps=1")
     )
-    trained = trainer.train(cfg)
+    trained = train(cfg)
     out = tmp_path / "ev"
     code = iopo_main(
         [
@@ -325,9 +325,9 @@ def test_eval_errors_are_one_line(work, tmp_path, capsys):
 
 
 def test_plot_and_report_from_run_and_eval_folders(work, tmp_path):
-    from iopo import trainer
-    from iopo.plots import make_plots
-    from iopo.report import write_report
+    from iopo.commands.train import train
+    from iopo.report.markdown import write_report
+    from iopo.report.plots import make_plots
 
     from tiny import eval_records, run_overrides
 
@@ -345,7 +345,7 @@ def test_plot_and_report_from_run_and_eval_folders(work, tmp_path):
                 "eval_steps=1",
             ),
         )
-        trainer.train(cfg)
+        train(cfg)
         assert [r["step"] for r in eval_records(cfg.run_dir)] == [1, 2, 3, 4]  # eval_steps=1 and the end
         runs.append(str(cfg.run_dir))
     out = tmp_path / "ev"
@@ -438,7 +438,7 @@ def stub():
 
 
 def _openai_judge(url, **extra):
-    from iopo.judges.openai import OpenAIJudge
+    from iopo.eval.judges.openai import OpenAIJudge
 
     options = {"type": "openai", "base_url": url, "max_retries": 2, "timeout_s": 5, "concurrency": 1, **extra}
     return OpenAIJudge("llm", JudgeConfig(**options))
@@ -465,7 +465,7 @@ def test_openai_judge_unparseable_reply_is_invalid_not_a_tie(stub):
 
 
 def test_openai_judge_errors_name_the_url(stub, tmp_path, monkeypatch):
-    from iopo.openai_client import ServerError
+    from iopo.io.openai_client import ServerError
 
     _Stub.plan = ["garbage"]
     with pytest.raises(ServerError, match="not JSON"):
@@ -495,7 +495,7 @@ def test_api_key_is_sent_but_never_stored(stub, tmp_path, monkeypatch, work):
     list(judge.pairwise([("Q?", "a", "b")]))
     assert _Stub.seen[-1]["auth"] == "Bearer sk-secret-123"
     monkeypatch.delenv("STUB_KEY")
-    from iopo.openai_client import ServerError
+    from iopo.io.openai_client import ServerError
 
     with pytest.raises(ServerError, match="STUB_KEY") as caught:
         list(_openai_judge(stub, api_key_env="STUB_KEY").pairwise([("Q?", "a", "b")]))
@@ -552,8 +552,8 @@ def test_eval_killed_mid_judging_resumes_without_paying_twice(work, tmp_path, st
 
 def test_models_resolve_from_runs_checkpoints_and_adapters(work, tmp_path):
     """A LoRA run exported as an adapter, its checkpoint, and the adapter folder give the same greedy answers."""
-    from iopo import trainer
-    from iopo.models import load_inference_model, model_fingerprint, resolve_model
+    from iopo.commands.train import train
+    from iopo.io.models import load_inference_model, model_fingerprint, resolve_model
 
     from tiny import run_overrides
 
@@ -569,7 +569,7 @@ def test_models_resolve_from_runs_checkpoints_and_adapters(work, tmp_path):
             "iopo.n_iter=1",
         ),
     )
-    trainer.train(cfg)
+    train(cfg)
     run = resolve_model(str(cfg.run_dir))
     checkpoint = resolve_model(str(next((cfg.run_dir / "checkpoints").iterdir())))
     adapter = resolve_model(f"mine={cfg.run_dir / 'final' / 'protagonist'}")

@@ -14,7 +14,7 @@ import pytest
 from iopo.cli import main as iopo_main
 from iopo.config import ConfigError, DataConfig, OnlineConfig, load_config
 from iopo.data import load_split
-from iopo.data_formats import DataError, load_rows
+from iopo.data.formats import DataError, load_rows
 
 
 def user(text):

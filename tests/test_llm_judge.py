@@ -15,7 +15,7 @@ import pytest
 
 from iopo.cli import main as iopo_main
 from iopo.config import JudgeConfig
-from iopo.llama_server import find_embedded_gguf, find_llama_server, running_llama_server
+from iopo.io.llama_server import find_embedded_gguf, find_llama_server, running_llama_server
 
 from tiny import save_tiny, write_pairs
 
@@ -34,7 +34,7 @@ def server_url():
 
 @pytest.mark.parametrize(("schema", "max_tokens"), [("object", 64), ("enum", 8)])
 def test_llm_judge_pairwise_and_scores_on_a_real_server(server_url, schema, max_tokens):
-    from iopo.judges.openai import OpenAIJudge
+    from iopo.eval.judges.openai import OpenAIJudge
 
     options = {
         "type": "openai",
@@ -149,9 +149,9 @@ def test_online_iter_dpo_with_the_llm_judge_killed_mid_judging(
     """Two Iter-DPO rounds on a tiny policy, annotated by SmolLM2 on llama-server (A/B in both orders, kept when the
     orders agree) and mixed with 2 human pairs a round; round 1 is killed mid-judging and the rerun pays for no
     judgment twice."""
-    from iopo import online as online_mod
+    from iopo.commands.online import online
     from iopo.config import OnlineConfig, load_config
-    from iopo.judges.openai import OpenAIJudge
+    from iopo.eval.judges.openai import OpenAIJudge
 
     data = write_pairs(tmp_path / "pairs.jsonl", n=20)
     out = tmp_path / "online"
@@ -198,11 +198,11 @@ def test_online_iter_dpo_with_the_llm_judge_killed_mid_judging(
 
     monkeypatch.setattr(OpenAIJudge, "pairwise", dies_after_two)
     with pytest.raises(Killed):
-        online_mod.online(cfg)
+        online(cfg)
     monkeypatch.undo()
     with sqlite3.connect(out / "store.sqlite") as db:
         assert db.execute("SELECT COUNT(*) FROM judgments").fetchone()[0] == 2  # stored as they came
-    summary = online_mod.online(cfg)
+    summary = online(cfg)
     assert summary["status"] == "done"
     with sqlite3.connect(out / "store.sqlite") as db:
         judgments = db.execute("SELECT COUNT(*) FROM judgments").fetchone()[0]

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from iopo.logprobs import SequenceLogProbs, completion_logps, sequence_logps, summed_logps
+from iopo.core.logprobs import SequenceLogProbs, completion_logps, sequence_logps, summed_logps
 
 from tiny import build_model
 

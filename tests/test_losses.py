@@ -1,4 +1,4 @@
-"""Hand-derived checks of every loss in iopo.losses.
+"""Hand-derived checks of every loss in iopo.core.losses (one value per pair) and of the METHODS table's rows.
 
 Each expected number is derived in the test's docstring and recomputed with `math`, never by calling the code under
 test. Notation: h = beta * [(pol_w - ref_w) - (pol_l - ref_l)]; -log sigma(h) = ln(1 + e^-h) = softplus(-h).
@@ -13,10 +13,11 @@ import math
 import pytest
 import torch
 
-from iopo.losses import (
+from iopo.config import TrainConfig
+from iopo.core import losses
+from iopo.core.losses import (
     IS_CLIPS,
     IS_LOGPS,
-    LOSSES,
     clip_is_weight,
     dpo_loss,
     guard_is_ratio,
@@ -29,6 +30,7 @@ from iopo.losses import (
     reward_metrics,
     sft_loss,
 )
+from iopo.core.methods import METHODS
 
 LN2 = math.log(2.0)
 
@@ -48,6 +50,13 @@ def sigmoid(x: float) -> float:
 def close(value: torch.Tensor | float, expected: float, tol: float = 1e-6) -> None:
     value = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
     assert abs(value - expected) <= tol * max(1.0, abs(expected)), (value, expected)
+
+
+def close_each(values: torch.Tensor, expected: list[float], tol: float = 1e-6) -> None:
+    """Every pair's loss, one by one."""
+    assert values.shape == (len(expected),), values.shape
+    for value, want in zip(values.tolist(), expected, strict=True):
+        close(value, want, tol)
 
 
 def ones(n: int) -> torch.Tensor:
@@ -81,10 +90,11 @@ def test_dpo_single_pair():
 
 def test_dpo_batch_and_metrics():
     """Pair 1 as above: h = 0.2. Pair 2: h = 0.1*((-5+3) - (-2+3)) = 0.1*(-3) = -0.3.
-    loss = (ln(1+e^-0.2) + ln(1+e^0.3)) / 2 = (0.598139 + 0.854355)/2 = 0.726247...
+    losses = [ln(1+e^-0.2), ln(1+e^0.3)] = [0.598139, 0.854355], mean 0.726247...
     rewards as in test_implicit_rewards_and_reward_metrics; logps/chosen = (-1-5)/2 = -3, logps/rejected = -2.5."""
     loss, m = dpo_loss(t(-1.0, -5.0), t(-3.0, -2.0), t(-2.0, -3.0), t(-2.0, -3.0), ones(2), ones(2), beta=0.1)
-    close(loss, (neg_logsigmoid(0.2) + neg_logsigmoid(-0.3)) / 2)
+    close_each(loss, [neg_logsigmoid(0.2), neg_logsigmoid(-0.3)])
+    close(loss.mean(), (neg_logsigmoid(0.2) + neg_logsigmoid(-0.3)) / 2)
     close(m["rewards/accuracies"], 0.5)
     close(m["rewards/margins"], -0.05)
     close(m["logps/chosen"], -3.0)
@@ -131,11 +141,11 @@ def test_ipo_int_lengths():
 def test_hinge_both_sides():
     """Pair 1: h = 0.2 -> max(0, 1 - 0.2) = 0.8, d loss_1/d pol_w = -beta = -0.1.
     Pair 2: logits (0+15) - (0-0) = 15, h = 1.5 -> max(0, -0.5) = 0, gradient 0.
-    Batch mean: 0.4; gradient w.r.t. pol_w = [-0.1/2, 0]."""
+    Per pair [0.8, 0]; batch mean 0.4, whose gradient w.r.t. pol_w = [-0.1/2, 0]."""
     pol_w = t(-1.0, 0.0, grad=True)
     loss, _ = hinge_loss(pol_w, t(-3.0, 0.0), t(-2.0, -15.0), t(-2.0, 0.0), ones(2), ones(2), beta=0.1)
-    close(loss, (0.8 + 0.0) / 2)
-    loss.backward()
+    close_each(loss, [0.8, 0.0])
+    loss.mean().backward()
     close(pol_w.grad[0], -0.05)
     assert pol_w.grad[1].item() == 0.0
 
@@ -146,13 +156,15 @@ def test_hinge_both_sides():
 def test_kto_pair_clamp_active():
     """Chosen log-ratios [-1, -3] (mean -2 -> KL_w clamped to 0); rejected [-2, -4] (mean -3 -> KL_l = 0).
     losses = [1-s(0.1(-1-0)), 1-s(0.1(-3-0)), 1-s(0.1(0+2)), 1-s(0.1(0+4))] = [1-s(-0.1), 1-s(-0.3), 1-s(0.2), 1-s(0.4)]
-    = [0.524979, 0.574443, 0.450166, 0.401312], mean 0.487725..."""
+    = [0.524979, 0.574443, 0.450166, 0.401312]; per pair the mean of its chosen and rejected terms,
+    [(0.524979 + 0.450166)/2, (0.574443 + 0.401312)/2], whose mean is TRL's mean over the 4: 0.487725..."""
     pol_w = t(-1.0, -3.0, grad=True)
     loss, _ = kto_pair_loss(pol_w, t(-2.0, -4.0), t(0.0, 0.0), t(0.0, 0.0), ones(2), ones(2), beta=0.1)
-    close(loss, sum(1 - sigmoid(x) for x in (-0.1, -0.3, 0.2, 0.4)) / 4)
-    close(loss, 0.48772501171641724)
+    s = {x: 1 - sigmoid(x) for x in (-0.1, -0.3, 0.2, 0.4)}
+    close_each(loss, [(s[-0.1] + s[0.2]) / 2, (s[-0.3] + s[0.4]) / 2])
+    close(loss.mean(), 0.48772501171641724)
     # Clamp active: KL_w carries no gradient, so d/d pol_w_1 = (1/4) * (-0.1) * s'(-0.1) only.
-    loss.backward()
+    loss.mean().backward()
     close(pol_w.grad[0], 0.25 * -0.1 * sigmoid(-0.1) * (1 - sigmoid(-0.1)))
 
 
@@ -164,8 +176,9 @@ def test_kto_pair_clamp_inactive_and_not_detached():
     with s'(z) = s(z)(1 - s(z)): = -0.0124690..."""
     pol_w = t(2.0, 4.0, grad=True)
     loss, _ = kto_pair_loss(pol_w, t(1.0, 3.0), t(0.0, 0.0), t(0.0, 0.0), ones(2), ones(2), beta=0.1)
-    close(loss, (0.5 + 2 * (1 - sigmoid(0.2)) + 0.5) / 4)
-    loss.backward()
+    close_each(loss, [(0.5 + (1 - sigmoid(0.2))) / 2, ((1 - sigmoid(0.2)) + 0.5) / 2])
+    close(loss.mean(), (0.5 + 2 * (1 - sigmoid(0.2)) + 0.5) / 4)
+    loss.mean().backward()
 
     def ds(z):
         return sigmoid(z) * (1 - sigmoid(z))
@@ -176,11 +189,11 @@ def test_kto_pair_clamp_inactive_and_not_detached():
 # --------------------------------------------------------------------------------------------------- SFT
 
 
-def test_sft_token_level_mean():
-    """logp(y_w) = [-6, -1] over [3, 1] tokens: token-level NLL = (6 + 1)/(3 + 1) = 1.75
-    (not the mean of per-sequence means (2 + 1)/2 = 1.5). References may be None."""
+def test_sft_per_pair_nll_and_token_level_mean():
+    """logp(y_w) = [-6, -1] over [3, 1] tokens: per pair the summed NLL [6, 1]; the batch's token-level NLL
+    (6 + 1)/(3 + 1) = 1.75 (not the mean of per-sequence means (2 + 1)/2 = 1.5). References may be None."""
     loss, m = sft_loss(t(-6.0, -1.0), t(-9.0, -9.0), None, None, t(3.0, 1.0), t(1.0, 1.0))
-    close(loss, 7.0 / 4.0)
+    close_each(loss, [6.0, 1.0])
     close(m["nll"], 1.75)
     close(m["logps/chosen"], -3.5)
     assert set(m) == {"nll", "logps/chosen"}
@@ -207,16 +220,18 @@ def test_iopo_step_one_is_w_ln2():
 def test_iopo_clip_paper_vs_symmetric_and_metrics():
     """agent == env (h = 0), eps = 0.3, Delta_env = [ln 1.2, ln 2, ln 0.5] -> rho = [1.2, 2, 0.5].
     paper w = min(rho, clip(rho, 0.7, 1.3)) = [1.2, min(2, 1.3), min(0.5, 0.7)] = [1.2, 1.3, 0.5] (cap, no floor);
-    loss = ln2 * 3.0/3 = ln 2.
-    symmetric w = clip(rho, 0.7, 1.3) = [1.2, 1.3, 0.7]; loss = ln2 * 3.2/3 = 0.739357...
+    losses = ln2 * w, mean ln2 * 3.0/3 = ln 2.
+    symmetric w = clip(rho, 0.7, 1.3) = [1.2, 1.3, 0.7]; mean ln2 * 3.2/3 = 0.739357...
     capped (rho > 1.3) = 1/3 in both modes; low (rho < 0.7) = 1/3 in both; floored (raised to 0.7) = 1/3 only under
     the symmetric clip (the paper's clip floors nothing: 0); guarded 0."""
     ec, er = env_pair(math.log(1.2), math.log(2.0), math.log(0.5))
     args = (ec.clone(), er.clone(), ec, er, ones(3), ones(3))
     loss_p, m_p = iopo_loss(*args, beta=0.1)
     loss_s, m_s = iopo_loss(*args, beta=0.1, is_clip="symmetric")
-    close(loss_p, LN2 * (1.2 + 1.3 + 0.5) / 3)
-    close(loss_s, LN2 * (1.2 + 1.3 + 0.7) / 3)
+    close_each(loss_p, [LN2 * 1.2, LN2 * 1.3, LN2 * 0.5])
+    close_each(loss_s, [LN2 * 1.2, LN2 * 1.3, LN2 * 0.7])
+    close(loss_p.mean(), LN2 * (1.2 + 1.3 + 0.5) / 3)
+    close(loss_s.mean(), LN2 * (1.2 + 1.3 + 0.7) / 3)
     close(m_p["is/weight_min"], 0.5)
     close(m_s["is/weight_min"], 0.7)
     close(m_p["is/weight_max"], 1.3)
@@ -239,10 +254,12 @@ def test_clip_is_weight_helper():
 def test_iopo_guard_overflow_underflow():
     """float32 exp overflows above ~88.7 and underflows to 0 below ~-103.9.
     Delta_env = 200 -> exp = inf -> rho = 1; Delta_env = -200 -> exp = 0 -> rho = 1; Delta_env = ln 2 -> w = 1.3.
-    agent == env, so loss = ln2 * (1 + 1 + 1.3)/3 = 0.762462...; guarded 2/3; capped 1/3 (a guarded rho is 1, not capped)."""
+    agent == env, so losses = ln2 * [1, 1, 1.3], mean 0.762462...; guarded 2/3; capped 1/3 (a guarded rho is 1,
+    not capped)."""
     ec, er = env_pair(200.0, -200.0, math.log(2.0))
     loss, m = iopo_loss(ec.clone(), er.clone(), ec, er, ones(3), ones(3), beta=0.1)
-    close(loss, LN2 * 3.3 / 3)
+    close_each(loss, [LN2, LN2, LN2 * 1.3])
+    close(loss.mean(), LN2 * 3.3 / 3)
     close(m["is/guarded_frac"], 2 / 3)
     close(m["is/capped_frac"], 1 / 3)
     close(m["is/floored_frac"], 0.0)
@@ -356,22 +373,41 @@ def test_variant_tables():
 # --------------------------------------------------------------------------------------------------- table
 
 
-@pytest.mark.parametrize("name", sorted(LOSSES))
-def test_every_loss_takes_the_uniform_signature(name):
-    """Six positional (B,) tensors (bf16 here, as from a bf16 model); a 0-d float32 loss with a gradient;
-    metrics are 0-d detached float32 tensors."""
-    fn = LOSSES[name]
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_row_names_a_loss_with_the_uniform_signature(name):
+    """Six positional (B,) tensors (bf16 here, as from a bf16 model), the row's options read from a default config
+    for each of its players; one float32 loss per pair with a gradient; metrics are 0-d detached float32 tensors."""
+    method = METHODS[name]
+    fn = getattr(losses, method.loss)
     params = list(inspect.signature(fn).parameters.values())
     assert len([p for p in params if p.kind is p.POSITIONAL_OR_KEYWORD]) == 6
     assert all(p.kind is p.KEYWORD_ONLY for p in params[6:])
-    policy = [torch.tensor([-3.0, -4.0], dtype=torch.bfloat16, requires_grad=True) for _ in range(2)]
-    reference = [torch.tensor([-3.5, -3.5], dtype=torch.bfloat16) for _ in range(2)]
-    lengths = [torch.tensor([3, 4]), torch.tensor([2, 5])]
-    options = {} if name == "sft" else {"beta": 0.1}
-    loss, metrics = fn(*policy, *reference, *lengths, **options)
-    assert loss.dim() == 0 and loss.dtype == torch.float32 and torch.isfinite(loss)
-    loss.backward()
-    assert policy[0].grad is not None
-    assert "logps/chosen" in metrics
-    for key, value in metrics.items():
-        assert value.dim() == 0 and value.dtype == torch.float32 and not value.requires_grad, key
+    for agent in method.players:
+        policy = [torch.tensor([-3.0, -4.0], dtype=torch.bfloat16, requires_grad=True) for _ in range(2)]
+        reference = [torch.tensor([-3.5, -3.5], dtype=torch.bfloat16) for _ in range(2)]
+        lengths = [torch.tensor([3, 4]), torch.tensor([2, 5])]
+        options = method.options(TrainConfig(method=name), agent)
+        pair_losses, metrics = fn(*policy, *reference, *lengths, **options)
+        assert pair_losses.shape == (2,) and pair_losses.dtype == torch.float32
+        assert torch.isfinite(pair_losses).all()
+        pair_losses.sum().backward()
+        assert policy[0].grad is not None
+        assert "logps/chosen" in metrics
+        for key, value in metrics.items():
+            assert value.dim() == 0 and value.dtype == torch.float32 and not value.requires_grad, key
+
+
+def test_the_method_table_decides_players_env_and_reduction():
+    """IOPO is the one game (two players, each the other's env, alternating rounds of n_mu then n_nu); the
+    baselines train one policy against the frozen start, SFT against nothing and over the chosen tokens."""
+    iopo = METHODS["iopo"]
+    assert iopo.players == ("protagonist", "adversary") and iopo.env == "other" and iopo.is_game
+    assert iopo.other("protagonist") == "adversary" and iopo.other("adversary") == "protagonist"
+    cfg = TrainConfig(method="iopo", iopo={"n_mu": 2, "n_nu": 3, "adversary": "reversed"})
+    assert iopo.game_round(cfg) == ["protagonist"] * 2 + ["adversary"] * 3
+    assert not iopo.options(cfg, "protagonist")["reverse_preference"]
+    assert iopo.options(cfg, "adversary")["reverse_preference"]
+    for name in ("dpo", "ipo", "hinge", "kto_pair"):
+        assert METHODS[name].players == ("policy",) and METHODS[name].env == "reference"
+        assert METHODS[name].reduce == "pairs" and not METHODS[name].is_game
+    assert METHODS["sft"].env == "none" and METHODS["sft"].reduce == "chosen_tokens"

@@ -11,10 +11,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from iopo import online as online_mod
-from iopo import trainer
 from iopo.cli import main as iopo_main
+from iopo.commands.online import online
+from iopo.commands.train import train
 from iopo.config import ConfigError, OnlineConfig, load_config
+from iopo.engine import fit as fit_module
+from iopo.online import driver as online_driver
+from iopo.online.stages import STAGES
 
 from tiny import kill_9_when, write_pairs
 
@@ -75,7 +78,7 @@ def ledger_requests(run: Path) -> int:
 
 def test_iter_dpo_rounds_leave_their_files_and_a_manifest(work, tmp_path, capsys):
     out = tmp_path / "run"
-    summary = online_mod.online(online_cfg(work, out))
+    summary = online(online_cfg(work, out))
     assert summary["status"] == "done" and [r["round"] for r in summary["rounds"]] == [1, 2]
     for k in (1, 2):
         folder = out / f"round_{k}"
@@ -144,7 +147,7 @@ def test_iter_dpo_rounds_leave_their_files_and_a_manifest(work, tmp_path, capsys
 @pytest.mark.parametrize("method", ["iopo", "dpo"])
 def test_iopo_and_dpo_rounds_train_on_human_pairs_with_no_judge_calls(work, tmp_path, method):
     out = tmp_path / method
-    summary = online_mod.online(online_cfg(work, out, method=method))
+    summary = online(online_cfg(work, out, method=method))
     assert summary["totals"]["annotation"]["requests"] == 0
     assert summary["totals"]["scoring"]["requests"] > 0  # the win rate against the starting policy is judged
     for k in (1, 2):
@@ -161,16 +164,16 @@ def test_iopo_and_dpo_rounds_train_on_human_pairs_with_no_judge_calls(work, tmp_
         "iopo.n_iter=2",
         *[a for a in TINY if not a.startswith(("generation.", "bootstrap"))],
     ]
-    trainer.train(load_config(None, train_args))
+    train(load_config(None, train_args))
     offline = load_file(tmp_path / "offline" / "final" / "model.safetensors")
-    online = policy_weights(out)
+    rounds = policy_weights(out)
     for key in offline:
-        torch.testing.assert_close(online[key], offline[key], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(rounds[key], offline[key], atol=1e-6, rtol=1e-5)
 
 
 def test_reference_previous_round_moves_the_reference(work, tmp_path):
-    a = online_mod.online(online_cfg(work, tmp_path / "a", "keep_ratio=1"))
-    b = online_mod.online(online_cfg(work, tmp_path / "b", "keep_ratio=1", "reference=previous_round"))
+    a = online(online_cfg(work, tmp_path / "a", "keep_ratio=1"))
+    b = online(online_cfg(work, tmp_path / "b", "keep_ratio=1", "reference=previous_round"))
     manifest = json.loads((tmp_path / "b" / "round_2" / "manifest.json").read_text())
     assert manifest["reference"] == "previous_round"
     # round 1 is the same either way (the reference is the starting model at first); round 2 differs
@@ -187,10 +190,13 @@ class Killed(BaseException):
 
 
 def kill_at(monkeypatch, owner, name, nth=None, round_k=None):
-    """Make owner.name raise Killed on its nth call (a stage method: when called for round round_k)."""
-    real = getattr(owner, name)
+    """Make owner.name (owner[name] for the STAGES table) raise Killed on its nth call (a stage: when called for
+    round round_k)."""
+    real = owner[name] if isinstance(owner, dict) else getattr(owner, name)
     calls = {"n": 0}
-    if name == "score":  # a judge's generator: die after the (nth - 1)th judgment is stored
+    if name == "score" and not isinstance(
+        owner, dict
+    ):  # a judge's generator: die after the (nth - 1)th judgment is stored
 
         def wrapper(self, items):
             for item in real(self, items):
@@ -214,20 +220,23 @@ def kill_at(monkeypatch, owner, name, nth=None, round_k=None):
                 raise Killed
             return real(*args, **kwargs)
 
-    monkeypatch.setattr(owner, name, wrapper)
+    if isinstance(owner, dict):
+        monkeypatch.setitem(owner, name, wrapper)
+    else:
+        monkeypatch.setattr(owner, name, wrapper)
 
 
 def test_kills_between_and_inside_stages_resume_to_the_same_weights(work, tmp_path, monkeypatch):
-    from iopo.generate import JsonlSink
-    from iopo.judges.reward_model import RewardModelJudge
+    from iopo.eval.generate import JsonlSink
+    from iopo.eval.judges.reward_model import RewardModelJudge
 
     straight = tmp_path / "straight"
-    expected = online_mod.online(online_cfg(work, straight, "keep_ratio=1"))
+    expected = online(online_cfg(work, straight, "keep_ratio=1"))
     assert all(r["trained_pairs"] for r in expected["rounds"])  # both rounds train
     out = tmp_path / "killed"
     cfg = online_cfg(work, out, "keep_ratio=1")
     kills = [
-        (online_mod.Online, "stage_pairs", None, 1),  # between stages: round 1 judged, no pairs yet
+        (STAGES, "pairs", None, 1),  # between stages: round 1 judged, no pairs yet
         (
             JsonlSink,
             "__call__",
@@ -235,15 +244,15 @@ def test_kills_between_and_inside_stages_resume_to_the_same_weights(work, tmp_pa
             None,
         ),  # inside generation: round 2's first batch (call 1: round 1's scoring)
         (RewardModelJudge, "score", 3, None),  # inside judging: round 2's third judgment
-        (trainer, "train_step", 2, None),  # inside training: round 2's second optimizer step
-        (online_mod.Online, "stage_score", None, 2),  # between stages: round 2 trained, not scored
+        (fit_module, "train_step", 2, None),  # inside training: round 2's second optimizer step
+        (STAGES, "score", None, 2),  # between stages: round 2 trained, not scored
     ]
     for owner, name, nth, round_k in kills:
         kill_at(monkeypatch, owner, name, nth, round_k)
         with pytest.raises(Killed):
-            online_mod.online(cfg)
+            online(cfg)
         monkeypatch.undo()
-    summary = online_mod.online(cfg)
+    summary = online(cfg)
     assert summary["status"] == "done"
     a, b = policy_weights(straight), policy_weights(out)
     for key in a:
@@ -258,12 +267,12 @@ def test_kills_between_and_inside_stages_resume_to_the_same_weights(work, tmp_pa
 
 def test_a_budget_stops_at_a_stage_boundary_and_a_bigger_one_continues(work, tmp_path):
     out = tmp_path / "budget"
-    summary = online_mod.online(online_cfg(work, out, "max_judge_requests=20", "score_prompts=0"))
+    summary = online(online_cfg(work, out, "max_judge_requests=20", "score_prompts=0"))
     assert summary["status"].startswith("stopped:") and "max_judge_requests=20" in summary["status"]
     assert ledger_requests(out) <= 20
     manifest = json.loads((out / "round_2" / "manifest.json").read_text())
     assert "judge" not in manifest["stages"] and manifest["stages"]["generate"]["done"]
-    summary = online_mod.online(online_cfg(work, out, "max_judge_requests=100", "score_prompts=0"))
+    summary = online(online_cfg(work, out, "max_judge_requests=100", "score_prompts=0"))
     assert summary["status"] == "done" and ledger_requests(out) == 24
 
 
@@ -277,16 +286,16 @@ def test_online_settings_errors_are_one_line(work, tmp_path, capsys):
     assert iopo_main(args) == 2
     assert "prompt pool" in capsys.readouterr().err
     out = tmp_path / "changed"
-    online_mod.online(online_cfg(work, out, "rounds=1", "score_prompts=0"))
+    online(online_cfg(work, out, "rounds=1", "score_prompts=0"))
     with pytest.raises(ConfigError, match=r"other settings \(keep_ratio \(was 0.5, now 0.9\)\)"):
-        online_mod.online(online_cfg(work, out, "rounds=1", "score_prompts=0", "keep_ratio=0.9"))
+        online(online_cfg(work, out, "rounds=1", "score_prompts=0", "keep_ratio=0.9"))
 
 
 def test_report_and_plots_put_the_methods_side_by_side(work, tmp_path):
     runs = {}
     for method in ("iter_dpo", "iopo"):
         runs[method] = tmp_path / method
-        online_mod.online(online_cfg(work, runs[method], method=method))
+        online(online_cfg(work, runs[method], method=method))
     report = tmp_path / "report.md"
     assert iopo_main(["report", str(runs["iter_dpo"]), str(runs["iopo"]), f"output={report}"]) == 0
     text = report.read_text()
@@ -309,7 +318,7 @@ def test_report_and_plots_put_the_methods_side_by_side(work, tmp_path):
     plots = json.loads((tmp_path / "report_files" / "plots.json").read_text())
     assert plots["online_rounds.png"]["series"] == ["iter_dpo", "iopo"]
     assert plots["online_cost.png"]["series"] == ["iter_dpo", "iopo"]
-    from iopo.plots import online_points
+    from iopo.report.plots import online_points
 
     summary = json.loads((runs["iter_dpo"] / "online.json").read_text())
     points = online_points(summary, "pairwise_accuracy")
@@ -320,7 +329,7 @@ def test_report_and_plots_put_the_methods_side_by_side(work, tmp_path):
 @pytest.mark.parametrize("method", ["iter_dpo", "iopo"])
 def test_lora_rounds_generate_with_the_policy_adapter_and_export_merged(work, tmp_path, method):
     out = tmp_path / method
-    summary = online_mod.online(
+    summary = online(
         online_cfg(work, out, "model.lora=true", "model.lora_r=4", "keep_ratio=1", method=method)
     )
     assert summary["status"] == "done"
@@ -340,7 +349,7 @@ def test_kill_9_at_a_random_moment_then_the_same_command_finishes_the_same(work,
     import signal
 
     straight = tmp_path / "straight"
-    online_mod.online(online_cfg(work, straight, "keep_ratio=1"))
+    online(online_cfg(work, straight, "keep_ratio=1"))
     out = tmp_path / "killed"
     args = _cli_args(work, out, "keep_ratio=1")
     code = kill_9_when(["online", *args], lambda: (out / "round_1" / "checkpoint").is_dir())
@@ -412,12 +421,10 @@ def test_pairwise_annotation_keeps_pairs_both_orders_agree_on_ranked_by_confiden
 ):
     """A pairwise judge over every pair of 3 answers, both orders: a pair is kept only when the orders agree, the
     most confident one per prompt, and the kept ones are ranked by the mean probability margin."""
-    import iopo.judges
-
-    monkeypatch.setattr(iopo.judges, "build_judge", lambda *args: LengthJudge())
+    monkeypatch.setattr(online_driver, "build_judge", lambda *args: LengthJudge())
     out = tmp_path / "pw"
     args = ["judge.type=local", f"judge.model={work['base']}", "judge.tie_margin=0.0001", "generation.n=3"]
-    online_mod.online(online_cfg(work, out, *args, "rounds=1", "keep_ratio=1", "score_prompts=0"))
+    online(online_cfg(work, out, *args, "rounds=1", "keep_ratio=1", "score_prompts=0"))
     folder = out / "round_1"
     answers = [json.loads(x) for x in (folder / "generations.jsonl").read_text().splitlines()]
     prompts = [json.loads(x) for x in (folder / "prompts.jsonl").read_text().splitlines()]

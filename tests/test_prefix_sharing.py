@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from iopo.core.logprobs import SequenceLogProbs, sequence_logps
 from iopo.data import TokenizedPair, collate_pairs, collate_shared
-from iopo.logprobs import SequenceLogProbs, sequence_logps
 
 VOCAB = 300
 
@@ -125,7 +125,7 @@ def test_packing_keeps_pairs_apart_and_pads_little():
 
 
 def _train(tmp_path, model_dir, *extra):
-    from iopo import trainer
+    from iopo.commands.train import train
     from iopo.config import load_config
 
     from tiny import run_overrides, write_pairs
@@ -134,7 +134,7 @@ def _train(tmp_path, model_dir, *extra):
     if not data.exists():
         write_pairs(data, n=24)
     cfg = load_config(None, run_overrides(model_dir, data, tmp_path / extra[0], *extra[1:], "iopo.n_iter=2"))
-    return cfg, trainer.train(cfg)
+    return cfg, train(cfg)
 
 
 def test_training_with_shared_batches_equals_plain_batches(tmp_path, tiny_model_dir, capsys):
@@ -181,7 +181,7 @@ class RemoteLlama(__import__("transformers").LlamaForCausalLM):
 
 
 def test_remote_code_models_get_the_plain_layout():
-    from iopo.logprobs import sharing_obstacle
+    from iopo.core.logprobs import sharing_obstacle
 
     model = _model("llama", "sdpa")
     assert sharing_obstacle(model) is None

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from iopo.cli import main as iopo_main
-from iopo.human import RatingBook, RatingError, write_outputs
+from iopo.rate.book import RatingBook, RatingError
+from iopo.rate.tables import book_summary, write_outputs
 
 from tiny import save_tiny, write_pairs
 
@@ -327,9 +328,11 @@ def test_exports_eval_json_report_and_a_repeated_eval_keep_the_human_tables(ev, 
         for r in rows
     )
     model_left = sum(r["left"] == "model" for r in rows) / 12  # A (left) always got 2: the model wins there
-    from iopo.human import _cell
+    from iopo.rate.tables import csv_cell
 
-    assert _cell("=HYPERLINK(1)") == "'=HYPERLINK(1)" and _cell("-1") == "'-1" and _cell("ok") == "ok"
+    assert (
+        csv_cell("=HYPERLINK(1)") == "'=HYPERLINK(1)" and csv_cell("-1") == "'-1" and csv_cell("ok") == "ok"
+    )
 
     result = json.loads((ev / "eval.json").read_text())
     table2 = result["human"]["models"]["other"]["table2"]
@@ -379,7 +382,7 @@ def test_a_busy_port_is_one_line(ev, capsys):
 
 @pytest.fixture
 def served(ev):
-    from iopo.rate import RatingServer
+    from iopo.rate.server import RatingServer
 
     book = RatingBook(ev, overlap=0.0)
     server = RatingServer(book, "127.0.0.1", 0)
@@ -703,7 +706,7 @@ def test_rating_one_model_keeps_the_others_ratings(built, tmp_path):
     book.close()
     only = RatingBook(ev, overlap=0.0, models=["again"])
     assert {only.by_item[i].model for i in only.order} == {"again"}
-    summary = only.summary(n_boot=50)
+    summary = book_summary(only, n_boot=50)
     assert only.stale_ratings() == 0 and set(summary["models"]) == {"other", "again"}
     assert summary["models"]["other"]["pairs_rated"] == summary["models"]["other"]["pairs"] == 12
     only.close()

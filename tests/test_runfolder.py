@@ -8,8 +8,9 @@ import sys
 
 import pytest
 
-from iopo import runfolder
 from iopo.config import ConfigError
+from iopo.io import runfolder
+from iopo.io.checkpoint import TRAIN_PLACES
 
 from tiny import run_overrides, write_pairs
 
@@ -101,8 +102,8 @@ def test_resume_without_a_checkpoint_never_replaces_an_export(tmp_path):
     runfolder.mark(run)
     (run / "final").mkdir()
     (run / "final" / "model.safetensors").write_bytes(b"finished")
-    from iopo.checkpoint import resolve_resume
     from iopo.config import TrainConfig
+    from iopo.io.checkpoint import resolve_resume
 
     cfg = TrainConfig(output_dir=str(run), resume=True)
     with pytest.raises(ConfigError, match="already holds an earlier run"):
@@ -125,7 +126,7 @@ def test_clean_removes_only_listed_files_and_the_folders_left_empty(tmp_path):
     (run / "final" / "protagonist" / "adapter_model.safetensors").write_text("x")
     runfolder.record_export(run, run / "final")
     (run / "final" / "mine.txt").write_text("kept")
-    doomed = runfolder.fresh_start(run, runfolder.TRAIN_PLACES, [], overwrite=True)
+    doomed = runfolder.fresh_start(run, TRAIN_PLACES, [], overwrite=True)
     runfolder.clean(run, doomed)
     left = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
     assert left == [runfolder.MARKER, "final", "final/mine.txt"]
@@ -138,4 +139,4 @@ def test_an_input_inside_what_a_fresh_start_deletes_is_refused(tmp_path):
     (run / "final" / "config.json").write_text("{}")
     runfolder.record_export(run, run / "final")
     with pytest.raises(ConfigError, match="lies in"):
-        runfolder.fresh_start(run, runfolder.TRAIN_PLACES, [str(run / "final")], overwrite=True)
+        runfolder.fresh_start(run, TRAIN_PLACES, [str(run / "final")], overwrite=True)

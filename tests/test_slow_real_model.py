@@ -5,9 +5,9 @@ import math
 
 import pytest
 
-from iopo import trainer
+from iopo.commands.train import train
 from iopo.config import load_config
-from iopo.models import embedded_model_dir
+from iopo.io.models import embedded_model_dir
 
 from tiny import train_records
 
@@ -44,7 +44,7 @@ def test_iopo_on_the_real_model_and_data(tmp_path, lora):
             "progress_bar=false",
         ],
     )
-    results = trainer.train(cfg)
+    results = train(cfg)
     records = train_records(cfg.run_dir)
     assert [r["agent"] for r in records] == ["protagonist", "adversary"]
     assert records[0]["loss"] == pytest.approx(records[0]["is/weight_mean"] * math.log(2), rel=1e-4)
@@ -62,7 +62,7 @@ def test_reward_model_and_llm_judge_on_the_real_model(tmp_path):
     import os
 
     from iopo.cli import main as iopo_main
-    from iopo.llama_server import find_embedded_gguf, find_llama_server, running_llama_server
+    from iopo.io.llama_server import find_embedded_gguf, find_llama_server, running_llama_server
 
     data = ["data.max_length=160", "data.max_prompt_length=96", "data.max_eval_samples=8"]
     assert (

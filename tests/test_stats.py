@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from iopo import stats
-from iopo.judges.prompts import parse_score, parse_winner
+from iopo.core import stats
+from iopo.eval.judges.prompts import parse_score, parse_winner
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 
-from iopo.llama_server import find_llama_server
+from iopo.io.llama_server import find_llama_server
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "experiments"))

@@ -143,3 +143,14 @@ def kill_9_when(args: list[str], ready, timeout: float = 240.0) -> int:
         time.sleep(0.001)
     proc.send_signal(signal.SIGKILL)
     return proc.wait()
+
+
+def make_cfg(tmp_path, model_dir, *extra, method="iopo"):
+    """The TrainConfig of a quick tiny-model run in tmp_path/run, on 24 pairs written there once."""
+    from iopo.config import load_config
+
+    data = tmp_path / "pairs.jsonl"
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    if not data.exists():
+        write_pairs(data, n=24)
+    return load_config(None, run_overrides(model_dir, data, tmp_path / "run", f"method={method}", *extra))

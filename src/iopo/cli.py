@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from iopo import config as C
 from iopo.config import ConfigError, dump_config, load_config
-from iopo.data_formats import DataError
+from iopo.data.files import DataError
 
 
 @dataclass(frozen=True)
@@ -26,52 +26,52 @@ class Command:
 COMMANDS = {
     "train": Command(
         C.TrainConfig,
-        "iopo.trainer:train",
+        "iopo.commands.train:train",
         "train with IOPO or a baseline, then export and evaluate",
         example="iopo train --config configs/quickstart.yaml method=dpo optim.learning_rate=1e-6 model.lora=true",
     ),
     "train-rm": Command(
         C.TrainRMConfig,
-        "iopo.train_rm:train_rm",
+        "iopo.commands.train_rm:train_rm",
         "train a Bradley-Terry reward model (a judge) on preference data",
         example="iopo train-rm --config configs/rm.yaml data=my_pairs.jsonl",
     ),
     "generate": Command(
         C.GenerateConfig,
-        "iopo.generate:generate_command",
+        "iopo.commands.generate:generate_command",
         "answers to a split's prompts from a model or an OpenAI-compatible server, as JSON Lines",
         example="iopo generate model=runs/quickstart generation.temperature=0 output=answers.jsonl",
     ),
     "eval": Command(
         C.EvalConfig,
-        "iopo.evaluate:evaluate",
+        "iopo.commands.evaluate:evaluate",
         "models vs a baseline: implicit-reward metrics, generations, judges, win/tie/lose with intervals",
         positional="models",
         example="iopo eval runs/quickstart judges.rm.type=reward_model judges.rm.model=runs/rm/final",
     ),
     "online": Command(
         C.OnlineConfig,
-        "iopo.online:online",
+        "iopo.commands.online:online",
         "online rounds: Iter-DPO with a judge, or IOPO / DPO on the human pairs, resumable stage by stage",
         example="iopo online --config configs/online.yaml method=iter_dpo judge.model=runs/rm/final",
     ),
     "rate": Command(
         C.RateConfig,
-        "iopo.rate:rate_command",
+        "iopo.commands.rate:rate_command",
         "a local page where people rate an eval's answers blind (0-3 scores, a preference), then human tables",
         positional="eval_dir",
         example="iopo rate evals/quickstart   (then open the printed URL; Ctrl-C writes the tables)",
     ),
     "plot": Command(
         C.PlotConfig,
-        "iopo.plots:plot_command",
+        "iopo.commands.plot:plot_command",
         "PNGs from run and eval folders (margin distributions, curves, win/tie/lose bars)",
         positional="inputs",
         example="iopo plot runs/quickstart runs/dpo evals/eval output_dir=plots",
     ),
     "report": Command(
         C.ReportConfig,
-        "iopo.report:report_command",
+        "iopo.commands.report:report_command",
         "one Markdown report from run and eval folders",
         positional="inputs",
         example="iopo report runs/quickstart evals/eval output=report.md",
@@ -130,8 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"iopo: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
     except Exception as e:  # a judge server that fails, a run that diverges: one line, not a traceback
-        from iopo.openai_client import ServerError
-        from iopo.trainer import NonFiniteError
+        from iopo.engine.fit import NonFiniteError
+        from iopo.io.openai_client import ServerError
 
         if isinstance(e, ServerError | NonFiniteError):
             print(f"iopo: error: {e}", file=sys.stderr)

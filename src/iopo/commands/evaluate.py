@@ -1,0 +1,308 @@
+"""`iopo eval`: one or more models against a baseline on a split, as the paper measures them (Sec. 6, Tables 1-2).
+
+1. implicit-reward metrics of each model vs the baseline as reference: margin reward, pairwise accuracy, and the
+   per-pair margins (Fig. 3's distributions);
+2. answers to the split's prompts from every model and the baseline (reused when the eval folder has them);
+3. judges: pairwise verdicts in both orders (MT-Bench's rule), 0-3 rubric scores, reward-model scores, each asked
+   only what the store lacks;
+4. Table 1 (win : tie : lose) and Table 2 (win : tie : lose : bad cases, mean score) per judge, with bootstrap CIs
+   over prompts; eval.json, a printed table and the cost ledger.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import time
+from pathlib import Path
+
+from iopo.config import JUDGE_TYPES, ConfigError, DataConfig, EvalConfig, dump_config
+from iopo.core import stats
+from iopo.core.formatting import rate, rate_interval
+from iopo.core.losses import offline_metrics
+from iopo.data.loading import load_split, pick_split, unique_prompts
+from iopo.data.tokenize import tokenize_pairs
+from iopo.engine.scoring import model_logps
+from iopo.eval.generate import answers_file, generate_answers
+from iopo.eval.judges import build_judge
+from iopo.eval.judges.compare import judge_against
+from iopo.io import runfolder
+from iopo.io.log import PLAIN, get_logger
+from iopo.io.models import load_inference_model, model_fingerprint, resolve_model
+from iopo.io.store import Store, has_ratings
+from iopo.rate.book import RatingBook
+from iopo.rate.tables import book_summary, format_human
+
+log = get_logger(__name__)
+
+
+def _unique_labels(sources) -> None:
+    seen: dict[str, int] = {}
+    for source in sources:
+        if source.label in seen:
+            seen[source.label] += 1
+            source.label = f"{source.label}-{seen[source.label]}"
+        else:
+            seen[source.label] = 1
+
+
+def resolve_eval_inputs(cfg: EvalConfig):
+    """(models, baseline, data config, beta): unset settings come from the first run folder given."""
+    if not cfg.models:
+        raise ConfigError("name at least one model to evaluate: iopo eval RUN_OR_MODEL [more ...]")
+    models = [resolve_model(spec) for spec in cfg.models]
+    run_cfg = next((m.run_config for m in models if m.run_config), None) or {}
+    run_model = run_cfg.get("model") if isinstance(run_cfg.get("model"), dict) else {}
+    baseline = resolve_model(cfg.baseline or run_model.get("name_or_path") or "embedded")
+    if baseline.label in {m.label for m in models}:
+        baseline.label = f"{baseline.label} (baseline)"
+    _unique_labels(models)
+    if cfg.data is not None:
+        data = cfg.data
+    elif isinstance(run_cfg.get("data"), dict):
+        try:
+            data = DataConfig.model_validate(run_cfg["data"])
+        except ValueError as e:
+            raise ConfigError(f"the run's data settings do not validate: {str(e).splitlines()[0]}") from None
+    else:
+        data = DataConfig()
+    loss = run_cfg.get("loss") if isinstance(run_cfg.get("loss"), dict) else {}
+    beta = cfg.beta or loss.get("beta") or 0.1
+    return models, baseline, data, float(beta)
+
+
+def _model_metrics(
+    model, tokenizer, pair_tokens, ref_logps, beta: float, cfg: EvalConfig, label: str
+) -> dict:
+    """The model's test log-probs (the baseline: ref_logps None) or its implicit-reward metrics against them."""
+    progress = f"log-probs {label}" if cfg.progress_bar else None
+    logps = model_logps(model, tokenizer, pair_tokens, cfg.batch_size, cfg.dtype != "float32", progress)
+    if ref_logps is None:
+        return logps
+    return offline_metrics(
+        logps["chosen_logps"],
+        logps["rejected_logps"],
+        ref_logps["chosen_logps"],
+        ref_logps["rejected_logps"],
+        beta,
+    )
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    """Run the whole evaluation into cfg.output_dir and print its tables; returns what eval.json holds."""
+    started = time.time()
+    if cfg.generation.backend != "hf":
+        raise ConfigError(
+            "iopo eval generates in process (generation.backend=hf); for a server use `iopo generate "
+            "generation.backend=openai` per model"
+        )
+    models, baseline, data_cfg, beta = resolve_eval_inputs(cfg)
+    out_dir = Path(cfg.output_dir)
+    # The eval folder is continued, never cleaned; but config.yaml and eval.json are rewritten, so only an empty
+    # folder or one iopo marked as its own is used.
+    runfolder.check_writable(out_dir)
+    runfolder.mark(out_dir)
+    resolved = cfg.model_copy(update={"data": data_cfg, "beta": beta})
+    (out_dir / "config.yaml").write_text(dump_config(resolved), encoding="utf-8")
+    session = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+    timings: dict[str, float] = {}
+
+    train, test, rejects, data_report = load_split(data_cfg)
+    pairs = pick_split(train, test, cfg.split)
+    prompts = unique_prompts(pairs)[: cfg.max_prompts]
+    log.info(
+        f"eval: {len(models)} model(s) vs {baseline.label} on the {cfg.split} split of {data_report['path']}: "
+        f"{len(pairs)} pairs, {len(prompts)} prompts to answer; β={beta:g}; folder {out_dir}"
+    )
+
+    results: dict = {
+        "baseline": baseline.label,
+        "baseline_path": baseline.path,
+        "models": {m.label: m.path for m in models},
+        "split": cfg.split,
+        "data": data_report["path"],
+        "n_pairs": len(pairs),
+        "n_prompts": len(prompts),
+        "beta": beta,
+        "generation": resolved.generation.model_dump(mode="json"),
+        "metrics": {},
+        "generations": {},
+        "judges": {},
+    }
+    answers: dict[str, list[dict]] = {}
+    store = Store(out_dir / "store.sqlite")
+    try:
+        ref_logps, pair_tokens, base_tokenizer = None, None, None
+        for source in [baseline, *models]:
+            tick = time.perf_counter()
+            model, tokenizer = load_inference_model(source, cfg.dtype, cfg.trust_remote_code)
+            fingerprint = model_fingerprint(model)
+            if cfg.metrics and pairs:
+                if pair_tokens is None:
+                    base_tokenizer = tokenizer
+                    lengths = {
+                        "max_length": data_cfg.max_length,
+                        "max_prompt_length": data_cfg.max_prompt_length,
+                    }
+                    pair_tokens, _ = tokenize_pairs(pairs, tokenizer, **lengths, rejects=[])
+                if source is baseline:
+                    ref_logps = _model_metrics(model, tokenizer, pair_tokens, None, beta, cfg, source.label)
+                elif tokenizer.get_vocab() != base_tokenizer.get_vocab():
+                    results["metrics"][source.label] = {
+                        "skipped": "its tokenizer differs from the baseline's"
+                    }
+                else:
+                    metrics = _model_metrics(
+                        model, tokenizer, pair_tokens, ref_logps, beta, cfg, source.label
+                    )
+                    metrics["fingerprint"] = fingerprint
+                    results["metrics"][source.label] = metrics
+            timings[f"metrics {source.label}"] = time.perf_counter() - tick
+            tick = time.perf_counter()
+            records, timing = generate_answers(
+                None,
+                prompts,
+                cfg.generation,
+                answers_file(out_dir, source.label),
+                max_prompt_length=data_cfg.max_prompt_length,
+                loaded=(model, tokenizer, fingerprint, source.label),
+                progress=cfg.progress_bar,
+            )
+            store.put_generations(records)
+            answers[source.label] = records
+            timing["fingerprint"] = fingerprint
+            timing["finish_length_share"] = sum(r["finish_reason"] == "length" for r in records) / max(
+                len(records), 1
+            )
+            results["generations"][source.label] = timing
+            timings[f"generate {source.label}"] = time.perf_counter() - tick
+            del model
+            gc.collect()
+
+        for name, jcfg in cfg.judges.items():
+            tick = time.perf_counter()
+            judge = build_judge(name, jcfg, cfg.dtype, cfg.trust_remote_code)
+            try:
+                entry = {"type": jcfg.type, "judge_id": judge.judge_id, "modes": judge.modes, "models": {}}
+                for source in models:
+                    entry["models"][source.label] = judge_against(
+                        judge,
+                        store,
+                        session,
+                        jcfg,
+                        answers[source.label],
+                        answers[baseline.label],
+                        n=cfg.generation.n,
+                        boot={"n_boot": cfg.bootstrap, "confidence": cfg.confidence, "seed": cfg.seed},
+                        progress=cfg.progress_bar,
+                    )
+                results["judges"][name] = entry
+            finally:
+                judge.close()
+                gc.collect()
+            timings[f"judge {name}"] = time.perf_counter() - tick
+        results["ledger"] = {"this_run": store.ledger(session), "all_runs": store.ledger()}
+    finally:
+        store.close()
+    human = _human_tables(out_dir, results, cfg)
+    if human:
+        results["human"] = human
+    results["timings"] = timings
+    results["seconds"] = time.time() - started
+    (out_dir / "eval.json").write_text(
+        json.dumps(stats.json_safe(results), indent=2, allow_nan=False), encoding="utf-8"
+    )
+    log.info(format_eval(results), extra=PLAIN)
+    log.info(f"eval done in {results['seconds']:.0f}s; results in {out_dir / 'eval.json'}")
+    return results
+
+
+def _human_tables(out_dir: Path, results: dict, cfg: EvalConfig) -> dict | None:
+    """The folder's human ratings (`iopo rate`), recomputed against this eval's answers and judges."""
+    if not has_ratings(out_dir / "store.sqlite"):
+        return None
+    book = RatingBook(out_dir, results=results)
+    try:
+        return book_summary(book, cfg.bootstrap, cfg.confidence, cfg.seed)
+    finally:
+        book.close()
+
+
+# ---------------------------------------------------------------- printed tables
+
+
+def format_eval(results: dict) -> str:
+    """The eval's tables as text: metrics, Table 1 and Table 2 per judge, the ledger."""
+    lines = []
+    base = results["baseline"]
+    if results.get("metrics"):
+        lines.append(f"Implicit reward vs {base} on {results['n_pairs']} pairs (β={results['beta']:g})")
+        lines.append(f"{'model':<28} {'margin reward':>14} {'pairwise acc.':>14}")
+        for label, m in results["metrics"].items():
+            if "skipped" in m:
+                lines.append(f"{label:<28} skipped: {m['skipped']}")
+                continue
+            margin, accuracy = (
+                rate(m[k]).strip() if m[k] is None else f"{m[k]:.4f}"
+                for k in ("margin_reward", "pairwise_accuracy")
+            )
+            lines.append(f"{label:<28} {margin:>14} {accuracy:>14}")
+    conf = results.get("generation", {})
+    for name, judge in results.get("judges", {}).items():
+        for label, entry in judge["models"].items():
+            t1, t2 = entry.get("table1"), entry.get("table2")
+            if t1:
+                lines.append("")
+                how = (
+                    "score gap"
+                    if JUDGE_TYPES[judge["type"]].score_verdict == "gap"
+                    else "both orders, MT-Bench rule"
+                )
+                lines.append(
+                    f"Table 1 - {label} vs {base}, judge '{name}' ({judge['type']}, {how}); "
+                    f"{entry['n_prompts']} prompts, 95% CI by bootstrap over prompts"
+                )
+                lines.append(f"  win   {rate_interval(t1, 'win')}")
+                lines.append(f"  tie   {rate_interval(t1, 'tie')}")
+                lines.append(f"  lose  {rate_interval(t1, 'lose')}")
+                extra = f"  judged {t1['n']}, invalid {t1['invalid']}"
+                if "order_disagreement" in t1:
+                    extra += (
+                        f", orders disagree {rate(t1['order_disagreement'])}, "
+                        f"first answer preferred {rate(t1['first_position_share'])}"
+                    )
+                if "mean_reward" in t1:
+                    mr = t1["mean_reward"]
+                    extra += f", tie margin {t1['tie_margin']:g}, mean reward {mr['model']:.3f} vs {mr['baseline']:.3f}"
+                lines.append(extra)
+            if t2:
+                ms = t2["mean_score"]
+                lines.append("")
+                lines.append(
+                    f"Table 2 - {label} vs {base}, judge '{name}' (0-3 rubric); temperature {conf.get('temperature')}"
+                )
+                lines.append(
+                    f"  win : tie : lose : bad = {rate(t2['win'])} : {rate(t2['tie'])} : {rate(t2['lose'])} : "
+                    f"{rate(t2['bad'])}  (judged {t2['n']}, invalid {t2['invalid']})"
+                )
+                lines.append(f"  mean score {label} {rate(ms['model'])}, {base} {rate(ms['baseline'])}")
+    if results.get("human"):
+        lines += ["", format_human(results["human"], base)]
+    ledger = results.get("ledger")
+    if ledger:
+        lines.append("")
+        lines.append("Judge ledger (money at the configured price per 1k tokens)")
+        lines.append(
+            f"{'judge':<14} {'':<9} {'requests':>9} {'prompt tok.':>12} {'compl. tok.':>12} {'seconds':>9} {'cost':>10}"
+        )
+        for judge in sorted(set(ledger["all_runs"]) | set(ledger["this_run"])):
+            for when, row in (
+                ("this run", ledger["this_run"].get(judge, {})),
+                ("all runs", ledger["all_runs"].get(judge, {})),
+            ):
+                lines.append(
+                    f"{judge:<14} {when:<9} {row.get('requests') or 0:>9d} {row.get('prompt_tokens') or 0:>12d} "
+                    f"{row.get('completion_tokens') or 0:>12d} {row.get('seconds') or 0:>9.1f} {row.get('cost') or 0:>10.4f}"
+                )
+    return "\n".join(lines)

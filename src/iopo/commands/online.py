@@ -1,0 +1,51 @@
+"""`iopo online`: preference optimization round by round (paper Sec. 6.4, Table 2, Fig. 4-5).
+
+A row of iopo.core.methods.ONLINE_METHODS names a method's stages. iter_dpo, rounds k = 1..K of stages joined by
+files under round_k/: prompts (P from the pool, seeded, none reused unless asked) -> generate (n answers from the
+current policy, in process) -> judge (any judge, through the run's SQLite store and ledger) -> pairs (kept only
+when the judge separates them; the top keep_ratio by judged confidence, optionally mixed with human pairs) ->
+train (DPO against the `reference` setting: the starting model or the policy as the round began) -> score.
+iopo / dpo: the same rounds and optimizer steps on the human pairs only (train -> score): the game goes on with
+zero judge calls; dpo is the offline control. score: margin reward and pairwise accuracy on the held-out human
+split against the starting model, and the judged win rate of the policy's answers against the starting policy's.
+The run continues where it stopped when the same command is given again (iopo.online.driver).
+"""
+
+from __future__ import annotations
+
+import time
+
+from iopo.config import OnlineConfig
+from iopo.engine.export import export_policy
+from iopo.io.log import PLAIN, get_logger
+from iopo.online.driver import BudgetReached, Online
+from iopo.online.summary import format_online
+
+log = get_logger(__name__)
+
+
+def online(cfg: OnlineConfig) -> dict:
+    """Run (or continue) the online rounds; returns online.json's content."""
+    driver = Online(cfg)
+    driver.open()
+    started = time.time()
+    status = "running"
+    try:
+        driver.start()
+        status = driver.run_rounds()
+        if cfg.export:
+            out = export_policy(driver.session, cfg.run_dir / "final")
+            log.info(f"exported the {driver.session.policy.name} to {out}")
+    except BudgetReached as stop:
+        status = f"stopped: {stop}"
+        log.info(f"{status}. Everything finished is saved; raise the budget and rerun to go on.")
+    except BaseException as error:  # Ctrl-C, a judge server down, a NaN: the same command continues later
+        status = f"interrupted ({type(error).__name__}); rerun the same command to continue"
+        raise
+    finally:
+        summary = driver.write_summary(status)
+        driver.close()
+        driver.accelerator.end_training()
+    log.info(format_online(summary), extra=PLAIN)
+    log.info(f"online {status} in {time.time() - started:.0f}s; run folder: {cfg.run_dir}")
+    return summary

@@ -1,0 +1,136 @@
+"""`iopo train`: IOPO's two-player game (Alg. 1) or a frozen-reference baseline, then the export and the test
+metrics. Read top to bottom: the run folder (fresh or resumed) -> data, schedule, session -> the optimizer steps
+(checkpoints and evaluations between them) -> the last checkpoint, the export, the evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from accelerate.utils import set_seed
+
+from iopo.config import ConfigError, TrainConfig, dump_config
+from iopo.core.formatting import metrics_table
+from iopo.core.stats import json_safe
+from iopo.data.loading import load_training_data
+from iopo.engine.batching import choose_batching
+from iopo.engine.export import export_policy
+from iopo.engine.fit import fit, log_eval
+from iopo.engine.scoring import policy_metrics, starting_logps
+from iopo.engine.session import (
+    Session,
+    build_schedule,
+    describe,
+    next_sample,
+    on_main,
+    open_accelerator,
+    open_session,
+    open_tokenizer,
+    peak_rss,
+)
+from iopo.io import checkpoint
+from iopo.io.log import PLAIN, get_logger
+from iopo.io.runlog import mark_phase, progress_bar, tensorboard_writer
+
+log = get_logger(__name__)
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train with cfg.method, checkpoint, export the protagonist/policy and evaluate it. Returns eval results."""
+    mark_phase("load")
+    accelerator = open_accelerator(cfg)
+    set_seed(cfg.seed)
+    run_dir = cfg.run_dir
+    resume_dir = on_main(accelerator, lambda: checkpoint.resolve_resume(cfg))
+    resumed_at = checkpoint.resume_step(resume_dir, cfg)
+    if accelerator.is_main_process:
+        checkpoint.prepare_run_dir(run_dir, resumed_at)
+        (run_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+    accelerator.wait_for_everyone()
+    started = time.time()
+
+    # --- data, schedule, session
+    tokenizer = open_tokenizer(cfg, accelerator)
+    main_dir = run_dir if accelerator.is_main_process else None
+    train_pairs, test_pairs, report = load_training_data(cfg.data, tokenizer, main_dir)
+    log.info(f"data: {json.dumps(report)}")
+    if not train_pairs:
+        raise ConfigError("no training pairs left after loading; check data.path and the rejects file")
+    schedule = build_schedule(cfg, len(train_pairs), cfg.optim.batch_size * accelerator.num_processes)
+    session = open_session(cfg, accelerator, tokenizer, schedule, resume_dir)
+    describe(session, schedule)
+    # The batching is chosen before the test split's reference log-probs, so they and the steps use the same.
+    if session.step < len(schedule):
+        choose_batching(session, next_sample(session, train_pairs))
+    if resume_dir is not None:
+        log.info(f"resumed from {resume_dir} at step {session.step}/{len(schedule)}")
+    evaluated = (cfg.eval_at_end or cfg.eval_steps) and test_pairs
+    # The starting model's test log-probs, once (so no third copy of the model is kept).
+    eval_ref = starting_logps(session, test_pairs, run_dir / "eval_reference_logps.pt") if evaluated else None
+    session.writer = tensorboard_writer(cfg.tensorboard, run_dir, accelerator.is_main_process)
+    session.metrics_file = run_dir / "metrics.jsonl"
+    session.bar = progress_bar(
+        cfg.progress_bar, len(schedule), session.step, cfg.method, is_main=accelerator.is_main_process
+    )
+
+    def test_metrics(label: str | None) -> dict:
+        """Margin reward and pairwise accuracy of the protagonist/policy vs the starting model on the test split."""
+        mark_phase(f"eval at step {session.step}")
+        return policy_metrics(session, test_pairs, eval_ref, label)
+
+    # --- the optimizer steps
+    try:
+        fit(
+            session,
+            train_pairs,
+            schedule[session.step :],
+            _between_steps(len(schedule), eval_ref, test_metrics),
+        )
+    except KeyboardInterrupt:
+        if accelerator.num_processes == 1 and session.step > 0:
+            log.info(f"interrupted: saving step {session.step} so resume=true continues from it")
+            checkpoint.save_session(session)
+        raise
+    if session.bar is not None:
+        session.bar.close()
+    if resumed_at != session.step:  # else the checkpoint resumed from is this state already
+        checkpoint.save_session(session)
+
+    # --- export and evaluation
+    policy = session.policy
+    if cfg.export:
+        log.info(f"exported {policy.name} to {export_policy(session, run_dir / 'final')}")
+    results: dict = {}
+    if eval_ref is not None:
+        results = test_metrics(f"eval {policy.name}" if cfg.progress_bar else None)
+        log_eval(session, session.step, results)
+    if session.writer is not None:
+        session.writer.close()
+    if results and cfg.eval_at_end:
+        results.update(method=cfg.method, player=policy.name, reference="starting model", step=session.step)
+        if accelerator.is_main_process:
+            text = json.dumps(json_safe(results), indent=2, allow_nan=False)  # strict JSON
+            (run_dir / "eval.json").write_text(text, encoding="utf-8")
+        title = f"{cfg.method}: {policy.name} vs the starting model on {len(test_pairs)} test pairs"
+        log.info(metrics_table(results, title), extra=PLAIN)
+    mark_phase("done")
+    log.info(f"peak RSS per process (GB): {', '.join(f'{x:.2f}' for x in peak_rss(accelerator))}")
+    log.info(f"done in {time.time() - started:.0f}s; run folder: {run_dir}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return results
+
+
+def _between_steps(total: int, eval_ref: dict | None, test_metrics):
+    """What runs after each optimizer step but the last: a checkpoint every save_steps, the test metrics every
+    eval_steps (the curves of Fig. 5)."""
+
+    def after(session: Session) -> None:
+        cfg, step = session.cfg, session.step
+        if cfg.save_steps and step % cfg.save_steps == 0 and step < total:
+            checkpoint.save_session(session)
+        if eval_ref is not None and cfg.eval_steps and step % cfg.eval_steps == 0 and step < total:
+            log_eval(session, step, test_metrics(None))
+
+    return after

@@ -1,0 +1,118 @@
+"""Tokenized pairs to tensors: plain (2B, T) right-padded batches whose completion_mask marks the tokens whose
+log-probs count, prefix-shared batches (each pair's prompt computed once, packed rows), and left/right padding."""
+
+from __future__ import annotations
+
+import torch
+
+from iopo.data.tokenize import TokenizedPair
+
+
+def collate_pairs(batch: list[TokenizedPair], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Rows 0..B-1 = prompt+chosen, rows B..2B-1 = prompt+rejected (same order), right-padded to the longest."""
+    if not batch:
+        raise ValueError("collate_pairs needs at least one pair")
+    sequences = [(p.prompt_ids, p.chosen_ids) for p in batch] + [
+        (p.prompt_ids, p.rejected_ids) for p in batch
+    ]
+    width = max(len(prompt) + len(completion) for prompt, completion in sequences)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)  # (2B, T)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)  # (2B, T)
+    completion_mask = torch.zeros((len(sequences), width), dtype=torch.bool)  # (2B, T)
+    for row, (prompt, completion) in enumerate(sequences):
+        end = len(prompt) + len(completion)
+        input_ids[row, :end] = torch.tensor(prompt + completion, dtype=torch.long)
+        attention_mask[row, :end] = 1
+        completion_mask[row, len(prompt) : end] = True
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+
+
+def collate_shared(
+    batch: list[TokenizedPair], pad_token_id: int, pack_tokens: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Prefix sharing: each pair as ONE sequence [prompt, chosen, rejected], so its prompt is computed once.
+
+    The rejected tokens restart their positions where the chosen ones started and cannot see the chosen tokens (a
+    block attention mask), so every token sees exactly what it sees in its own prompt+completion sequence and gets
+    the same log-prob. With `pack_tokens`, several pairs share a row (first fit in order, each pair in its own
+    block, positions restarting at 0) up to that many tokens, so little is padding; else one pair per row.
+
+    Returns input_ids and position_ids (N, T); attention_mask (N, 1, T, T) bool, True where a query (row) may
+    attend a key (column); and the completion-token table: target_index (M,) the flat index (row * T + t) of the
+    position whose output predicts each completion token, target_ids (M,), target_seq (M,) in [0, 2B) - pair i's
+    chosen is i, its rejected B + i - in the same order as collate_pairs' rows.
+    """
+    if not batch:
+        raise ValueError("collate_shared needs at least one pair")
+    sizes = [len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in batch]
+    rows: list[list[int]] = []  # pair indices per row
+    used: list[int] = []
+    for i, size in enumerate(sizes):
+        spot = None
+        if pack_tokens:
+            spot = next((r for r, n in enumerate(used) if n + size <= pack_tokens), None)
+        if spot is None:
+            rows.append([i])
+            used.append(size)
+        else:
+            rows[spot].append(i)
+            used[spot] += size
+    width = max(used)
+    n_rows, n_pairs = len(rows), len(batch)
+    input_ids = torch.full((n_rows, width), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((n_rows, width), dtype=torch.long)
+    block = torch.full(
+        (n_rows, width), -1, dtype=torch.long
+    )  # which pair a position belongs to (-1: padding)
+    branch = torch.zeros((n_rows, width), dtype=torch.long)  # 0 prompt, 1 chosen, 2 rejected
+    index, targets, seqs = [], [], []
+    for r, members in enumerate(rows):
+        start = 0
+        for i in members:
+            pair = batch[i]
+            p, c, j = len(pair.prompt_ids), len(pair.chosen_ids), len(pair.rejected_ids)
+            end = start + p + c + j
+            input_ids[r, start:end] = torch.tensor(pair.prompt_ids + pair.chosen_ids + pair.rejected_ids)
+            position_ids[r, start : start + p + c] = torch.arange(p + c)
+            position_ids[r, start + p + c : end] = torch.arange(p, p + j)
+            block[r, start:end] = i
+            branch[r, start + p : start + p + c] = 1
+            branch[r, start + p + c : end] = 2
+            base = r * width + start
+            # chosen token k (at p + k) is predicted by the position before it; so is rejected token k, except the
+            # first, which is predicted by the last prompt token (as in its own sequence)
+            index += [base + p + k - 1 for k in range(c)]
+            index += [base + p - 1] + [base + p + c + k - 1 for k in range(1, j)] if j else []
+            targets += pair.chosen_ids + pair.rejected_ids
+            seqs += [i] * c + [n_pairs + i] * j
+            start = end
+    same = block[:, :, None] == block[:, None, :]  # (N, T, T)
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    hidden_branch = (branch[:, :, None] == 2) & (
+        branch[:, None, :] == 1
+    )  # rejected queries never see chosen keys
+    mask = same & causal & ~hidden_branch & (block[:, :, None] >= 0)
+    mask |= torch.eye(width, dtype=torch.bool)  # padding attends to itself (no empty softmax row)
+    return {
+        "input_ids": input_ids,
+        "position_ids": position_ids,
+        "attention_mask": mask[:, None],
+        "target_index": torch.tensor(index, dtype=torch.long),
+        "target_ids": torch.tensor(targets, dtype=torch.long),
+        "target_seq": torch.tensor(seqs, dtype=torch.long),
+        "n_pairs": torch.tensor(n_pairs),
+    }
+
+
+def pad_sequences(
+    sequences: list[list[int]], pad_token_id: int, side: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), each (N, T), padded on the left (generation, next-token judges) or the right."""
+    width = max(len(seq) for seq in sequences)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)  # (N, T)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)  # (N, T)
+    for row, seq in enumerate(sequences):
+        span = slice(width - len(seq), width) if side == "left" else slice(0, len(seq))
+        input_ids[row, span] = torch.tensor(seq, dtype=torch.long)
+        attention_mask[row, span] = 1
+    return input_ids, attention_mask

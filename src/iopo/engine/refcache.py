@@ -1,0 +1,80 @@
+"""The starting model's test-split log-probs, shared between runs (`eval_reference_cache`).
+
+Runs of a sweep, of several seeds or of several methods from the same starting model score their policy against the
+same reference on the same test pairs: one forward over the test split that every run would otherwise repeat. With
+`eval_reference_cache=DIR` the first run writes DIR/<key>.pt and the others read it. The key is a hash of everything
+that decides those numbers: the starting weights (LoRA adapters excluded: they start as the identity), the test
+pairs' token ids, the batching layout, the precision, the evaluation batch size and the process count. A file is
+reused only on an exact key match; a file that does not load as plain tensors of the right size is computed again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from iopo.io.log import get_logger
+
+logger = get_logger(__name__)
+
+
+def starting_weights_digest(model) -> str:
+    """sha256 of the weights a policy starts from: names, shapes, dtypes and bytes, LoRA adapters left out."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if "lora_" in name:
+            continue
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def cache_key(session, test_pairs) -> str:
+    cfg = session.cfg
+    digest = hashlib.sha256()
+    digest.update(starting_weights_digest(session.accelerator.unwrap_model(session.policy.module)).encode())
+    layout = getattr(session.collate, "__name__", None) or type(session.collate).__name__
+    facts = (cfg.mixed_precision, cfg.eval_batch_size, cfg.logps_chunk_tokens, layout, torch.__version__)
+    digest.update(repr((*facts, session.accelerator.num_processes)).encode())
+    for pair in test_pairs:
+        digest.update(repr((pair.prompt_ids, pair.chosen_ids, pair.rejected_ids)).encode())
+    return digest.hexdigest()[:32]
+
+
+def _usable(found, n_pairs: int) -> bool:
+    return (
+        isinstance(found, dict)
+        and all(isinstance(found.get(k), torch.Tensor) for k in ("chosen_logps", "rejected_logps"))
+        and found["chosen_logps"].numel() == n_pairs == found["rejected_logps"].numel()
+        and bool(
+            torch.isfinite(found["chosen_logps"]).all() and torch.isfinite(found["rejected_logps"]).all()
+        )
+    )
+
+
+def reference_logps(session, test_pairs, compute: Callable[[], dict]) -> dict:
+    """compute() (the starting model's test log-probs), or the cache's copy of them when one matches."""
+    folder = session.cfg.eval_reference_cache
+    if not folder:
+        return compute()
+    path = Path(folder) / f"{cache_key(session, test_pairs)}.pt"
+    if path.is_file():
+        try:
+            found = torch.load(path, weights_only=True)
+        except Exception as e:  # a truncated or foreign file: computed again, never trusted
+            logger.warning("%s: not a usable reference cache (%s); computing again", path, e)
+            found = None
+        if _usable(found, len(test_pairs)):
+            logger.info(f"reference log-probs of the test split: reused {path}")
+            return found
+    result = compute()
+    if session.accelerator.is_main_process:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save(result, tmp)
+        os.replace(tmp, path)
+    return result

@@ -1,0 +1,138 @@
+"""Log-probs of a test split and the implicit-reward metrics they give (Sec. 6.2): batched over the split,
+sharded over processes and gathered back in order, for a session's policy or for a plain model."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from iopo.config import ConfigError
+from iopo.core.logprobs import SequenceLogProbs, sequence_logps
+from iopo.core.losses import offline_metrics
+from iopo.data.collate import collate_pairs
+from iopo.data.tokenize import TokenizedPair
+from iopo.engine import refcache, sharding
+from iopo.engine.batching import inference_collate
+from iopo.engine.players import player_logps
+from iopo.engine.session import Session
+from iopo.io.runlog import mark_phase
+
+
+@torch.no_grad()
+def dataset_logps(
+    forward: Callable[[dict], dict],
+    pairs: list[TokenizedPair],
+    batch_size: int,
+    pad_token_id: int,
+    accelerator=None,
+    progress: str | None = None,
+    collate=collate_pairs,
+) -> dict[str, torch.Tensor]:
+    """Summed completion log-probs of every pair, sharded over processes and gathered back in order.
+
+    `forward(batch) -> {"chosen_logps", "rejected_logps", ...}` runs one concatenated forward (see logprobs.py).
+    `accelerator` None means one process on the CPU; `progress` is a progress-bar label (main process only);
+    `collate(pairs, pad_token_id)` makes a batch (collate_pairs, or prefix-shared batches).
+    Returns chosen_logps and rejected_logps, (N,) float32 on the CPU, on every process.
+    """
+    if accelerator is None:
+        accelerator = _SingleProcess()
+    n = len(pairs)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    per_rank = math.ceil(n / world) if n else 0
+    # Pad the last shard with its own last pair so every process runs the same number of batches.
+    mine = [min(i, n - 1) for i in range(rank * per_rank, (rank + 1) * per_rank)] if n else []
+    chosen, rejected = [], []
+    bar = None
+    if progress and accelerator.is_main_process:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=per_rank * world, desc=progress, unit="pair", dynamic_ncols=True, leave=False)
+    for start in range(0, per_rank, batch_size):
+        chunk = [pairs[i] for i in mine[start : start + batch_size]]
+        batch = collate(chunk, pad_token_id)
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        out = forward(batch)
+        chosen.append(out["chosen_logps"].float())
+        rejected.append(out["rejected_logps"].float())
+        if bar is not None:
+            bar.update(len(chunk) * world)
+    if bar is not None:
+        bar.close()
+    local = torch.stack([torch.cat(chosen), torch.cat(rejected)]) if chosen else torch.zeros(2, 0)
+    local = local.to(accelerator.device)
+    gathered = accelerator.gather(local[None]) if world > 1 else local[None]  # (world, 2, per_rank)
+    flat = gathered.permute(1, 0, 2).reshape(2, -1)[:, :n].cpu()  # rank-major order == pair order
+    return {"chosen_logps": flat[0], "rejected_logps": flat[1]}
+
+
+class _SingleProcess:
+    num_processes, process_index, is_main_process = 1, 0, True
+    device = torch.device("cpu")
+
+
+def session_logps(session: Session, pairs: list[TokenizedPair], progress: str | None = None) -> dict:
+    """The policy's chosen/rejected log-probs of `pairs` (no autograd, eval mode), in the session's batching."""
+    policy, accelerator = session.policy, session.accelerator
+
+    def forward(batch):
+        with sharding.autocast(accelerator, policy.module):
+            return player_logps(policy, batch, session.players, grad=False)
+
+    return dataset_logps(
+        forward,
+        pairs,
+        session.cfg.eval_batch_size,
+        session.tokenizer.pad_token_id,
+        accelerator,
+        progress,
+        session.collate or collate_pairs,
+    )
+
+
+def policy_metrics(session: Session, test_pairs, ref_logps: dict, label: str | None = None) -> dict:
+    """Margin reward and pairwise accuracy of the policy vs the reference log-probs `ref_logps` of `test_pairs`."""
+    policy = session_logps(session, test_pairs, label)
+    return offline_metrics(
+        policy["chosen_logps"],
+        policy["rejected_logps"],
+        ref_logps["chosen_logps"],
+        ref_logps["rejected_logps"],
+        session.cfg.loss.beta,
+    )
+
+
+def model_logps(
+    model, tokenizer, pairs: list[TokenizedPair], batch_size: int, low_precision: bool, progress=None
+):
+    """A plain model's chosen/rejected log-probs of `pairs` (evaluation: no training, one process), batched as
+    `inference_collate` chooses."""
+    module = SequenceLogProbs(model).eval()
+    collate = inference_collate(module, pairs, batch_size, tokenizer.pad_token_id, low_precision)
+    with torch.inference_mode():
+        return dataset_logps(
+            lambda batch: sequence_logps(module, batch),
+            pairs,
+            batch_size,
+            tokenizer.pad_token_id,
+            progress=progress,
+            collate=collate,
+        )
+
+
+def starting_logps(session: Session, test_pairs: list[TokenizedPair], path: Path) -> dict:
+    """The starting model's log-probs of the test split (the reference of the implicit reward), computed once
+    before the first step and kept in `path` for a resumed run (or shared through eval_reference_cache)."""
+    found = torch.load(path, weights_only=True) if path.is_file() else None
+    if found is not None and found["chosen_logps"].numel() == len(test_pairs):
+        return found
+    if session.step > 0:
+        raise ConfigError(f"{path} is missing or stale; cannot recover the starting model's log-probs")
+    mark_phase("reference log-probs")
+    logps = refcache.reference_logps(session, test_pairs, lambda: session_logps(session, test_pairs))
+    if session.accelerator.is_main_process:
+        torch.save(logps, path)
+    return logps
