@@ -84,8 +84,8 @@ def test_cli_unloadable_model_is_one_line(tmp_path):
     done = iopo(
         "train", f"model={tmp_path / 'no-such-model'}", f"data={data}", f"output_dir={tmp_path / 'run'}"
     )
-    assert done.returncode == 2
-    assert done.stderr.startswith("iopo: error: cannot load the tokenizer of model")
+    assert done.returncode == 2 and not (tmp_path / "run").exists()  # refused before the folder is made
+    assert done.stderr.startswith("iopo: error: cannot load model")
     assert "Traceback" not in done.stderr and done.stderr.strip().count("\n") == 0
 
 

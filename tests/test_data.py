@@ -781,3 +781,31 @@ def test_load_split_corrupts_the_training_side_only(tmp_path):
         DataConfig(flip_labels=1.5)
     with pytest.raises(ValueError, match="annotator"):
         DataConfig(annotator="shorter")
+
+
+def test_a_prompt_column_of_another_type_is_named_not_chosen(tmp_path):
+    """A standard file whose prompt column holds numbers (here parquet, as a spreadsheet export may make it): each
+    row's error names `prompt`, not `chosen` (read as an implicit-prompt row, chosen would be blamed)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"prompt": i, "chosen": f"yes {i}", "rejected": f"no {i}"} for i in range(3)]
+    path = tmp_path / "pairs.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    with pytest.raises(DataError, match=r"row 0 \(0-based\): field 'prompt': expected a string"):
+        load_pairs(str(path))
+    one_odd = [
+        {"prompt": "q0", "chosen": "a", "rejected": "b"},
+        {"prompt": {"text": "q1"}, "chosen": "a", "rejected": "b"},
+    ]
+    (tmp_path / "odd.jsonl").write_text("".join(json.dumps(r) + "\n" for r in one_odd))
+    with pytest.raises(DataError, match=r"line 2: field 'prompt'"):
+        load_pairs(str(tmp_path / "odd.jsonl"))
+
+
+def test_an_empty_question_of_an_hh_transcript_names_the_prompt(tmp_path):
+    row = {"chosen": "\n\nHuman:   \n\nAssistant: sure", "rejected": "\n\nHuman:   \n\nAssistant: no"}
+    good = {"chosen": "\n\nHuman: hi\n\nAssistant: sure", "rejected": "\n\nHuman: hi\n\nAssistant: no"}
+    (tmp_path / "hh.jsonl").write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(DataError, match=r"line 2: field 'prompt': empty prompt"):
+        load_pairs(str(tmp_path / "hh.jsonl"))

@@ -116,7 +116,7 @@ BAD = {
     "hh: empty question": (
         good_hh,
         {"chosen": "\n\nHuman:  \n\nAssistant: a", "rejected": "\n\nHuman:  \n\nAssistant: b"},
-        "chosen",
+        "prompt",
         "empty prompt",
     ),
     "hh: empty reply": (

@@ -194,8 +194,11 @@ def test_no_file_past_the_size_of_a_room():
 def test_rate_plot_and_report_commands_run_without_torch(tmp_path):
     """The commands themselves, in a fresh interpreter: `iopo rate` (serve=false) on a small eval folder, `iopo plot`
     and `iopo report` on it; torch, transformers and accelerate stay unloaded."""
+    from iopo.io import runfolder
+
     ev = tmp_path / "ev"
     (ev / "generations").mkdir(parents=True)
+    runfolder.mark(ev)  # as `iopo eval` marks its folder
     record = {"prompt_id": "p1", "sample": 0, "prompt": "hi?", "answer": "", "finish_reason": "stop"}
     for label, answer in (("m", "hello"), ("base", "hey")):
         row = {**record, "key": label, "answer": answer, "model": label}

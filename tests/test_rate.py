@@ -710,3 +710,131 @@ def test_rating_one_model_keeps_the_others_ratings(built, tmp_path):
     assert only.stale_ratings() == 0 and set(summary["models"]) == {"other", "again"}
     assert summary["models"]["other"]["pairs_rated"] == summary["models"]["other"]["pairs"] == 12
     only.close()
+
+
+# ---------------------------------------------------------------- promises kept (trust, item 6)
+
+
+def test_a_rater_cannot_predict_the_side_from_anything_the_page_sends(ev):
+    """Sides come from the store's random secret: the seed (public, default 0), the rater's name and the pair id
+    the page sends predicted them before (8 of 8). Now rules made of those inputs guess at chance over 240 draws,
+    and two stores of the same answers lay their sides out differently. (What the answers say is another matter:
+    a rater who knows the model writes longer answers can guess from reading them, blind or not.)"""
+    import hashlib
+
+    from iopo.io.store import text_key
+
+    book = RatingBook(ev, overlap=1.0, seed=0)
+    guesses = {
+        "old rule (seed, name, id)": lambda r, v: (
+            int(text_key(0, "left", r, v["item"])[:13], 16) / 16**13 < 0.5
+        ),
+        "hash of the id": lambda r, v: int(hashlib.sha256(v["item"].encode()).hexdigest(), 16) % 2 == 0,
+        "parity of the name and the id": lambda r, v: (len(r) + int(v["item"], 16)) % 2 == 0,
+    }
+    right = {name: 0 for name in guesses}
+    n = 0
+    for rater in [f"rater{i}" for i in range(20)]:
+        while (view := book.next_pair(rater)) is not None:
+            model_left = book.left_side(rater, view["item"]) == "model"
+            for name, guess in guesses.items():
+                right[name] += guess(rater, view) == model_left
+            n += 1
+            book.skip(rater, view["item"])
+    assert n == 20 * len(book.order) and n >= 200
+    for name, hits in right.items():  # chance is n/2; 4 standard deviations either way
+        assert abs(hits - n / 2) <= 4 * (n / 4) ** 0.5, (name, hits, n)
+    layout = {(r, i): book.left_side(r, i) for r in ("a", "b") for i in book.order}
+    book.close()
+    other = ev.parent / "other-ev"
+    shutil.copytree(ev, other, ignore=shutil.ignore_patterns("store.sqlite*"))
+    copy = RatingBook(other, overlap=1.0, seed=0)
+    assert copy.order != book.order or {(r, i): copy.left_side(r, i) for r, i in layout} != layout
+    copy.close()
+
+
+@pytest.mark.parametrize(
+    ("overlap", "shared"), [(0.2, 3), (0.25, 3), (0.5, 6), (0.01, 1), (0.0, 0), (1.0, 12)]
+)
+def test_the_overlap_is_exactly_the_share_asked_rounded_up(ev, overlap, shared):
+    book = RatingBook(ev, overlap=overlap, seed=5)
+    assert len(book.order) == 12 and len(book.shared) == shared
+    book.close()
+
+
+def test_agreement_from_few_pairs_is_printed_with_its_count_and_a_warning(ev):
+    from iopo.rate.tables import format_human
+
+    book = RatingBook(ev, overlap=0.2, seed=1)  # 3 pairs to everyone
+    _rate_all(book, ["alice", "bob"], lambda r, v: (2, 1, "a"))
+    summary = write_outputs(book, n_boot=20)
+    text = format_human(summary, "base")
+    assert summary["agreement"]["pairs_rated_by_several"] == 3 and summary["agreement"]["too_few_to_read"]
+    assert "agreement on 3 pairs rated by several" in text and "fewer than 10" in text
+    book.close()
+
+
+def test_a_pair_held_for_another_rater_is_refused_and_nothing_is_stored(ev):
+    book = RatingBook(ev, overlap=0.0, seed=2)
+    view = book.next_pair("alice")  # held for alice
+    with pytest.raises(RatingError, match="held for another rater"):
+        book.rate("bob", view["item"], 1, 2, "b")
+    with pytest.raises(RatingError, match="held for another rater"):
+        book.skip("bob", view["item"])
+    assert book.ratings() == [] and book.progress("bob")["skipped"] == 0
+    book.rate("alice", view["item"], 1, 2, "b")  # the holder's rating is taken
+    assert len(book.ratings()) == 1
+    book.close()
+
+
+def test_hostile_requests_get_a_4xx_and_store_nothing(served):
+    """A 32,000-deep JSON body, a 401-digit `seconds`: a 400 each, nothing stored, no traceback."""
+    token = served.token
+    headers = {"X-IOPO-Token": token, "Content-Type": "application/json"}
+    deep = ("[" * 32000 + "]" * 32000).encode()
+    status, _, _ = _request(served, "/api/next", deep, headers)
+    assert status == 400
+    view = json.loads(_request(served, "/api/next", {"rater": "alice"}, headers)[2])["pair"]
+    body = {
+        "rater": "alice",
+        "item": view["item"],
+        "score_a": 1,
+        "score_b": 2,
+        "preference": "a",
+        "seconds": 10**400,
+    }
+    status, _, reply = _request(served, "/api/rate", json.dumps(body).encode(), headers)
+    assert status == 400 and b"seconds" in reply
+    assert served.book.ratings() == []
+
+
+def test_a_client_trickling_a_request_is_cut_at_the_deadline_with_a_408(served):
+    import socket
+    import time
+
+    served.request_deadline = 1.5
+    sock = socket.create_connection(("127.0.0.1", served.port), timeout=10)
+    head = (
+        f"POST /api/next HTTP/1.1\r\nHost: 127.0.0.1:{served.port}\r\nX-IOPO-Token: {served.token}\r\n"
+        "Content-Type: application/json\r\nContent-Length: 40\r\n\r\n"
+    )
+    sock.sendall(head.encode())
+    started, reply = time.monotonic(), b""
+    try:
+        for char in '{"rater": "alice"':  # one byte every 0.5 s: each within the per-read timeout
+            sock.sendall(char.encode())
+            time.sleep(0.5)
+    except OSError:  # the server cut the connection
+        pass
+    while chunk := sock.recv(4096):
+        reply += chunk
+    sock.close()
+    assert reply.startswith(b"HTTP/1.0 408") and time.monotonic() - started < 6
+    assert served.book.progress("alice")["left"] == len(served.book.order)  # nothing was claimed
+
+
+def test_the_page_reads_right_to_left_answers_and_says_when_the_server_is_gone(served):
+    status, _, page = _request(served, "/")
+    text = page.decode()
+    assert status == 200 and text.count('dir="auto"') >= 2 and 'text.dir = "auto"' in text
+    assert "does not answer" in text and "still running" in text

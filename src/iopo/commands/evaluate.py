@@ -12,13 +12,11 @@
 from __future__ import annotations
 
 import gc
-import json
 import os
 import time
 from pathlib import Path
 
 from iopo.config import JUDGE_TYPES, ConfigError, DataConfig, EvalConfig, dump_config
-from iopo.core import stats
 from iopo.core.formatting import rate, rate_interval
 from iopo.core.losses import offline_metrics
 from iopo.data.loading import load_split, pick_split, unique_prompts
@@ -28,6 +26,7 @@ from iopo.eval.generate import answers_file, generate_answers
 from iopo.eval.judges import build_judge
 from iopo.eval.judges.compare import judge_against
 from iopo.io import runfolder
+from iopo.io.jsonio import write_json
 from iopo.io.log import PLAIN, get_logger
 from iopo.io.models import load_inference_model, model_fingerprint, resolve_model
 from iopo.io.store import Store, has_ratings
@@ -97,19 +96,29 @@ def evaluate(cfg: EvalConfig) -> dict:
             "iopo eval generates in process (generation.backend=hf); for a server use `iopo generate "
             "generation.backend=openai` per model"
         )
+    # Every input is checked before the eval folder is made or touched: the models, the judges' models, the data.
     models, baseline, data_cfg, beta = resolve_eval_inputs(cfg)
+    for jcfg in cfg.judges.values():
+        if jcfg.model:
+            resolve_model(jcfg.model)
+    train, test, _, data_report = load_split(data_cfg)
     out_dir = Path(cfg.output_dir)
     # The eval folder is continued, never cleaned; but config.yaml and eval.json are rewritten, so only an empty
-    # folder or one iopo marked as its own is used.
-    runfolder.check_writable(out_dir)
-    runfolder.mark(out_dir)
+    # folder or one iopo marked as its own is used, by one process at a time.
+    with runfolder.hold(out_dir, "iopo eval"):
+        runfolder.mark(out_dir)
+        resolved = cfg.model_copy(update={"data": data_cfg, "beta": beta})
+        (out_dir / "config.yaml").write_text(dump_config(resolved), encoding="utf-8")
+        pairs = pick_split(train, test, cfg.split)
+        return _evaluate(cfg, models, baseline, data_cfg, beta, pairs, data_report, out_dir, started)
+
+
+def _evaluate(
+    cfg, models, baseline, data_cfg, beta, pairs, data_report, out_dir: Path, started: float
+) -> dict:
     resolved = cfg.model_copy(update={"data": data_cfg, "beta": beta})
-    (out_dir / "config.yaml").write_text(dump_config(resolved), encoding="utf-8")
     session = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
     timings: dict[str, float] = {}
-
-    train, test, rejects, data_report = load_split(data_cfg)
-    pairs = pick_split(train, test, cfg.split)
     prompts = unique_prompts(pairs)[: cfg.max_prompts]
     log.info(
         f"eval: {len(models)} model(s) vs {baseline.label} on the {cfg.split} split of {data_report['path']}: "
@@ -210,9 +219,7 @@ def evaluate(cfg: EvalConfig) -> dict:
         results["human"] = human
     results["timings"] = timings
     results["seconds"] = time.time() - started
-    (out_dir / "eval.json").write_text(
-        json.dumps(stats.json_safe(results), indent=2, allow_nan=False), encoding="utf-8"
-    )
+    write_json(out_dir / "eval.json", results)  # atomic: a kill leaves the old file or the new one
     log.info(format_eval(results), extra=PLAIN)
     log.info(f"eval done in {results['seconds']:.0f}s; results in {out_dir / 'eval.json'}")
     return results

@@ -27,7 +27,11 @@ log = get_logger(__name__)
 def online(cfg: OnlineConfig) -> dict:
     """Run (or continue) the online rounds; returns online.json's content."""
     driver = Online(cfg)
-    driver.open()
+    try:
+        driver.open()
+    except BaseException:
+        driver.release()  # a run that could not open leaves its folder to the next
+        raise
     started = time.time()
     status = "running"
     try:

@@ -8,6 +8,7 @@ import signal
 from pathlib import Path
 
 from iopo.config import ConfigError, RateConfig
+from iopo.io import runfolder
 from iopo.io.log import PLAIN, get_logger
 from iopo.rate.book import RatingBook
 from iopo.rate.server import RatingServer
@@ -30,7 +31,17 @@ def open_book(cfg: RateConfig) -> RatingBook:
 
 
 def rate_command(cfg: RateConfig) -> dict:
-    """Serve the rating page until Ctrl-C / SIGTERM, then write the human tables; or only write them."""
+    """Serve the rating page until Ctrl-C / SIGTERM, then write the human tables; or only write them. The eval
+    folder is held for the whole time (no `iopo eval` or second `iopo rate` writes it meanwhile)."""
+    if not cfg.eval_dir:
+        raise ConfigError("name the eval folder to rate: iopo rate evals/quickstart")
+    if not Path(cfg.eval_dir).is_dir():
+        raise ConfigError(f"{cfg.eval_dir}: no such eval folder")
+    with runfolder.hold(Path(cfg.eval_dir), "iopo rate", what="eval folder"):
+        return _rate(cfg)
+
+
+def _rate(cfg: RateConfig) -> dict:
     book = open_book(cfg)
     try:
         if cfg.serve:

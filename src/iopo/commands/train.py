@@ -12,8 +12,7 @@ from accelerate.utils import set_seed
 
 from iopo.config import ConfigError, TrainConfig, dump_config
 from iopo.core.formatting import metrics_table
-from iopo.core.stats import json_safe
-from iopo.data.loading import load_training_data
+from iopo.data.loading import keep_rejects, tokenized_data
 from iopo.engine.batching import choose_batching
 from iopo.engine.export import export_policy
 from iopo.engine.fit import fit, log_eval
@@ -22,6 +21,7 @@ from iopo.engine.session import (
     Session,
     build_schedule,
     describe,
+    holding,
     next_sample,
     on_main,
     open_accelerator,
@@ -30,7 +30,9 @@ from iopo.engine.session import (
     peak_rss,
 )
 from iopo.io import checkpoint
+from iopo.io.jsonio import write_json
 from iopo.io.log import PLAIN, get_logger
+from iopo.io.models import check_model
 from iopo.io.runlog import mark_phase, progress_bar, tensorboard_writer
 
 log = get_logger(__name__)
@@ -41,6 +43,18 @@ def train(cfg: TrainConfig) -> dict:
     mark_phase("load")
     accelerator = open_accelerator(cfg)
     set_seed(cfg.seed)
+    # Every input is checked before the run folder is made or touched: the model, then the data.
+    check_model(cfg.model)
+    tokenizer = open_tokenizer(cfg, accelerator)
+    train_pairs, test_pairs, rejects, report = tokenized_data(cfg.data, tokenizer)
+    if not train_pairs:
+        raise ConfigError("no training pairs left after loading; check data.path and the rejects file")
+    with holding(accelerator, cfg.run_dir, "iopo train"):
+        return _train(cfg, accelerator, tokenizer, train_pairs, test_pairs, rejects, report)
+
+
+def _train(cfg: TrainConfig, accelerator, tokenizer, train_pairs, test_pairs, rejects, report) -> dict:
+    """The run, in its locked folder: fresh or resumed -> the optimizer steps -> the export and evaluation."""
     run_dir = cfg.run_dir
     resume_dir = on_main(accelerator, lambda: checkpoint.resolve_resume(cfg))
     resumed_at = checkpoint.resume_step(resume_dir, cfg)
@@ -48,15 +62,11 @@ def train(cfg: TrainConfig) -> dict:
         checkpoint.prepare_run_dir(run_dir, resumed_at)
         (run_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
     accelerator.wait_for_everyone()
+    keep_rejects(rejects, report, run_dir if accelerator.is_main_process else None)
+    log.info(f"data: {json.dumps(report)}")
     started = time.time()
 
-    # --- data, schedule, session
-    tokenizer = open_tokenizer(cfg, accelerator)
-    main_dir = run_dir if accelerator.is_main_process else None
-    train_pairs, test_pairs, report = load_training_data(cfg.data, tokenizer, main_dir)
-    log.info(f"data: {json.dumps(report)}")
-    if not train_pairs:
-        raise ConfigError("no training pairs left after loading; check data.path and the rejects file")
+    # --- schedule, session
     schedule = build_schedule(cfg, len(train_pairs), cfg.optim.batch_size * accelerator.num_processes)
     session = open_session(cfg, accelerator, tokenizer, schedule, resume_dir)
     describe(session, schedule)
@@ -110,8 +120,7 @@ def train(cfg: TrainConfig) -> dict:
     if results and cfg.eval_at_end:
         results.update(method=cfg.method, player=policy.name, reference="starting model", step=session.step)
         if accelerator.is_main_process:
-            text = json.dumps(json_safe(results), indent=2, allow_nan=False)  # strict JSON
-            (run_dir / "eval.json").write_text(text, encoding="utf-8")
+            write_json(run_dir / "eval.json", results)  # strict JSON, written atomically
         title = f"{cfg.method}: {policy.name} vs the starting model on {len(test_pairs)} test pairs"
         log.info(metrics_table(results, title), extra=PLAIN)
     mark_phase("done")

@@ -15,12 +15,13 @@ from pathlib import Path
 from accelerate.utils import set_seed
 
 from iopo.config import ConfigError, TrainRMConfig, dump_config
-from iopo.data.loading import load_training_data
+from iopo.data.loading import keep_rejects, tokenized_data
 from iopo.engine.reward import train_reward_model
-from iopo.engine.session import plain_accelerator
+from iopo.engine.session import holding, plain_accelerator
 from iopo.io import checkpoint, runfolder
+from iopo.io.jsonio import write_json
 from iopo.io.log import get_logger
-from iopo.io.models import load_tokenizer
+from iopo.io.models import check_model, load_tokenizer
 
 log = get_logger(__name__)
 PLACES = ("config.yaml", "metrics.jsonl", "eval.json", "rejects.jsonl", "final", "tensorboard")
@@ -42,18 +43,24 @@ def train_rm(cfg: TrainRMConfig) -> dict:
     """Train, report held-out accuracy, save final/ (a standard sequence-classification folder) and eval.json."""
     accelerator = plain_accelerator(cfg.mixed_precision)
     set_seed(cfg.seed)
+    # Every input is checked before the run folder is made or touched: the model, then the data.
+    check_model(cfg.model)
+    with accelerator.main_process_first():
+        tokenizer = load_tokenizer(cfg.model)
+    train_pairs, test_pairs, rejects, report = tokenized_data(cfg.data, tokenizer)
+    if not train_pairs:
+        raise ConfigError("no training pairs left after loading; check data.path and the rejects file")
+    with holding(accelerator, cfg.run_dir, "iopo train-rm"):
+        return _train_rm(cfg, accelerator, tokenizer, train_pairs, test_pairs, rejects, report)
+
+
+def _train_rm(cfg: TrainRMConfig, accelerator, tokenizer, train_pairs, test_pairs, rejects, report) -> dict:
     run_dir = _prepare_dir(cfg) if accelerator.is_main_process else cfg.run_dir
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (run_dir / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
     started = time.time()
-    with accelerator.main_process_first():
-        tokenizer = load_tokenizer(cfg.model)
-    train_pairs, test_pairs, report = load_training_data(
-        cfg.data, tokenizer, run_dir if accelerator.is_main_process else None
-    )
-    if not train_pairs:
-        raise ConfigError("no training pairs left after loading; check data.path and the rejects file")
+    keep_rejects(rejects, report, run_dir if accelerator.is_main_process else None)
     log.info(f"reward model data: {json.dumps(report)}")
 
     model, results = train_reward_model(cfg, accelerator, tokenizer, train_pairs, test_pairs, run_dir)
@@ -67,7 +74,7 @@ def train_rm(cfg: TrainRMConfig) -> dict:
         inner.save_pretrained(final, safe_serialization=True)
         tokenizer.save_pretrained(final)
         runfolder.record_export(run_dir, final)
-        (run_dir / "eval.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
+        write_json(run_dir / "eval.json", results)
         accuracy = results.get("pairwise_accuracy")
         shown = (
             f"{accuracy:.4f} on {results['n_pairs']} held-out pairs"

@@ -285,7 +285,8 @@ def _hh(record: dict) -> tuple:
             prompt[-1]["content"] += "\n\n" + content.strip()
         else:
             prompt.append({"role": role, "content": content.strip()})
-    _check_prompt(prompt, "chosen")
+    # hh rows keep the prompt inside chosen and rejected: an empty question is the prompt's fault, named so.
+    _check_prompt(prompt, "prompt")
     replies = []
     for field, text in (("chosen", chosen), ("rejected", rejected)):
         reply = text[cut + len(_HH_ASSISTANT) :].strip()
@@ -320,6 +321,10 @@ def detect_format(record: dict) -> str | None:
         return "sharegpt"
     if isinstance(prompt, list):
         return "conversational"
+    if prompt is not None and not isinstance(
+        prompt, str
+    ):  # a prompt column of another type: the standard form's
+        return "standard"  # error names that column (not chosen, as reading the row without a prompt would)
     # Full conversations win over a string prompt column (capybara-dpo and orpo-dpo-mix copy the first user turn
     # into "prompt" but keep the whole multi-turn history only in chosen/rejected).
     if isinstance(chosen, list) or isinstance(rejected, list):

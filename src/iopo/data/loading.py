@@ -195,6 +195,14 @@ def load_training_data(
     cfg, tokenizer, run_dir: Path | None
 ) -> tuple[list[TokenizedPair], list[TokenizedPair], dict]:
     """cfg (a DataConfig) -> (train, test, report), tokenized. Rejected rows go to run_dir/rejects.jsonl."""
+    train, test, rejects, report = tokenized_data(cfg, tokenizer)
+    keep_rejects(rejects, report, run_dir)
+    return train, test, report
+
+
+def tokenized_data(cfg, tokenizer) -> tuple[list[TokenizedPair], list[TokenizedPair], list[dict], dict]:
+    """cfg (a DataConfig) -> (train, test, rejects, report), tokenized; nothing written (`keep_rejects` writes
+    the rejects once the run folder may be written)."""
     train, test, rejects, report = load_split(cfg)
     skip_invalid = report.pop("skip_invalid")
     lengths = {"max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length}
@@ -202,9 +210,6 @@ def load_training_data(
     token_rejects = rejects if skip_invalid else None
     train_tokens, train_stats = tokenize_pairs(train, tokenizer, **lengths, rejects=token_rejects)
     test_tokens, test_stats = tokenize_pairs(test, tokenizer, **lengths, rejects=token_rejects)
-    rejects_file = write_rejects(rejects, run_dir)
-    if rejects:
-        logger.warning("skipped %d bad rows%s", len(rejects), f"; see {rejects_file}" if rejects_file else "")
     report |= {
         "rejected": len(rejects),
         "train_pairs": len(train_tokens),
@@ -212,9 +217,16 @@ def load_training_data(
         "prompts_truncated": train_stats["prompts_truncated"] + test_stats["prompts_truncated"],
         "completions_truncated": train_stats["completions_truncated"] + test_stats["completions_truncated"],
         "max_tokens": max(train_stats["max_tokens"], test_stats["max_tokens"]),
-        "rejects_file": str(rejects_file) if rejects_file else None,
     }
-    return train_tokens, test_tokens, report
+    return train_tokens, test_tokens, rejects, report
+
+
+def keep_rejects(rejects: list[dict], report: dict, run_dir: Path | None) -> None:
+    """Write the rejects into run_dir/rejects.jsonl (none: no file), say so, and name the file in the report."""
+    rejects_file = write_rejects(rejects, run_dir)
+    if rejects:
+        logger.warning("skipped %d bad rows%s", len(rejects), f"; see {rejects_file}" if rejects_file else "")
+    report["rejects_file"] = str(rejects_file) if rejects_file else None
 
 
 def prompt_id(prompt: str | list[dict]) -> str:

@@ -45,7 +45,8 @@ def cache_key(session, test_pairs) -> str:
     return digest.hexdigest()[:32]
 
 
-def _usable(found, n_pairs: int) -> bool:
+def usable(found, n_pairs: int) -> bool:
+    """Plain chosen/rejected log-prob tensors of n_pairs each, all finite."""
     return (
         isinstance(found, dict)
         and all(isinstance(found.get(k), torch.Tensor) for k in ("chosen_logps", "rejected_logps"))
@@ -68,7 +69,7 @@ def reference_logps(session, test_pairs, compute: Callable[[], dict]) -> dict:
         except Exception as e:  # a truncated or foreign file: computed again, never trusted
             logger.warning("%s: not a usable reference cache (%s); computing again", path, e)
             found = None
-        if _usable(found, len(test_pairs)):
+        if usable(found, len(test_pairs)):
             logger.info(f"reference log-probs of the test split: reused {path}")
             return found
     result = compute()

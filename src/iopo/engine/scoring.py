@@ -4,21 +4,25 @@ sharded over processes and gathered back in order, for a session's policy or for
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from iopo.config import ConfigError
 from iopo.core.logprobs import SequenceLogProbs, sequence_logps
 from iopo.core.losses import offline_metrics
 from iopo.data.collate import collate_pairs
 from iopo.data.tokenize import TokenizedPair
 from iopo.engine import refcache, sharding
 from iopo.engine.batching import inference_collate
-from iopo.engine.players import player_logps
+from iopo.engine.players import BASE, Player, player_logps
 from iopo.engine.session import Session
+from iopo.io.log import get_logger
+from iopo.io.models import load_model
 from iopo.io.runlog import mark_phase
+
+log = get_logger(__name__)
 
 
 @torch.no_grad()
@@ -123,16 +127,68 @@ def model_logps(
         )
 
 
-def starting_logps(session: Session, test_pairs: list[TokenizedPair], path: Path) -> dict:
+def starting_logps(
+    session: Session, test_pairs: list[TokenizedPair], path: Path, progress: str | None = None
+) -> dict:
     """The starting model's log-probs of the test split (the reference of the implicit reward), computed once
-    before the first step and kept in `path` for a resumed run (or shared through eval_reference_cache)."""
-    found = torch.load(path, weights_only=True) if path.is_file() else None
-    if found is not None and found["chosen_logps"].numel() == len(test_pairs):
+    before the first step and kept in `path` for a resumed run (or shared through eval_reference_cache).
+
+    The file is a cache: missing, truncated, foreign or of another split, it is computed again and said so (after
+    the first step, from the starting weights: the frozen reference, the base without adapters, or the starting
+    model loaded again)."""
+    found = _readable_logps(path, len(test_pairs))
+    if found is not None:
         return found
-    if session.step > 0:
-        raise ConfigError(f"{path} is missing or stale; cannot recover the starting model's log-probs")
-    mark_phase("reference log-probs")
-    logps = refcache.reference_logps(session, test_pairs, lambda: session_logps(session, test_pairs))
+    if session.step == 0:
+        mark_phase("reference log-probs")
+        logps = refcache.reference_logps(
+            session, test_pairs, lambda: session_logps(session, test_pairs, progress)
+        )
+    else:
+        why = "damaged or of another test split" if path.is_file() else "missing"
+        log.info(f"{path} is {why}: computing the starting model's test log-probs again")
+        mark_phase("reference log-probs")
+        logps = _from_the_start(session, test_pairs, progress)
     if session.accelerator.is_main_process:
-        torch.save(logps, path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save(logps, tmp)
+        os.replace(tmp, path)
     return logps
+
+
+def _readable_logps(path: Path, n_pairs: int) -> dict | None:
+    """A saved log-probs file that loads as plain tensors of the right size, all finite; else None."""
+    if not path.is_file():
+        return None
+    try:
+        found = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception:  # truncated by a kill, a foreign file: computed again, never trusted
+        return None
+    return found if refcache.usable(found, n_pairs) else None
+
+
+def _from_the_start(session: Session, test_pairs: list[TokenizedPair], progress: str | None) -> dict:
+    """The starting weights' log-probs once training has moved the players: the frozen reference when there is one
+    (it is the starting model), the shared base with every adapter disabled (LoRA), else the starting model loaded
+    again (full fine-tuning of a game or of SFT), in the session's batching and precision."""
+    cfg, accelerator = session.cfg, session.accelerator
+    start = session.reference
+    if start is None and session.policy.adapter is not None:
+        start = Player("start", session.policy.module, adapter=BASE)
+    if start is not None:
+
+        def forward(batch):
+            with sharding.autocast(accelerator, start.module):
+                return player_logps(start, batch, session.players, grad=False)
+
+    else:
+        model = load_model(cfg.model).eval().requires_grad_(False)
+        module = SequenceLogProbs(model, cfg.logps_chunk_tokens).to(accelerator.device).eval()
+
+        def forward(batch):
+            with accelerator.autocast():
+                return sequence_logps(module, batch)
+
+    pad = session.tokenizer.pad_token_id
+    collate = session.collate or collate_pairs
+    return dataset_logps(forward, test_pairs, cfg.eval_batch_size, pad, accelerator, progress, collate)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from iopo.core.methods import METHODS, Method, game_schedule
 from iopo.data.tokenize import TokenizedPair
 from iopo.engine import sharding
 from iopo.engine.players import Player, build_players
-from iopo.io import checkpoint
+from iopo.io import checkpoint, runfolder
 from iopo.io.log import get_logger, set_main_process
 from iopo.io.models import load_tokenizer
 
@@ -310,6 +311,19 @@ def on_main(accelerator, decide):
     if answer[1] is not None:
         raise ConfigError(answer[1]) if answer[2] else RuntimeError(f"the main process failed: {answer[1]}")
     return None if answer[0] is None else Path(answer[0])
+
+
+@contextmanager
+def holding(accelerator, run_dir: Path, command: str):
+    """The run folder locked for this run (iopo.io.runfolder.hold) by the main process, its refusal said on every
+    process; released when the block ends."""
+    held = []
+    on_main(accelerator, lambda: held.append(runfolder.hold(run_dir, command)))
+    try:
+        yield
+    finally:
+        for lock in held:
+            lock.release()
 
 
 def gathered(accelerator, values: list[float]) -> list[list[float]]:

@@ -33,7 +33,10 @@ from iopo.config import ConfigError, TrainConfig, changed_settings, dump_config
 from iopo.core.logprobs import language_model
 from iopo.core.methods import METHODS
 from iopo.io import runfolder
+from iopo.io.log import get_logger
 from iopo.io.runlog import mark_phase
+
+log = get_logger(__name__)
 
 CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
 _WRITTEN_RE = re.compile(r"^(\.tmp-)?step-\d+$")  # finished or interrupted
@@ -191,12 +194,22 @@ def prepare_run_dir(run_dir: Path, resume_step: int | None) -> None:
         return
     metrics = run_dir / "metrics.jsonl"
     if metrics.is_file():
-        kept = [
-            line
-            for line in metrics.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= resume_step
-        ]
-        metrics.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        kept, torn = [], 0
+        for line in metrics.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line) if line.strip() else None
+            except ValueError:  # a line cut mid-write by a kill
+                torn += 1
+                continue
+            if isinstance(record, dict) and record.get("step", 0) <= resume_step:
+                kept.append(line)
+        if torn:
+            log.info(
+                f"{metrics}: dropped {torn} unreadable line(s) (cut by a kill); the resumed steps log again"
+            )
+        tmp = metrics.with_name(f".{metrics.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, metrics)
 
 
 def resume_step(resume_dir: Path | None, cfg: TrainConfig) -> int | None:

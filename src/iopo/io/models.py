@@ -87,6 +87,21 @@ def _say_remote_code(path: str, trust_remote_code: bool) -> None:
         log.warning(f"trust_remote_code=true: '{path}' may run its own Python code on loading")
 
 
+def check_model(cfg: ModelConfig) -> None:
+    """Refuse, in one line and before anything is written, a model whose configuration cannot be read (a wrong
+    path, a hub id that is not there, a folder without config.json); the weights are loaded later."""
+    from transformers import AutoConfig
+
+    path = resolve_model_path(cfg)
+    kwargs = {"trust_remote_code": cfg.trust_remote_code}
+    if cfg.gguf_file:
+        kwargs["gguf_file"] = cfg.gguf_file
+    try:
+        AutoConfig.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"cannot load model '{path}': {first_line(e)}") from None
+
+
 def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 

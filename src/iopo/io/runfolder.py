@@ -8,13 +8,19 @@ The rules (README, "Folders"):
   marker. Each command says which places of its folder are its own (a dict of name -> the owner function here). Another file in
   any of those places stays, and a folder is removed only when it is left empty.
 - When a fresh start would delete anything (the config and the marker aside), it needs `overwrite=true`.
+- One process at a time: every command that writes a folder holds an exclusive lock on it (`hold`: flock on
+  `.iopo-lock`) for its whole life; a second one is refused in one line naming the holder's PID before it touches
+  anything. The kernel drops the lock of a process that dies, killed or not: a stale lock file is no lock.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import re
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,6 +29,7 @@ import yaml
 from iopo.config import ConfigError
 
 MARKER = ".iopo-run"
+LOCK = ".iopo-lock"  # flocked by the process that works in the folder; its content names that process
 _EVENTS_RE = re.compile(r"^events\.out\.tfevents\.")
 # What save_pretrained (model, tokenizer, peft adapter) writes: the export's files when a run's marker predates
 # the export ledger.
@@ -33,7 +40,7 @@ _EXPORT_RE = re.compile(
     r"README\.md)$"
 )
 # Files that describe a run but hold no finished work: replacing them needs no overwrite=true.
-_NOT_WORK = {MARKER, "config.yaml"}
+_NOT_WORK = {MARKER, LOCK, "config.yaml"}
 
 
 # ---------------------------------------------------------------- what iopo wrote, by kind of place
@@ -170,7 +177,7 @@ def check_writable(run_dir: Path, what: str = "output_dir") -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"{what} {run_dir} is a file, not a folder")
     if run_dir.is_dir() and not is_iopo_run(run_dir):
-        found = sorted(p.name for p in run_dir.iterdir())
+        found = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK)
         if found:
             raise ConfigError(
                 f"{what} {run_dir} is not an iopo run folder and not empty (it holds {_shown(found)}); iopo writes "
@@ -226,3 +233,58 @@ def clean(run_dir: Path, doomed: list[Path]) -> None:
     for folder in sorted(parents, key=lambda p: len(p.parts), reverse=True):
         if folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()
+
+
+# ---------------------------------------------------------------- one process per folder
+
+
+class RunLock:
+    """The exclusive lock of a folder, held from `hold` until `release` (or the process's end)."""
+
+    def __init__(self, fd: int, path: Path):
+        self.fd, self.path = fd, path
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def hold(run_dir: Path, command: str, what: str = "output_dir") -> RunLock:
+    """Lock `run_dir` for this process (made if missing; only a folder iopo may write into), or refuse in one line
+    naming the process that holds it. Release it when the command ends (`with hold(...)`)."""
+    check_writable(run_dir, what)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = _holder(fd)
+        os.close(fd)
+        raise ConfigError(
+            f"{run_dir} is in use by another iopo process ({holder}); wait for it to end, or choose another "
+            f"{what}"
+        ) from None
+    os.ftruncate(fd, 0)
+    note = {"pid": os.getpid(), "command": command, "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    os.pwrite(fd, (json.dumps(note) + "\n").encode(), 0)
+    return RunLock(fd, path)
+
+
+def _holder(fd: int) -> str:
+    """Who holds a lock, as its file says (the holder writes it right after locking)."""
+    for _ in range(20):  # the holder may not have written its note yet
+        try:
+            note = json.loads(os.pread(fd, 4096, 0).decode("utf-8"))
+            return f"pid {note['pid']}, `{note['command']}` since {note['since']}"
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            time.sleep(0.05)
+    return "pid unknown"

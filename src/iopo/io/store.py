@@ -219,6 +219,11 @@ class RatingTables:
             self.db.execute(
                 "INSERT OR IGNORE INTO rate_meta VALUES ('secret', ?)", (secrets.token_urlsafe(32),)
             )
+            # Pair ids: keyed by the secret in a new store; a store rated before that keeps its content ids (so
+            # its ratings stay with their pairs).
+            rated_before = self.db.execute("SELECT COUNT(*) FROM rate_items").fetchone()[0] > 0
+            scheme = "content" if rated_before else "secret"
+            self.db.execute("INSERT OR IGNORE INTO rate_meta VALUES ('ids', ?)", (scheme,))
 
     def close(self) -> None:
         with self.lock:
@@ -236,6 +241,11 @@ class RatingTables:
         """A random token kept in the store, so a restarted server accepts the pages it served before."""
         with self.lock:
             return self.db.execute("SELECT value FROM rate_meta WHERE key = 'secret'").fetchone()[0]
+
+    def id_scheme(self) -> str:
+        """How this store's pair ids are made: "secret" (keyed by its secret) or "content" (an older store)."""
+        with self.lock:
+            return self.db.execute("SELECT value FROM rate_meta WHERE key = 'ids'").fetchone()[0]
 
     def latest(self, rater: str | None = None) -> list[tuple]:
         """Every rater's (or one rater's) newest row per pair."""

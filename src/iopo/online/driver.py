@@ -12,13 +12,11 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
-import os
 import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
-import torch
 import yaml
 from accelerate.utils import set_seed
 
@@ -29,14 +27,14 @@ from iopo.data.formats import PreferencePair
 from iopo.data.loading import load_split, pick_split, unique_prompts, write_rejects
 from iopo.data.tokenize import tokenize_pairs
 from iopo.engine.players import acting
-from iopo.engine.scoring import session_logps
+from iopo.engine.scoring import starting_logps
 from iopo.engine.session import open_accelerator, open_session, open_tokenizer, round_schedule
 from iopo.eval.generate import generate_answers
 from iopo.eval.judges import build_judge
 from iopo.io import checkpoint, runfolder
 from iopo.io.jsonio import read_jsonl, write_json
 from iopo.io.log import get_logger
-from iopo.io.models import model_fingerprint, resolve_model_path
+from iopo.io.models import check_model, model_fingerprint, resolve_model, resolve_model_path
 from iopo.io.runlog import tensorboard_writer
 from iopo.io.store import Store
 from iopo.online.files import Manifest, answers_of, file_hash, round_dir
@@ -141,8 +139,6 @@ class Online:
                 raise ConfigError(
                     "generation.engine=vllm needs vLLM (a CUDA machine): pip install 'iopo[vllm]', or use engine=hf"
                 )
-        continued = _prepare_run_dir(cfg)
-        (self.run / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
         self.accelerator = open_accelerator(tcfg)
         if self.accelerator.num_processes > 1:
             raise ConfigError(
@@ -150,6 +146,11 @@ class Online:
                 "launch it without torchrun/accelerate launch"
             )
         set_seed(cfg.seed)
+        # Every input is checked before the run folder is made or touched: the model, the judges' models, the data.
+        check_model(cfg.model)
+        for jcfg in (cfg.judge, cfg.score_judge):
+            if jcfg is not None and jcfg.model:
+                resolve_model(jcfg.model)
         self.tokenizer = open_tokenizer(tcfg, self.accelerator)
         train, test, rejects, report = load_split(cfg.data)
         skip_invalid = report.pop("skip_invalid")
@@ -157,7 +158,6 @@ class Online:
         token_rejects = rejects if skip_invalid else None
         self.human_pairs, _ = tokenize_pairs(train, self.tokenizer, **lengths, rejects=token_rejects)
         self.test_pairs, _ = tokenize_pairs(test, self.tokenizer, **lengths, rejects=token_rejects)
-        write_rejects(rejects, self.run)
         self.data_hashes = {
             "data": _pairs_hash(train + test),
             "train_pairs": len(self.human_pairs),
@@ -176,6 +176,10 @@ class Online:
                 )
         if not online.own_pairs and not self.human_pairs:
             raise ConfigError("no human training pairs left after loading; check data.path and rejects.jsonl")
+        self.lock = runfolder.hold(self.run, "iopo online")  # one process in the folder, until close()
+        continued = _prepare_run_dir(cfg)
+        (self.run / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
+        write_rejects(rejects, self.run)
         log.info(
             f"online method={cfg.method} rounds={cfg.rounds} steps/round={cfg.round_steps} "
             f"human pairs: {len(self.human_pairs)} train, {len(self.test_pairs)} test; "
@@ -240,6 +244,13 @@ class Online:
         if self.session.writer is not None:
             self.session.writer.close()
         gc.collect()
+        self.release()
+
+    def release(self) -> None:
+        """Let another process use the run folder (its lock is held from open() on)."""
+        lock = getattr(self, "lock", None)
+        if lock is not None:
+            lock.release()
 
     def generate(self, prompts: list[dict], gen, output: Path, label: str) -> list[dict]:
         """The current policy's answers (what `output` lacks is generated), n per prompt, in prompt order."""
@@ -317,25 +328,27 @@ class Online:
         the scored prompts (what every round's answers are judged against)."""
         folder = self.run / "start"
         manifest = Manifest(folder, lambda: {"what": "the starting policy: reference log-probs and answers"})
+        path = folder / "reference_logps.pt"
         if not manifest.done("reference_logps"):
             if self.session.step > 0:
                 raise ConfigError(
                     f"{folder} is incomplete but training has begun; start over with overwrite=true"
                 )
+            path.unlink(missing_ok=True)  # an unfinished stage's file is not trusted
             tick = time.perf_counter()
-            logps = session_logps(self.session, self.test_pairs, self.bar("log-probs start"))
-            tmp = folder / ".reference_logps.pt.tmp"
-            torch.save(logps, tmp)
-            os.replace(tmp, folder / "reference_logps.pt")
+            self.reference_logps = starting_logps(
+                self.session, self.test_pairs, path, self.bar("log-probs start")
+            )
             manifest.finish(
                 "reference_logps",
                 time.perf_counter() - tick,
                 fingerprint=self.policy_fingerprint(),
                 test_pairs=len(self.test_pairs),
             )
-        self.reference_logps = torch.load(folder / "reference_logps.pt", weights_only=True)
-        if self.reference_logps["chosen_logps"].numel() != len(self.test_pairs):
-            raise ConfigError(f"{folder / 'reference_logps.pt'} does not match the test split; start over")
+        else:  # a damaged or deleted file is computed again from the starting weights (and said so)
+            self.reference_logps = starting_logps(
+                self.session, self.test_pairs, path, self.bar("log-probs start")
+            )
         self.start_answers = None
         if self.score_prompts and self.get_judge("score")[0] is not None:
             answers = folder / "generations.jsonl"

@@ -14,6 +14,8 @@ Who sees what: the pairs are put in one shuffled order (seeded). A share `overla
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import math
 import time
@@ -73,8 +75,11 @@ def read_eval(eval_dir: Path) -> dict:
     return data
 
 
-def load_pairs(eval_dir: Path, results: dict, models: list[str] | None = None) -> list[Pair]:
-    """Every (model answer, baseline answer) pair of the eval folder's generations, in file order."""
+def load_pairs(
+    eval_dir: Path, results: dict, models: list[str] | None = None, secret: str | None = None
+) -> list[Pair]:
+    """Every (model answer, baseline answer) pair of the eval folder's generations, in file order. A pair's id is
+    keyed by the store's `secret` (ids of a store rated before the secret keyed them: its content alone)."""
     baseline = results["baseline"]
     labels = list(results["models"])
     if models:
@@ -103,14 +108,19 @@ def load_pairs(eval_dir: Path, results: dict, models: list[str] | None = None) -
             other = base.get(key)
             if other is None:
                 continue  # the baseline has no answer to this prompt/sample (an eval with fewer prompts)
-            item = text_key("rate-v1", label, baseline, key[0], key[1], record["answer"], other["answer"])[
-                :20
-            ]
+            parts = (label, baseline, key[0], key[1], record["answer"], other["answer"])
+            item = (_keyed(secret, "rate-v2", *parts) if secret else text_key("rate-v1", *parts))[:20]
             cut = (record.get("finish_reason") == "length", other.get("finish_reason") == "length")
             pairs.append(
                 Pair(item, label, baseline, *key, record["prompt"], record["answer"], other["answer"], cut)
             )
     return pairs
+
+
+def _keyed(secret: str, *parts) -> str:
+    """HMAC-SHA256 of the parts under the store's secret: nothing a rater sees or sends predicts it."""
+    blob = json.dumps(parts, ensure_ascii=False, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    return hmac.new(secret.encode("utf-8"), blob, hashlib.sha256).hexdigest()
 
 
 def _unit(seed: int, *parts) -> float:
@@ -137,19 +147,26 @@ class RatingBook:
         if not self.eval_dir.is_dir():
             raise ConfigError(f"{self.eval_dir}: no such eval folder")
         self.results = results if results is not None else read_eval(self.eval_dir)
+        self.tables = RatingTables(self.eval_dir / "store.sqlite")
+        self.lock = self.tables.lock
+        # Blinding: the sides (and the ids of a new store) come from the store's random secret, never from what a
+        # rater sees or sends (the seed, names, answers).
+        self._secret = self.tables.secret()
+        key = self._secret if self.tables.id_scheme() == "secret" else None
         # Every pair of the eval is known (ratings of any model count in the tables); `models` picks those to rate.
-        self.pairs = load_pairs(self.eval_dir, self.results)
-        offered = load_pairs(self.eval_dir, self.results, models) if models else self.pairs
+        self.pairs = load_pairs(self.eval_dir, self.results, secret=key)
+        offered = load_pairs(self.eval_dir, self.results, models, secret=key) if models else self.pairs
         if not offered:
+            self.tables.close()
             raise ConfigError(f"{self.eval_dir}: the eval has no answers of its models and baseline to rate")
         self.seed, self.overlap, self.claim_s = seed, overlap, claim_minutes * 60
         ordered = sorted(offered, key=lambda p: _unit(seed, "order", p.item))
         self.order = [p.item for p in ordered][:max_pairs]
         self.order_set = set(self.order)
         self.by_item = {p.item: p for p in self.pairs}
-        self.shared = {i for i in self.order if _unit(seed, "overlap", i) < overlap}
-        self.tables = RatingTables(self.eval_dir / "store.sqlite")
-        self.lock = self.tables.lock
+        # Exactly the share asked (rounded up) is shown to every rater, drawn in a seeded order.
+        n_shared = math.ceil(overlap * len(self.order) - 1e-9)
+        self.shared = set(sorted(self.order, key=lambda i: _unit(seed, "overlap", i))[:n_shared])
         self.tables.add_items(
             [
                 (
@@ -172,12 +189,12 @@ class RatingBook:
     @property
     def secret(self) -> str:
         """A random token kept in the store, so a restarted server accepts the pages it served before."""
-        return self.tables.secret()
+        return self._secret
 
     # ------------------------------------------------------------ who sees what
 
     def left_side(self, rater: str, item: str) -> str:
-        return "model" if _unit(self.seed, "left", rater, item) < 0.5 else "baseline"
+        return "model" if int(_keyed(self._secret, "left", rater, item)[:13], 16) % 2 else "baseline"
 
     def _latest(self, rater: str | None = None) -> list[tuple]:
         return self.tables.latest(rater)
@@ -289,7 +306,7 @@ class RatingBook:
 
     def _check_offered(self, rater: str, item: str) -> None:
         """A rating is taken only for a pair this rater may rate: one of the pairs offered, and not another
-        rater's (unless shown to every rater)."""
+        rater's (rated or held by them), unless shown to every rater."""
         if item not in self.by_item:
             raise RatingError("unknown pair (the eval's answers changed? reload the page)")
         if item not in self.order_set:
@@ -297,6 +314,9 @@ class RatingBook:
         if item not in self.shared:
             if self.tables.rated_by_another(item, rater):
                 raise RatingError("another rater has rated this pair; reload for your next one")
+            held = {who for who, i in self._live_claims(time.time()) if i == item}
+            if held and rater not in held:
+                raise RatingError("this pair is held for another rater; reload for your next one")
 
     def _insert(self, rater, item, left, score_model, score_baseline, preference, skipped, seconds) -> int:
         return self.tables.insert(
@@ -368,9 +388,13 @@ class RatingBook:
 def _seconds(value) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
-        raise RatingError("seconds is a non-negative number")
-    return float(min(value, 86400.0))
+    try:  # an integer of hundreds of digits has no float
+        number = float(value) if isinstance(value, int | float) and not isinstance(value, bool) else math.nan
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number) or number < 0:
+        raise RatingError("seconds is a non-negative number of seconds")
+    return min(number, 86400.0)
 
 
 def _turns(prompt) -> list[dict]:

@@ -23,6 +23,9 @@ import hmac
 import html
 import json
 import secrets
+import socket
+import sys
+import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 
@@ -32,6 +35,7 @@ from iopo.rate.book import RatingBook, RatingError, check_name
 log = get_logger(__name__)
 
 MAX_BODY = 64 * 1024
+REQUEST_DEADLINE = 30.0  # seconds a whole request may take to arrive, however slowly it trickles in
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -71,6 +75,13 @@ class RatingServer(ThreadingHTTPServer):
             if family_host in LOOPBACK
             else None  # bound to a public address on purpose: any Host
         )
+        self.request_deadline = REQUEST_DEADLINE
+
+    def handle_error(self, request, client_address) -> None:
+        """A connection that broke (a client gone, one cut at its deadline): one line, no traceback."""
+        error = sys.exc_info()[1]
+        if not isinstance(error, OSError):
+            log.warning(f"rate: a request from {client_address[0]} failed: {type(error).__name__}: {error}")
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -78,6 +89,35 @@ class Handler(BaseHTTPRequestHandler):
     server_version = "iopo-rate"
     sys_version = ""
     timeout = 30  # a client that stops sending (a Content-Length larger than its body) frees its thread
+
+    def setup(self) -> None:
+        """A watchdog for the whole request: a client sending a byte now and then (each within `timeout`) is cut at
+        the server's request deadline with a 408, before anything it sent is used."""
+        super().setup()
+        self._arrived = threading.Event()
+        self._watchdog = threading.Timer(self.server.request_deadline, self._too_slow)
+        self._watchdog.daemon = True
+        self._watchdog.start()
+
+    def finish(self) -> None:
+        self._arrived.set()
+        self._watchdog.cancel()
+        super().finish()
+
+    def _too_slow(self) -> None:
+        if self._arrived.is_set():
+            return
+        self._arrived.set()
+        body = json.dumps({"error": "the request took too long to arrive"}).encode("utf-8")
+        head = (
+            "HTTP/1.0 408 Request Timeout\r\nContent-Type: application/json; charset=utf-8\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        )
+        try:
+            self.request.sendall(head.encode("ascii") + body)
+            self.request.shutdown(socket.SHUT_RDWR)
+        except OSError:  # the client left already
+            pass
 
     def log_message(self, format, *args) -> None:  # quiet: ratings are the log
         pass
@@ -113,7 +153,16 @@ class Handler(BaseHTTPRequestHandler):
 
     # ------------------------------------------------------------ methods
 
+    def _on_time(self) -> bool:
+        """The request has arrived whole within the deadline (else the watchdog has answered it)."""
+        if self._arrived.is_set():
+            return False
+        self._arrived.set()
+        return True
+
     def do_GET(self) -> None:
+        if not self._on_time():
+            return
         if not self._host_ok():
             return self._error(421, "wrong host")
         if self.path.split("?", 1)[0] != "/":
@@ -150,11 +199,14 @@ class Handler(BaseHTTPRequestHandler):
             return self._error(400, "bad Content-Length")
         if not 0 < length <= MAX_BODY:
             return self._error(413, "request too large" if length > MAX_BODY else "empty request")
+        raw = self.rfile.read(length)
+        if not self._on_time():
+            return
         try:
-            body = json.loads(self.rfile.read(length).decode("utf-8"))
+            body = json.loads(raw.decode("utf-8"))
             if not isinstance(body, dict):
                 raise ValueError
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nesting thousands deep
             return self._error(400, "the request is not a JSON object")
         try:
             self._json(200, action(body))

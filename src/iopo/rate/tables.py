@@ -120,6 +120,9 @@ def _mean(groups: dict[str, list[float]]) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
+MIN_AGREEMENT_PAIRS = 10  # below this many pairs rated by several, agreement is printed with a warning
+
+
 def agreement(ratings: list[dict]) -> dict:
     """Inter-rater agreement on the pairs rated by two raters or more."""
     by_item: dict[str, dict[str, dict]] = defaultdict(dict)
@@ -147,6 +150,7 @@ def agreement(ratings: list[dict]) -> dict:
             pairs.append({"raters": [a, b], "n": n, "kappa_preference": kappa, "same_preference": same})
     return {
         "pairs_rated_by_several": len(shared),
+        "too_few_to_read": len(shared) < MIN_AGREEMENT_PAIRS,
         "alpha_preference": alpha_pref,
         "alpha_scores": alpha_score,
         "pairable_values": n_pref,
@@ -298,6 +302,11 @@ def format_human(summary: dict, baseline: str) -> str:
         f"  agreement on {ag['pairs_rated_by_several']} pairs rated by several: Krippendorff α preference "
         f"{rate(ag['alpha_preference'])}, scores {rate(ag['alpha_scores'])}"
     )
+    if ag["pairs_rated_by_several"] < MIN_AGREEMENT_PAIRS:
+        lines.append(
+            f"  warning: agreement from {ag['pairs_rated_by_several']} pairs (fewer than {MIN_AGREEMENT_PAIRS}) "
+            "says little; rate more of the pairs shown to everyone (overlap)"
+        )
     for pair in ag["rater_pairs"]:
         lines.append(
             f"    {pair['raters'][0]} & {pair['raters'][1]}: Cohen κ {rate(pair['kappa_preference'])}, "

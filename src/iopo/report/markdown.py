@@ -249,7 +249,12 @@ def _human_section(human: dict) -> list[str]:
         "majority preference (a draw is a tie). "
         f"On the {ag.get('pairs_rated_by_several')} pairs rated by several: Krippendorff's α "
         f"{number(ag.get('alpha_preference'))} on preferences (nominal), {number(ag.get('alpha_scores'))} on 0-3 scores "
-        "(interval).",
+        "(interval)."
+        + (
+            " **Too few pairs to read agreement from** (fewer than 10)."
+            if (ag.get("pairs_rated_by_several") or 0) < 10
+            else ""
+        ),
         "",
     ]
     if human.get("stale_ratings"):
