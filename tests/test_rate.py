@@ -564,8 +564,18 @@ def test_two_raters_in_a_browser_with_keys_a_reload_a_restart_and_inert_markup(e
                 page.keyboard.press("Enter")
                 page.wait_for_selector("#rate:not([hidden])")
 
+            seen = {"markup": False}  # the pairs come in an order keyed by the store's secret: look at each
+
+            def look(page):
+                if MARKUP_ANSWER in (page.inner_text("#text-a"), page.inner_text("#text-b")):
+                    if not seen["markup"]:
+                        page.screenshot(path=str(shots / "markup.png"), full_page=True)
+                    seen["markup"] = True
+                assert "<script>" in page.inner_text("#turns")
+
             def rate_by_keys(page, a, b, pref):
                 page.wait_for_selector("main[aria-busy='false']")  # the pair on screen is the current one
+                look(page)
                 before = page.inner_text("#counts")
                 item_text = page.inner_text("#text-a")
                 page.keyboard.press(str(a))  # A is outlined first; scoring it outlines B
@@ -587,6 +597,7 @@ def test_two_raters_in_a_browser_with_keys_a_reload_a_restart_and_inert_markup(e
             rate_by_keys(bob, 2, 2, "t")
             # The buttons work as well as the keys.
             bob.wait_for_selector("main[aria-busy='false']")
+            look(bob)
             bob.click("#card-a .scores button[data-score='1']")
             bob.click("#card-b .scores button[data-score='3']")
             assert bob.get_attribute(".prefs button[data-pref='b']", "aria-pressed") == "true"  # suggested
@@ -621,22 +632,17 @@ def test_two_raters_in_a_browser_with_keys_a_reload_a_restart_and_inert_markup(e
             assert alice.inner_text("#counts").startswith("2 rated")
 
             # Everyone rates the rest; the markup answer and prompts are shown as text and run nothing.
-            saw_markup = False
             for _ in range(40):
                 progressed = False
                 for page in (alice, bob):
                     if not page.is_hidden("#done"):
                         continue
-                    if MARKUP_ANSWER in (page.inner_text("#text-a"), page.inner_text("#text-b")):
-                        saw_markup = True
-                        page.screenshot(path=str(shots / "markup.png"), full_page=True)
-                    assert "<script>" in page.inner_text("#turns")
                     rate_by_keys(page, 1, 1, "t")
                     progressed = True
                 if not progressed:
                     break
             assert not alice.is_hidden("#done") and not bob.is_hidden("#done")
-            assert saw_markup
+            assert seen["markup"]
             for page in (alice, bob):
                 assert page.evaluate("() => window.__pwned") is None
                 assert (
