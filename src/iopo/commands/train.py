@@ -10,9 +10,9 @@ import time
 
 from accelerate.utils import set_seed
 
-from iopo.config import ConfigError, TrainConfig, dump_config
+from iopo.config import TrainConfig, dump_config
 from iopo.core.formatting import metrics_table
-from iopo.data.loading import keep_rejects, tokenized_data
+from iopo.data.loading import keep_rejects
 from iopo.engine.batching import choose_batching
 from iopo.engine.export import export_policy
 from iopo.engine.fit import fit, log_eval
@@ -22,17 +22,16 @@ from iopo.engine.session import (
     build_schedule,
     describe,
     holding,
+    load_inputs,
     next_sample,
     on_main,
     open_accelerator,
     open_session,
-    open_tokenizer,
     peak_rss,
 )
 from iopo.io import checkpoint
 from iopo.io.jsonio import write_json
 from iopo.io.log import PLAIN, get_logger
-from iopo.io.models import check_model
 from iopo.io.runlog import mark_phase, progress_bar, tensorboard_writer
 
 log = get_logger(__name__)
@@ -43,12 +42,7 @@ def train(cfg: TrainConfig) -> dict:
     mark_phase("load")
     accelerator = open_accelerator(cfg)
     set_seed(cfg.seed)
-    # Every input is checked before the run folder is made or touched: the model, then the data.
-    check_model(cfg.model)
-    tokenizer = open_tokenizer(cfg, accelerator)
-    train_pairs, test_pairs, rejects, report = tokenized_data(cfg.data, tokenizer)
-    if not train_pairs:
-        raise ConfigError("no training pairs left after loading; check data.path and the rejects file")
+    tokenizer, train_pairs, test_pairs, rejects, report = load_inputs(cfg, accelerator)  # before any folder
     with holding(accelerator, cfg.run_dir, "iopo train"):
         return _train(cfg, accelerator, tokenizer, train_pairs, test_pairs, rejects, report)
 

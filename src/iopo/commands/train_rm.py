@@ -14,14 +14,13 @@ from pathlib import Path
 
 from accelerate.utils import set_seed
 
-from iopo.config import ConfigError, TrainRMConfig, dump_config
-from iopo.data.loading import keep_rejects, tokenized_data
+from iopo.config import TrainRMConfig, dump_config
+from iopo.data.loading import keep_rejects
 from iopo.engine.reward import train_reward_model
-from iopo.engine.session import holding, plain_accelerator
+from iopo.engine.session import holding, load_inputs, plain_accelerator
 from iopo.io import checkpoint, runfolder
 from iopo.io.jsonio import write_json
 from iopo.io.log import get_logger
-from iopo.io.models import check_model, load_tokenizer
 
 log = get_logger(__name__)
 PLACES = ("config.yaml", "metrics.jsonl", "eval.json", "rejects.jsonl", "final", "tensorboard")
@@ -43,13 +42,7 @@ def train_rm(cfg: TrainRMConfig) -> dict:
     """Train, report held-out accuracy, save final/ (a standard sequence-classification folder) and eval.json."""
     accelerator = plain_accelerator(cfg.mixed_precision)
     set_seed(cfg.seed)
-    # Every input is checked before the run folder is made or touched: the model, then the data.
-    check_model(cfg.model)
-    with accelerator.main_process_first():
-        tokenizer = load_tokenizer(cfg.model)
-    train_pairs, test_pairs, rejects, report = tokenized_data(cfg.data, tokenizer)
-    if not train_pairs:
-        raise ConfigError("no training pairs left after loading; check data.path and the rejects file")
+    tokenizer, train_pairs, test_pairs, rejects, report = load_inputs(cfg, accelerator)  # before any folder
     with holding(accelerator, cfg.run_dir, "iopo train-rm"):
         return _train_rm(cfg, accelerator, tokenizer, train_pairs, test_pairs, rejects, report)
 

@@ -20,12 +20,13 @@ import torch
 from iopo.config import MAX_STEPS, ConfigError, TrainConfig
 from iopo.core import losses
 from iopo.core.methods import METHODS, Method, game_schedule
+from iopo.data.loading import tokenized_data
 from iopo.data.tokenize import TokenizedPair
 from iopo.engine import sharding
 from iopo.engine.players import Player, build_players
 from iopo.io import checkpoint, runfolder
 from iopo.io.log import get_logger, set_main_process
-from iopo.io.models import load_tokenizer
+from iopo.io.models import check_model, load_tokenizer
 
 log = get_logger(__name__)
 
@@ -128,6 +129,17 @@ def plain_accelerator(mixed_precision: str):
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not has_accelerator())
     set_main_process(accelerator.is_main_process)
     return accelerator
+
+
+def load_inputs(cfg, accelerator) -> tuple:
+    """Every input of a training run, checked before its folder is made or touched: the model (its configuration
+    loads), then the data, tokenized. Returns (tokenizer, train pairs, test pairs, rejects, data report)."""
+    check_model(cfg.model)
+    tokenizer = open_tokenizer(cfg, accelerator)
+    train_pairs, test_pairs, rejects, report = tokenized_data(cfg.data, tokenizer)
+    if not train_pairs:
+        raise ConfigError("no training pairs left after loading; check data.path and the rejects file")
+    return tokenizer, train_pairs, test_pairs, rejects, report
 
 
 def open_tokenizer(cfg: TrainConfig, accelerator):
