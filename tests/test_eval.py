@@ -467,9 +467,12 @@ def test_openai_judge_unparseable_reply_is_invalid_not_a_tie(stub):
 def test_openai_judge_errors_name_the_url(stub, tmp_path, monkeypatch):
     from iopo.io.openai_client import ServerError
 
-    _Stub.plan = ["garbage"]
-    with pytest.raises(ServerError, match="not JSON"):
+    _Stub.plan = ["garbage", "garbage", "garbage"]  # garbled replies are retried, then said
+    with pytest.raises(ServerError, match=r"not JSON \(after 3 attempts\)"):
         list(_openai_judge(stub).pairwise([("Q?", "a", "b")]))
+    _Stub.plan = ["garbage", '{"winner": "B"}']
+    [(_, result, spent)] = list(_openai_judge(stub).pairwise([("Q?", "a", "b")]))
+    assert result["winner"] == "B" and spent["requests"] == 2
     _Stub.plan = [500, 500, 500]
     with pytest.raises(ServerError, match=r"HTTP 500.*after 3 attempts"):
         list(_openai_judge(stub).pairwise([("Q?", "a", "b")]))
@@ -533,14 +536,15 @@ def test_eval_killed_mid_judging_resumes_without_paying_twice(work, tmp_path, st
     assert iopo_main(base) == 1
     assert "HTTP 500" in capsys.readouterr().err
     with sqlite3.connect(out / "store.sqlite") as db:
-        assert db.execute("SELECT COUNT(*) FROM judgments").fetchone()[0] == 5
+        stored = db.execute("SELECT COUNT(*) FROM judgments").fetchone()[0]
+    assert stored == 5 and len(_Stub.seen) == 6  # the 5 before the failure; nothing asked after it
     before = len(_Stub.seen)
     _Stub.plan = []
     assert iopo_main(base) == 0
     n_pairwise, _ = _distinct_items(out, Path(work["other"]))
     assert (
-        len(_Stub.seen) - before == n_pairwise - 5
-    )  # 6 prompts x 2 orders (distinct ones), 5 already paid for
+        len(_Stub.seen) - before == n_pairwise - stored
+    )  # 6 prompts x 2 orders (distinct), the rest paid for
     result = json.loads((out / "eval.json").read_text())
     table = result["judges"]["llm"]["models"][Path(work["other"]).name]["table1"]
     # The stub always says "A": both orders disagree on every pair, so every pair is a tie (MT-Bench's rule).
@@ -656,3 +660,17 @@ def test_eval_writes_only_into_an_empty_or_its_own_folder(work, tmp_path, capsys
     assert iopo_main(_eval_args(work, mine)) == 2
     assert "not an iopo run folder" in capsys.readouterr().err
     assert (mine / "config.yaml").read_text() == "my: settings\n" and not (mine / "eval.json").exists()
+
+
+def test_answers_in_flight_when_another_request_fails_are_still_handed_on(stub):
+    """Two requests at once: one fails for good, the other is being answered. The answer is paid for, so it is
+    handed on (and stored by the runner) before the failure is raised; a job not yet sent is never sent."""
+    from iopo.io.openai_client import ServerError
+
+    _Stub.plan = [500, "sleep"]
+    judge = _openai_judge(stub, max_retries=0, concurrency=2)
+    got = []
+    with pytest.raises(ServerError, match="HTTP 500"):
+        for index, result, _ in judge.pairwise([("Q1?", "a", "b"), ("Q2?", "a", "b"), ("Q3?", "a", "b")]):
+            got.append((index, result["winner"]))
+    assert len(got) == 1 and got[0][1] == "A" and len(_Stub.seen) == 2

@@ -1,5 +1,6 @@
 """A small client for OpenAI-compatible servers (OpenAI, vLLM, llama.cpp's llama-server): one POST with timeouts,
-retries with exponential backoff and jitter on 429 / 5xx / timeouts / refused connections, and one-line errors that
+retries with exponential backoff and jitter on 429 / 5xx / timeouts / refused or reset connections / garbled
+replies, and one-line errors that
 name the URL. Standard library only; thread-safe (one request per call).
 
 The API key is read from the environment variable the config names, at request time; it is never logged, stored or
@@ -65,12 +66,15 @@ class Endpoint:
             request = urllib.request.Request(url, data=data, headers=self._headers(), method="POST")
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                    body = json.loads(response.read().decode("utf-8"))
-                if not isinstance(body, dict):
-                    raise ServerError(
-                        f"{url}: the reply is not a JSON object", attempt, time.perf_counter() - started
-                    )
-                return Reply(body, attempt, time.perf_counter() - started)
+                    raw = response.read()
+                try:  # a garbled reply (a proxy's error page, a reply cut short) may pass on a retry
+                    body = json.loads(raw.decode("utf-8"))
+                except (ValueError, UnicodeDecodeError):
+                    body = None
+                if isinstance(body, dict):
+                    return Reply(body, attempt, time.perf_counter() - started)
+                last = "the reply is not JSON" if body is None else "the reply is not a JSON object"
+                retry_after = None
             except urllib.error.HTTPError as e:
                 detail = _error_text(e)
                 if e.code not in RETRY_STATUS:
@@ -90,10 +94,6 @@ class Endpoint:
                 retry_after = None
             except (ConnectionError, OSError) as e:  # reset mid-reply, refused
                 last, retry_after = f"connection failed ({_reason_text(e)})", None
-            except (ValueError, UnicodeDecodeError):
-                raise ServerError(
-                    f"{url}: the reply is not JSON", attempt, time.perf_counter() - started
-                ) from None
             if attempt <= self.max_retries:
                 wait = retry_after if retry_after is not None else self.backoff_s * 2 ** (attempt - 1)
                 time.sleep(min(wait, 60.0) * (0.75 + 0.5 * random.random()))

@@ -75,15 +75,37 @@ class OpenAIJudge:
         return text, spent
 
     def _run(self, jobs: list, ask) -> Iterator[tuple[int, dict, dict]]:
+        """Each job's result as it is ready. When one fails for good, no job not yet sent is sent, but the answers
+        of those already in flight are still handed on (to be stored: they are paid for) before the failure is
+        raised."""
+        failed = threading.Event()
+
+        def guarded(*job):
+            if failed.is_set():
+                return None  # not sent
+            try:
+                return ask(*job)
+            except Exception:
+                failed.set()
+                raise
+
         with ThreadPoolExecutor(max_workers=self.cfg.concurrency) as pool:
-            futures = {pool.submit(ask, *job): i for i, job in enumerate(jobs)}
+            futures = {pool.submit(guarded, *job): i for i, job in enumerate(jobs)}
+            failure = None
             try:
                 for future in as_completed(futures):
-                    result, spent = future.result()
-                    yield futures[future], result, spent
+                    try:
+                        outcome = future.result()
+                    except Exception as error:
+                        failure = failure or error
+                        continue
+                    if outcome is not None:
+                        yield futures[future], *outcome
             finally:
                 for future in futures:
                     future.cancel()
+            if failure is not None:
+                raise failure
 
     def pairwise(self, items) -> Iterator[tuple[int, dict, dict]]:
         def ask(prompt, answer_a, answer_b):
