@@ -674,3 +674,20 @@ def test_answers_in_flight_when_another_request_fails_are_still_handed_on(stub):
         for index, result, _ in judge.pairwise([("Q1?", "a", "b"), ("Q2?", "a", "b"), ("Q3?", "a", "b")]):
             got.append((index, result["winner"]))
     assert len(got) == 1 and got[0][1] == "A" and len(_Stub.seen) == 2
+
+
+def test_a_request_allowance_caps_requests_retries_included(stub):
+    """A budget of 3 requests: the first judgment takes 2 (a 500, then the answer), the second's first attempt is
+    the third request and fails, and its retry is never sent: BudgetSpent, 3 requests in all."""
+    from iopo.io.openai_client import BudgetSpent
+
+    _Stub.plan = [500, '{"winner": "A"}', 500]
+    judge = _openai_judge(stub, max_retries=4, concurrency=1)
+    judge.limit_requests(3)
+    got = []
+    with pytest.raises(BudgetSpent, match="budget is spent") as caught:
+        for _, result, spent in judge.pairwise([("Q1?", "a", "b"), ("Q2?", "a", "b")]):
+            got.append((result["winner"], spent["requests"]))
+    assert got == [("A", 2)] and len(_Stub.seen) == 3 and caught.value.attempts == 1
+    judge.limit_requests(None)
+    assert [r["winner"] for _, r, _ in judge.pairwise([("Q3?", "a", "b")])] == ["A"]

@@ -382,6 +382,24 @@ def _cli_args(work, out, *extra) -> list[str]:
     ]
 
 
+def test_a_kill_after_older_checkpoints_are_pruned_resumes(work, tmp_path, monkeypatch):
+    """Three rounds keeping one round's checkpoint: killed in round 3, after round 1's checkpoint was pruned, the
+    run resumes from round 2's and ends with the uninterrupted run's weights (found by the judge soak)."""
+    straight = tmp_path / "straight"
+    online(online_cfg(work, straight, "rounds=3", "prompts_per_round=4", "score_prompts=0", "keep_ratio=1"))
+    out = tmp_path / "killed"
+    cfg = online_cfg(work, out, "rounds=3", "prompts_per_round=4", "score_prompts=0", "keep_ratio=1")
+    kill_at(monkeypatch, STAGES, "judge", None, 3)
+    with pytest.raises(Killed):
+        online(cfg)
+    monkeypatch.undo()
+    assert not (out / "round_1" / "checkpoint").exists() and (out / "round_2" / "checkpoint").is_dir()
+    assert online(cfg)["status"] == "done"
+    a, b = policy_weights(straight), policy_weights(out)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=0, rtol=0)
+
+
 def test_the_vllm_engine_without_vllm_is_one_line(work, tmp_path, capsys):
     import importlib.util
 

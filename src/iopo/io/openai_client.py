@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -29,6 +30,25 @@ class ServerError(RuntimeError):
         self.attempts, self.seconds = attempts, seconds
 
 
+class BudgetSpent(ServerError):
+    """The request allowance is used up: no more requests are sent (retries included)."""
+
+
+class RequestAllowance:
+    """How many more HTTP requests may be sent (a budget's remainder), shared by every thread of a judge."""
+
+    def __init__(self, n: int):
+        self.left = n
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        with self._lock:
+            if self.left <= 0:
+                return False
+            self.left -= 1
+            return True
+
+
 @dataclass
 class Reply:
     body: dict
@@ -43,6 +63,7 @@ class Endpoint:
     timeout_s: float = 120.0
     max_retries: int = 4
     backoff_s: float = 0.5  # first retry's wait; doubles each time, with jitter
+    allowance: RequestAllowance | None = None  # a budget: no request (nor retry) is sent past it
 
     def url(self, path: str) -> str:
         return self.base_url.rstrip("/") + "/" + path.lstrip("/")
@@ -63,6 +84,10 @@ class Endpoint:
         started = time.perf_counter()
         last = ""
         for attempt in range(1, self.max_retries + 2):
+            if self.allowance is not None and not self.allowance.take():
+                raise BudgetSpent(
+                    f"{url}: the judges' request budget is spent", attempt - 1, time.perf_counter() - started
+                )
             request = urllib.request.Request(url, data=data, headers=self._headers(), method="POST")
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout_s) as response:

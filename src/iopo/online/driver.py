@@ -14,7 +14,7 @@ import hashlib
 import json
 import shutil
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import yaml
@@ -35,6 +35,7 @@ from iopo.io import checkpoint, runfolder
 from iopo.io.jsonio import read_jsonl, write_json
 from iopo.io.log import get_logger
 from iopo.io.models import check_model, model_fingerprint, resolve_model, resolve_model_path
+from iopo.io.openai_client import BudgetSpent
 from iopo.io.runlog import tensorboard_writer
 from iopo.io.store import Store
 from iopo.online.files import Manifest, answers_of, file_hash, round_dir
@@ -204,7 +205,8 @@ class Online:
         self.judges: dict = {}
 
     def last_trained_round(self) -> int:
-        """The last round whose train stage finished (its checkpoint is where the players resume from)."""
+        """The last round whose train stage finished: its checkpoint is where the players resume from (those of
+        earlier rounds may be pruned already, keep_checkpoints)."""
         last = 0
         for k in range(1, self.cfg.rounds + 1):
             manifest = round_dir(self.run, k) / "manifest.json"
@@ -213,9 +215,9 @@ class Online:
             data = json.loads(manifest.read_text(encoding="utf-8"))
             if not data["stages"].get("train", {}).get("done"):
                 break
-            if not checkpoint.is_checkpoint(round_dir(self.run, k) / "checkpoint"):
-                raise ConfigError(f"round {k} finished training but its checkpoint is gone; start over")
             last = k
+        if last and not checkpoint.is_checkpoint(round_dir(self.run, last) / "checkpoint"):
+            raise ConfigError(f"round {last} finished training but its checkpoint is gone; start over")
         return last
 
     def get_store(self):
@@ -306,6 +308,21 @@ class Online:
             "requests": sum(row["requests"] or 0 for row in ledger.values()),
             "cost": sum(row["cost"] or 0.0 for row in ledger.values()),
         }
+
+    @contextmanager
+    def budgeted(self, judge):
+        """A judging stage under max_judge_requests: a judge that retries (an LLM behind a server) sends no request
+        past what is left, retries included; the stage then stops as the budget does."""
+        left = self.cfg.max_judge_requests
+        if left is not None and hasattr(judge, "limit_requests"):
+            judge.limit_requests(max(left - self.spent()["requests"], 0))
+        try:
+            yield
+        except BudgetSpent as spent:
+            raise BudgetReached(f"{spent}; stopped inside the stage, every answer so far stored") from None
+        finally:
+            if hasattr(judge, "limit_requests"):
+                judge.limit_requests(None)
 
     def check_budget(self, planned_requests: int, what: str) -> None:
         cfg = self.cfg

@@ -102,7 +102,8 @@ def stage_judge(run, k: int, folder: Path, manifest: Manifest) -> dict:
     planned = pending(judge, run.get_store(), mode, items)
     run.check_budget(planned, f"round {k}'s judging")
     session = f"round_{k}/annotate"
-    results, counts = run_judge(judge, run.get_store(), mode, items, session, run.cfg.progress_bar)
+    with run.budgeted(judge):
+        results, counts = run_judge(judge, run.get_store(), mode, items, session, run.cfg.progress_bar)
     rows = [
         {"prompt": p, "answer": i, "other": j, "kind": mode, "result": result}
         for (p, i, j), result in zip(what, results, strict=True)
@@ -203,18 +204,19 @@ def stage_score(run, k: int, folder: Path, manifest: Manifest) -> dict:
         items = comparison_items(kind, answers, run.start_answers)
         run.check_budget(pending(judge, run.get_store(), kind, items), f"round {k}'s scoring")
         session = f"round_{k}/score"
-        table = judge_against(
-            judge,
-            run.get_store(),
-            session,
-            jcfg,
-            answers,
-            run.start_answers,
-            n=1,
-            boot={"n_boot": cfg.bootstrap, "confidence": cfg.confidence, "seed": cfg.seed},
-            progress=cfg.progress_bar,
-            modes=[kind],
-        )
+        with run.budgeted(judge):
+            table = judge_against(
+                judge,
+                run.get_store(),
+                session,
+                jcfg,
+                answers,
+                run.start_answers,
+                n=1,
+                boot={"n_boot": cfg.bootstrap, "confidence": cfg.confidence, "seed": cfg.seed},
+                progress=cfg.progress_bar,
+                modes=[kind],
+            )
         t = table.get("table1") or table.get("table2")
         scores.update(
             judged={

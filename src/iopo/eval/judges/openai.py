@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from iopo.data.tokenize import prompt_as_text
 from iopo.eval.judges import prompts as P
 from iopo.eval.judges.base import usage
-from iopo.io.openai_client import Endpoint, ServerError, chat_text, usage_of
+from iopo.io.openai_client import Endpoint, RequestAllowance, ServerError, chat_text, usage_of
 from iopo.io.store import text_key
 
 
@@ -32,6 +32,10 @@ class OpenAIJudge:
         self.judge_id = "openai:" + text_key(*identity)[:20]
         self._schema_ok = cfg.json_schema != "off"
         self._lock = threading.Lock()
+
+    def limit_requests(self, n: int | None) -> None:
+        """Send at most n more HTTP requests, retries included (None: no limit); past it, BudgetSpent."""
+        self.endpoint.allowance = None if n is None else RequestAllowance(n)
 
     def _ask(self, user: str, schema_name: str, schema: dict) -> tuple[str | None, dict]:
         payload = {
