@@ -7,14 +7,8 @@ import sys
 
 import pytest
 
+from tiny import run_iopo as iopo
 from tiny import run_overrides, write_pairs
-
-
-def iopo(*args, cwd=None):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    return subprocess.run(
-        [sys.executable, "-m", "iopo", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=300
-    )
 
 
 def base_args(tmp_path, model_dir, data):

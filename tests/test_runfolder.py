@@ -14,14 +14,8 @@ from iopo.config import ConfigError
 from iopo.io import runfolder
 from iopo.io.checkpoint import TRAIN_PLACES
 
+from tiny import run_iopo as iopo
 from tiny import run_overrides, write_pairs
-
-
-def iopo(*args):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    return subprocess.run(
-        [sys.executable, "-m", "iopo", *args], capture_output=True, text=True, env=env, timeout=300
-    )
 
 
 def snapshot(folder):

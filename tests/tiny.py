@@ -154,3 +154,15 @@ def make_cfg(tmp_path, model_dir, *extra, method="iopo"):
     if not data.exists():
         write_pairs(data, n=24)
     return load_config(None, run_overrides(model_dir, data, tmp_path / "run", f"method={method}", *extra))
+
+
+def run_iopo(*args, cwd=None):
+    """`python -m iopo *args` in a subprocess with this interpreter's import path; its CompletedProcess (text)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    return subprocess.run(
+        [sys.executable, "-m", "iopo", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=300
+    )

@@ -110,13 +110,12 @@ def evaluate(cfg: EvalConfig) -> dict:
         resolved = cfg.model_copy(update={"data": data_cfg, "beta": beta})
         (out_dir / "config.yaml").write_text(dump_config(resolved), encoding="utf-8")
         pairs = pick_split(train, test, cfg.split)
-        return _evaluate(cfg, models, baseline, data_cfg, beta, pairs, data_report, out_dir, started)
+        return _evaluate(resolved, models, baseline, pairs, data_report, out_dir, started)
 
 
-def _evaluate(
-    cfg, models, baseline, data_cfg, beta, pairs, data_report, out_dir: Path, started: float
-) -> dict:
-    resolved = cfg.model_copy(update={"data": data_cfg, "beta": beta})
+def _evaluate(cfg: EvalConfig, models, baseline, pairs, data_report, out_dir: Path, started: float) -> dict:
+    """The evaluation in its held folder; `cfg` is resolved (its data and beta filled in from the first run)."""
+    data_cfg, beta = cfg.data, cfg.beta
     session = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
     timings: dict[str, float] = {}
     prompts = unique_prompts(pairs)[: cfg.max_prompts]
@@ -134,7 +133,7 @@ def _evaluate(
         "n_pairs": len(pairs),
         "n_prompts": len(prompts),
         "beta": beta,
-        "generation": resolved.generation.model_dump(mode="json"),
+        "generation": cfg.generation.model_dump(mode="json"),
         "metrics": {},
         "generations": {},
         "judges": {},

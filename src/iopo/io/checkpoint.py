@@ -39,7 +39,6 @@ from iopo.io.runlog import mark_phase
 log = get_logger(__name__)
 
 CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
-_WRITTEN_RE = re.compile(r"^(\.tmp-)?step-\d+$")  # finished or interrupted
 
 
 STATE_FILE = "trainer_state.json"
@@ -77,7 +76,9 @@ def own_checkpoints(folder: Path) -> list[Path]:
     """The checkpoint folders iopo wrote into a run's checkpoints/ (finished `step-N`, interrupted `.tmp-step-N`)."""
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if p.is_dir() and _WRITTEN_RE.match(p.name))
+    return sorted(
+        p for p in folder.iterdir() if p.is_dir() and CHECKPOINT_RE.match(p.name.removeprefix(".tmp-"))
+    )
 
 
 # The places of an `iopo train` run folder and who owns each (iopo.io.runfolder); train-rm and the online rounds

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from iopo.config import ConfigError
+from iopo.config import ConfigError, EvalConfig, OnlineConfig, TrainConfig, TrainRMConfig
 
 MARKER = ".iopo-run"
 LOCK = ".iopo-lock"  # flocked by the process that works in the folder; its content names that process
@@ -134,14 +134,12 @@ def record_export(run_dir: Path, folder: Path) -> None:
     _write_marker(run_dir, content)
 
 
-_RUN_SCHEMAS = ("TrainConfig", "OnlineConfig", "TrainRMConfig", "EvalConfig")
+_RUN_SCHEMAS = (TrainConfig, OnlineConfig, TrainRMConfig, EvalConfig)
 
 
 def _older_iopo_run(run_dir: Path) -> bool:
     """A folder an iopo from before the marker wrote: its config.yaml validates as one of iopo's configs, and it
     holds a run's traces (metrics, a checkpoint, an evaluation)."""
-    from iopo import config as C
-
     traces = ("metrics.jsonl", "eval.json")
     if not any((run_dir / t).is_file() for t in traces) and not (run_dir / "checkpoints").is_dir():
         return False
@@ -151,9 +149,9 @@ def _older_iopo_run(run_dir: Path) -> bool:
         return False
     if not isinstance(saved, dict):
         return False
-    for name in _RUN_SCHEMAS:
+    for schema in _RUN_SCHEMAS:
         try:
-            getattr(C, name).model_validate(saved)
+            schema.model_validate(saved)
             return True
         except ValueError:
             continue
