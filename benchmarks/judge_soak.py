@@ -131,6 +131,8 @@ def serve(port: int, log: Path, seed: int) -> None:
 
 
 class Server:
+    started: list = []  # every server process this soak started, stopped at its end whatever happens
+
     def __init__(self, port: int, log: Path, seed: int):
         self.port, self.log, self.seed, self.proc = port, log, seed, None
         self.url = f"http://127.0.0.1:{port}/v1"
@@ -138,6 +140,7 @@ class Server:
     def start(self) -> None:
         args = [sys.executable, __file__, "serve", str(self.port), str(self.log), str(self.seed)]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        Server.started.append(self.proc)
         time.sleep(0.5)
 
     def kill(self) -> None:
@@ -373,4 +376,10 @@ if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "serve":
         serve(int(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]))
     else:
-        main()
+        try:
+            main()
+        finally:  # a soak that stops early (a run that never ends well) leaves no server behind
+            for proc in Server.started:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
