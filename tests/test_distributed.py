@@ -17,15 +17,12 @@ from iopo.io.models import load_model
 from tiny import make_cfg, run_overrides, write_pairs
 
 
-@pytest.mark.parametrize("lora", [False, True])
-def test_two_processes_equal_one(tmp_path, tiny_model_dir, lora):
-    common = [
-        "iopo.n_iter=2",
-        "iopo.n_mu=2",
-        "iopo.n_nu=1",
-        f"model.lora={str(lora).lower()}",
-        "model.lora_r=4",
-    ]
+@pytest.mark.parametrize(
+    ("method", "lora"), [("iopo", False), ("iopo", True), ("sppo", False), ("inpo", True)]
+)
+def test_two_processes_equal_one(tmp_path, tiny_model_dir, method, lora):
+    schedule = ["iopo.n_iter=2", "iopo.n_mu=2", "iopo.n_nu=1"] if method == "iopo" else ["optim.max_steps=6"]
+    common = [*schedule, f"method={method}", f"model.lora={str(lora).lower()}", "model.lora_r=4"]
     one = make_cfg(tmp_path / "one", tiny_model_dir, *common)  # batch_size=4 on one process
     single = train(one)
 

@@ -32,17 +32,10 @@ from iopo.io.runlog import MEMORY_TRACE
 from tiny import kill_9_when, make_cfg, run_overrides, train_records, write_pairs
 
 
-@pytest.fixture()
-def accelerator():
-    from accelerate import Accelerator
-
-    return Accelerator(cpu=True)
-
-
 def setup_players(cfg, accelerator):
     tokenizer = load_tokenizer(cfg.model)
     train_pairs, _, _ = load_training_data(cfg.data, tokenizer, None)
-    players, reference = build_players(cfg, METHODS[cfg.method], accelerator, None)
+    players, reference, _ = build_players(cfg, METHODS[cfg.method], accelerator, None)
     for p in players.values():
         p.optimizer = accelerator.prepare_optimizer(make_optimizer(p.params, cfg))
     batch = collate_pairs(train_pairs[:4], tokenizer.pad_token_id)
@@ -173,7 +166,7 @@ def test_a_step_is_the_same_however_its_pairs_are_split_into_micro_batches(tmp_p
         from accelerate import Accelerator
 
         accelerator = Accelerator(cpu=True)
-        players, reference = build_players(cfg, METHODS[method], accelerator, None)
+        players, reference, _ = build_players(cfg, METHODS[method], accelerator, None)
         policy = players["policy"]
         policy.optimizer = torch.optim.SGD(policy.params, lr=1.0)  # the update is the gradient itself
         metrics = train_step(
@@ -656,7 +649,7 @@ def test_an_adapter_switch_is_undone_when_the_player_is_done(tmp_path, tiny_mode
     from iopo.engine.players import acting
 
     cfg = make_cfg(tmp_path, tiny_model_dir, "model.lora=true", "model.lora_r=4")
-    players, _ = build_players(cfg, METHODS["iopo"], accelerator, None)
+    players, _, _ = build_players(cfg, METHODS["iopo"], accelerator, None)
     model = language_model(players["protagonist"].module)
     assert model.active_adapter == "protagonist"
     with acting(players["adversary"], players):

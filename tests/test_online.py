@@ -19,7 +19,7 @@ from iopo.engine import fit as fit_module
 from iopo.online import driver as online_driver
 from iopo.online.stages import STAGES
 
-from tiny import kill_9_when, write_pairs
+from tiny import kill_9_when
 
 TINY = [
     "data.max_length=64",
@@ -37,28 +37,6 @@ TINY = [
     "generation.batch_size=4",
     "bootstrap=50",
 ]
-
-
-@pytest.fixture(scope="module")
-def work(tmp_path_factory, tiny_model_dir):
-    """Data, and a reward model trained for a few steps on it (the judge)."""
-    root = tmp_path_factory.mktemp("online")
-    data = write_pairs(root / "pairs.jsonl", n=36)
-    rm_args = [
-        "train-rm",
-        f"model={tiny_model_dir}",
-        f"data={data}",
-        "data.max_length=64",
-        "data.max_prompt_length=32",
-        "data.test_size=6",
-        "optim.max_steps=4",
-        "optim.learning_rate=3e-3",
-        f"output_dir={root / 'rm'}",
-        "progress_bar=false",
-        "tensorboard=false",
-    ]
-    assert iopo_main(rm_args) == 0
-    return {"root": root, "data": data, "base": tiny_model_dir, "rm": root / "rm" / "final"}
 
 
 def online_cfg(work, out, *extra, method="iter_dpo"):

@@ -10,8 +10,9 @@ import time
 
 from accelerate.utils import set_seed
 
-from iopo.config import TrainConfig, dump_config
+from iopo.config import ConfigError, TrainConfig, dump_config
 from iopo.core.formatting import metrics_table
+from iopo.core.methods import METHODS
 from iopo.data.loading import keep_rejects
 from iopo.engine.batching import choose_batching
 from iopo.engine.export import export_policy
@@ -39,6 +40,11 @@ log = get_logger(__name__)
 
 def train(cfg: TrainConfig) -> dict:
     """Train with cfg.method, checkpoint, export the protagonist/policy and evaluate it. Returns eval results."""
+    if not METHODS[cfg.method].offline:
+        raise ConfigError(
+            f"method={cfg.method} trains on pairs that its online rounds make (the policy's own answers): run "
+            f"`iopo online method={cfg.method}`"
+        )
     mark_phase("load")
     accelerator = open_accelerator(cfg)
     set_seed(cfg.seed)

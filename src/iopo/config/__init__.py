@@ -23,14 +23,17 @@ from iopo.config.online import OnlineConfig, OnlineGenerationConfig
 from iopo.config.train import (
     DataConfig,
     DistributedConfig,
+    INPOConfig,
     IOPOConfig,
     LossConfig,
     ModelConfig,
     OptimConfig,
     RMOptimConfig,
+    SPINConfig,
     TrainConfig,
     TrainingParts,
     TrainRMConfig,
+    XPOConfig,
 )
 
 __all__ = [
@@ -42,7 +45,10 @@ __all__ = [
     "EvalConfig",
     "GenerateConfig",
     "GenerationConfig",
+    "INPOConfig",
     "IOPOConfig",
+    "SPINConfig",
+    "XPOConfig",
     "JudgeConfig",
     "JudgeType",
     "LossConfig",

@@ -122,7 +122,16 @@ class OnlineConfig(TrainingParts):
             raise ValueError(
                 f"method={self.method} needs a judge (judge.type=reward_model judge.model=runs/rm/final, ...)"
             )
-        if online.judged and self.generation.n < 2:
+        if online.reference_answer:
+            # XPO: one answer of the policy against one of the starting model (OAT's XPOActor)
+            if "n" not in self.generation.model_fields_set:
+                self.generation.n = 1
+            elif self.generation.n != 1:
+                raise ValueError(
+                    f"method={self.method} pairs one answer of the policy with one of the starting model: "
+                    "generation.n must be 1"
+                )
+        elif online.judged and self.generation.n < 2:
             raise ValueError(
                 f"method={self.method} needs generation.n >= 2 answers per prompt to make a pair"
             )

@@ -126,6 +126,49 @@ class IOPOConfig(Part):
     is_logp: Literal["sum", "mean"] = "sum"
 
 
+class INPOConfig(Part):
+    """INPO (Zhang et al., ICLR 2025): the loss regresses h to 1/(2 eta), h measured against a reference that is
+    tau/eta of the starting model and (eta - tau)/eta of the round's previous policy."""
+
+    eta: float = Field(
+        0.075,
+        gt=0,
+        description="eta: the target of h is 1/(2 eta) (an IPO with beta = eta offline); the ENPO reproduction's "
+        "7.5e-3 x 10, on the scale of loss.beta=0.1.",
+    )
+    tau: float = Field(
+        0.025,
+        gt=0,
+        description="tau, the KL strength toward the starting model: its share of the reference is tau/eta.",
+    )
+
+    @model_validator(mode="after")
+    def _share(self) -> INPOConfig:
+        if self.tau > self.eta:
+            raise ValueError(
+                f"inpo.tau ({self.tau:g}) must not exceed inpo.eta ({self.eta:g}): the starting model's share of the "
+                "reference is tau/eta, the previous policy's (eta - tau)/eta"
+            )
+        return self
+
+
+class SPINConfig(Part):
+    loss: Literal["logistic", "hinge", "ipo"] = Field(
+        "logistic",
+        description="SPIN's loss on (data answer, own answer): logistic -log sigma(beta h) (the paper's), hinge "
+        "max(0, 1 - beta h) or IPO (h - 1/(2 beta))^2, h against the previous round's policy.",
+    )
+
+
+class XPOConfig(Part):
+    alpha: float = Field(
+        5e-6,
+        ge=0,
+        description="XPO's exploration weight: the loss adds alpha * log pi(y_ref) for the reference model's answer "
+        "in each pair (OAT's xpo_alpha).",
+    )
+
+
 class OptimConfig(Part):
     learning_rate: float = Field(5e-6, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -182,6 +225,9 @@ class TrainingParts(Part):
     data: DataConfig = Field(default_factory=DataConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
     iopo: IOPOConfig = Field(default_factory=IOPOConfig)
+    inpo: INPOConfig = Field(default_factory=INPOConfig)
+    spin: SPINConfig = Field(default_factory=SPINConfig)
+    xpo: XPOConfig = Field(default_factory=XPOConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     seed: int = Field(42, ge=0, lt=2**32, description="Seed of every RNG (numpy's range).")
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"

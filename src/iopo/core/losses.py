@@ -229,6 +229,143 @@ def sft_loss(
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The game-theoretic relatives (docs/algorithm.md, "Relatives"): SPPO, INPO, SPIN, XPO
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def sppo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    reference_chosen_logps: Tensor,
+    reference_rejected_logps: Tensor,
+    chosen_lengths: Tensor,
+    rejected_lengths: Tensor,
+    *,
+    beta: float,
+    chosen_win: Tensor | None = None,
+    rejected_win: Tensor | None = None,
+) -> tuple[Tensor, Metrics]:
+    """SPPO (Wu et al. 2024, Eq. 4.6 with eta = 1/beta), per pair, the sum of each answer's square:
+    (h_w - (P_w - 1/2)/beta)^2 + (h_l - (P_l - 1/2)/beta)^2, h = logp_pi(y) - logp_t(y) (the reference is the
+    policy the round began with; offline, the starting model).
+
+    P_w, P_l: each answer's estimated win probability against that policy (B,), from an online round's judge.
+    Without them (human pairs) P_w = 1 and P_l = 0: the hard form (h_w - 1/(2 beta))^2 + (h_l + 1/(2 beta))^2,
+    TRL's `sppo_hard`.
+    """
+    pc, pr, rc, rr = _f32(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
+    )
+    win_w = torch.ones_like(pc) if chosen_win is None else chosen_win.float()  # (B,)
+    win_l = torch.zeros_like(pr) if rejected_win is None else rejected_win.float()  # (B,)
+    losses = ((pc - rc) - (win_w - 0.5) / beta) ** 2 + ((pr - rr) - (win_l - 0.5) / beta) ** 2  # (B,)
+    metrics = _pair_metrics(pc, pr, rc, rr, beta)
+    if chosen_win is not None:
+        metrics["sppo/win_chosen"], metrics["sppo/win_rejected"] = _stat(win_w), _stat(win_l)
+    return losses, metrics
+
+
+def inpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    reference_chosen_logps: Tensor,
+    reference_rejected_logps: Tensor,
+    chosen_lengths: Tensor,
+    rejected_lengths: Tensor,
+    *,
+    eta: float,
+    beta: float,
+) -> tuple[Tensor, Metrics]:
+    """INPO (Zhang et al., ICLR 2025, Eq. 9): per pair (h - 1/(2 eta))^2, h = Delta_pi - (tau/eta) Delta_ref -
+    ((eta - tau)/eta) Delta_t, Delta = logp(y_w) - logp(y_l).
+
+    The reference log-probs it is given are already that blend, (tau/eta) logp_ref + ((eta - tau)/eta) logp_t (the
+    session's env, iopo.engine.players.Blend): h is then dpo_logits of the policy against them. Offline (one
+    round, pi_t = pi_ref) the blend is the starting model and INPO is IPO with beta = eta. `beta` only scales the
+    rewards/* metrics, as for every method.
+    """
+    pc, pr, rc, rr = _f32(
+        policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps
+    )
+    losses = (dpo_logits(pc, pr, rc, rr) - 1.0 / (2.0 * eta)) ** 2  # (B,)
+    return losses, _pair_metrics(pc, pr, rc, rr, beta)
+
+
+def spin_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    reference_chosen_logps: Tensor,
+    reference_rejected_logps: Tensor,
+    chosen_lengths: Tensor,
+    rejected_lengths: Tensor,
+    *,
+    beta: float,
+    form: str = "logistic",
+) -> tuple[Tensor, Metrics]:
+    """SPIN (Chen et al. 2024, Eq. 4.7) on (data answer y_w, the policy's own answer y_l), h = beta * dpo_logits
+    against the previous round's policy (the opponent): "logistic" -log sigma(h) (the paper's, DPO's form),
+    "hinge" max(0, 1 - h) (its code's other loss_type), or "ipo" (dpo_logits - 1/(2 beta))^2 on summed log-probs
+    (not in SPIN's code: IPO's regression in SPIN's setting)."""
+    if form not in SPIN_FORMS:
+        raise ValueError(f"unknown SPIN loss {form!r}; choose one of {sorted(SPIN_FORMS)}")
+    loss = SPIN_FORMS[form]
+    return loss(
+        policy_chosen_logps,
+        policy_rejected_logps,
+        reference_chosen_logps,
+        reference_rejected_logps,
+        chosen_lengths,
+        rejected_lengths,
+        beta=beta,
+    )
+
+
+SPIN_FORMS: dict[str, Callable[..., tuple[Tensor, Metrics]]] = {
+    "logistic": dpo_loss,
+    "hinge": hinge_loss,
+    "ipo": ipo_loss,
+}
+
+
+def xpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    reference_chosen_logps: Tensor,
+    reference_rejected_logps: Tensor,
+    chosen_lengths: Tensor,
+    rejected_lengths: Tensor,
+    *,
+    beta: float,
+    alpha: float,
+    reference_side: Tensor | None = None,
+) -> tuple[Tensor, Metrics]:
+    """XPO (Xie et al. 2024, Alg. 1; OAT's XPOLearner): DPO's -log sigma(beta * dpo_logits) plus alpha * logp_pi
+    of the pair's answer sampled from the reference model (the optimism term: minimising it lowers the policy's
+    probability of what the reference would say, pushing it to explore).
+
+    reference_side (B,): 1 where the reference's answer is the chosen one, 0 where it is the rejected one, 0.5
+    where neither is (no term; also the whole term when reference_side is None: offline pairs, plain DPO).
+    """
+    losses, metrics = dpo_loss(
+        policy_chosen_logps,
+        policy_rejected_logps,
+        reference_chosen_logps,
+        reference_rejected_logps,
+        chosen_lengths,
+        rejected_lengths,
+        beta=beta,
+    )
+    if reference_side is None:
+        return losses, metrics
+    side = reference_side.float()  # (B,)
+    has = (side != 0.5).float()  # pairs that hold a reference answer
+    ref_answer_logps = side * policy_chosen_logps.float() + (1.0 - side) * policy_rejected_logps.float()
+    bonus = has * ref_answer_logps  # (B,)
+    metrics["xpo/reference_logps"] = _stat(bonus.sum() / has.sum().clamp(min=1.0))
+    return losses + alpha * bonus, metrics
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # IOPO (Sec. 4): clipped importance-sampling weight times the DPO term, agent against env
 # ---------------------------------------------------------------------------------------------------------------
 

@@ -54,6 +54,23 @@ def _iopo_options(cfg: Any, agent: str) -> dict:
     }
 
 
+def _inpo_options(cfg: Any, agent: str) -> dict:
+    return {"eta": cfg.inpo.eta, "beta": cfg.loss.beta}
+
+
+def _inpo_mix(cfg: Any) -> float:
+    """INPO's reference: tau/eta of the starting model, the rest the round's previous policy."""
+    return cfg.inpo.tau / cfg.inpo.eta
+
+
+def _spin_options(cfg: Any, agent: str) -> dict:
+    return {"beta": cfg.loss.beta, "form": cfg.spin.loss}
+
+
+def _xpo_options(cfg: Any, agent: str) -> dict:
+    return {"beta": cfg.loss.beta, "alpha": cfg.xpo.alpha}
+
+
 def iopo_game_round(cfg: Any) -> list[str]:
     """Alg. 1: the agents of one game round, n_mu protagonist steps then n_nu adversary steps."""
     return ["protagonist"] * cfg.iopo.n_mu + ["adversary"] * cfg.iopo.n_nu
@@ -75,13 +92,21 @@ class Method:
         str  # a function of iopo.core.losses: (policy/agent logps, reference/env logps, lengths) -> per pair
     )
     options: Callable[[Any, str], dict] = _no_options  # (config, agent) -> the loss's keyword options
-    env: Literal["reference", "other", "none"] = "reference"
+    # What the loss measures the agent against: the frozen starting model ("reference"), the other player of a
+    # game ("other"), nothing ("none"), the policy as the online round began ("previous"; offline, with no rounds,
+    # the starting model), or a blend of the starting model (weight `mix(cfg)`) and the round's previous policy
+    # (the rest) whose log-probs are the weighted sum of theirs ("mixed"; offline: the starting model).
+    env: Literal["reference", "other", "none", "previous", "mixed"] = "reference"
     players: tuple[str, ...] = POLICY
     reduce: Literal["pairs", "chosen_tokens"] = "pairs"
     game_round: Callable[[Any], list[str]] | None = None  # a game: the agents of one round, in order
     game_rounds: Callable[[Any], int | None] | None = (
         None  # a game: the rounds the config sets (None: the steps)
     )
+    mix: Callable[[Any], float] | None = None  # env "mixed": the starting model's weight
+    # per-pair numbers the loss takes as keyword tensors when the batch carries them (an online round's pairs)
+    pair_values: tuple[str, ...] = ()
+    offline: bool = True  # `iopo train` runs it on a pair file (else only `iopo online` makes its pairs)
 
     @property
     def is_game(self) -> bool:
@@ -107,6 +132,11 @@ METHODS: dict[str, Method] = {
     "hinge": Method("hinge_loss", _beta),
     "kto_pair": Method("kto_pair_loss", _beta),
     "sft": Method("sft_loss", env="none", reduce="chosen_tokens"),
+    # the game-theoretic relatives: against the policy the round began with (offline: the starting model)
+    "sppo": Method("sppo_loss", _beta, env="previous", pair_values=("chosen_win", "rejected_win")),
+    "inpo": Method("inpo_loss", _inpo_options, env="mixed", mix=_inpo_mix),
+    "spin": Method("spin_loss", _spin_options, env="previous", offline=False),
+    "xpo": Method("xpo_loss", _xpo_options, pair_values=("reference_side",), offline=False),
 }
 
 
@@ -120,17 +150,37 @@ class OnlineMethod:
     trains: str  # the METHODS row its train stage runs
     stages: tuple[str, ...]  # one round's stages in order (names of iopo.online.stages.STAGES)
     judged: bool = False  # a judge labels its pairs (it needs a judge and two answers or more per prompt)
+    reference_answer: bool = False  # beside the policy's answer, one from the starting model per prompt (XPO)
 
     @property
     def own_pairs(self) -> bool:
         """Its train stage reads the round's pairs.jsonl (else the human pairs, the stream going on)."""
-        return "pairs" in self.stages
+        return any(stage in PAIR_STAGES for stage in self.stages)
 
+
+PAIR_STAGES = (
+    "pairs",
+    "win_rates",
+    "self_pairs",
+    "explore_pairs",
+)  # the stages that write a round's pairs.jsonl
+JUDGED = ("prompts", "generate", "judge", "pairs", "train", "score")
 
 ONLINE_METHODS: dict[str, OnlineMethod] = {
-    "iter_dpo": OnlineMethod("dpo", ("prompts", "generate", "judge", "pairs", "train", "score"), judged=True),
+    "iter_dpo": OnlineMethod("dpo", JUDGED, judged=True),
     "iopo": OnlineMethod("iopo", ("train", "score")),
     "dpo": OnlineMethod("dpo", ("train", "score")),
+    "sppo": OnlineMethod(
+        "sppo", ("prompts", "generate", "judge", "win_rates", "train", "score"), judged=True
+    ),
+    "inpo": OnlineMethod("inpo", JUDGED, judged=True),
+    "spin": OnlineMethod("spin", ("prompts", "generate", "self_pairs", "train", "score")),
+    "xpo": OnlineMethod(
+        "xpo",
+        ("prompts", "generate", "reference_answers", "judge", "explore_pairs", "train", "score"),
+        judged=True,
+        reference_answer=True,
+    ),
 }
 
 

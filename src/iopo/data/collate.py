@@ -8,6 +8,17 @@ import torch
 from iopo.data.tokenize import TokenizedPair
 
 
+def pair_values(batch: list[TokenizedPair]) -> dict[str, torch.Tensor]:
+    """The pairs' per-pair numbers (TokenizedPair.extras), one float32 (B,) tensor per name, in batch order. Every
+    pair of a batch carries the same names (an online round writes them all); a batch that mixes pairs with and
+    without a name is refused rather than filled in."""
+    names = {tuple(sorted(p.extras or {})) for p in batch}
+    if len(names) > 1:
+        raise ValueError(f"the pairs of one batch carry different per-pair values: {sorted(names)}")
+    keys = next(iter(names), ())
+    return {key: torch.tensor([p.extras[key] for p in batch], dtype=torch.float32) for key in keys}
+
+
 def collate_pairs(batch: list[TokenizedPair], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Rows 0..B-1 = prompt+chosen, rows B..2B-1 = prompt+rejected (same order), right-padded to the longest."""
     if not batch:
@@ -24,7 +35,12 @@ def collate_pairs(batch: list[TokenizedPair], pad_token_id: int) -> dict[str, to
         input_ids[row, :end] = torch.tensor(prompt + completion, dtype=torch.long)
         attention_mask[row, :end] = 1
         completion_mask[row, len(prompt) : end] = True
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "completion_mask": completion_mask,
+        **pair_values(batch),
+    }
 
 
 def collate_shared(
@@ -101,6 +117,7 @@ def collate_shared(
         "target_ids": torch.tensor(targets, dtype=torch.long),
         "target_seq": torch.tensor(seqs, dtype=torch.long),
         "n_pairs": torch.tensor(n_pairs),
+        **pair_values(batch),
     }
 
 

@@ -41,6 +41,8 @@ class PreferencePair:
     chosen: str | list[dict]
     rejected: str | list[dict]
     source: str  # "<file>:<where>", e.g. "pairs.jsonl:line 7" or "pairs.parquet:row 6 (0-based)"
+    # per-pair numbers an online round gives its loss (SPPO's win probabilities, XPO's reference side)
+    extras: dict[str, float] | None = None
 
 
 class _RowError(Exception):

@@ -16,6 +16,7 @@ class TokenizedPair:
     chosen_ids: list[int]  # the completion only; the prompt is prompt_ids
     rejected_ids: list[int]
     source: str  # "<file>:<row>"
+    extras: dict[str, float] | None = None  # per-pair numbers for the loss, from PreferencePair.extras
 
 
 def prompt_key(prompt: str | list[dict]) -> str:
@@ -151,7 +152,7 @@ def tokenize_pairs(
             chosen, rejected = chosen[:budget], rejected[:budget]
             stats["completions_truncated"] += 1
         stats["max_tokens"] = max(stats["max_tokens"], len(prompt) + max(len(chosen), len(rejected)))
-        out.append(TokenizedPair(prompt, chosen, rejected, pair.source))
+        out.append(TokenizedPair(prompt, chosen, rejected, pair.source, pair.extras))
     stats["pairs"] = len(out)
     return out, stats
 

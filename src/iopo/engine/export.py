@@ -7,7 +7,6 @@ import copy
 from pathlib import Path
 
 from iopo.core.logprobs import language_model
-from iopo.core.methods import METHODS
 from iopo.engine import sharding
 from iopo.engine.players import Player
 from iopo.engine.session import Session
@@ -38,7 +37,8 @@ def _export(cfg, accelerator, player: Player, tokenizer, out: Path) -> Path:
         inner = language_model(player.module)
         if full is not None and player.adapter is not None:
             # An unsharded copy of the LoRA model (base + adapters) to merge from, built on process 0 only.
-            inner = add_lora_adapters(load_model(cfg.model), cfg.model, list(METHODS[cfg.method].players))
+            adapters = list(language_model(player.module).peft_config)  # the players' (and a previous one)
+            inner = add_lora_adapters(load_model(cfg.model), cfg.model, adapters)
             inner.load_state_dict(full, strict=True)
         if player.adapter is None and full is not None:
             inner.save_pretrained(out, state_dict=full, safe_serialization=True)

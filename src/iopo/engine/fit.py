@@ -15,7 +15,7 @@ from iopo.core.logprobs import chosen_token_count
 from iopo.data.tokenize import TokenizedPair
 from iopo.engine import sharding
 from iopo.engine.batching import choose_batching
-from iopo.engine.players import Player, player_logps
+from iopo.engine.players import Blend, Player, env_logps, player_logps
 from iopo.engine.session import Session, gathered, micro_batch_indices, next_sample
 from iopo.io.runlog import mark_phase, write_record
 
@@ -34,15 +34,18 @@ class NonFiniteError(RuntimeError):
 
 def train_step(
     agent: Player,
-    env: Player | None,
+    env: Player | Blend | None,
     players: dict[str, Player],
     micro_batches: list[dict],
     loss_fn,
     accelerator,
     max_grad_norm: float | None,
     reduce: str = "pairs",
+    pair_values: tuple[str, ...] = (),
 ) -> dict[str, float]:
-    """One optimizer step of `agent` against `env` (the frozen other player, the reference, or None for SFT).
+    """One optimizer step of `agent` against `env` (the frozen other player, the reference, the previous policy, a
+    blend of them, or None for SFT). The loss also gets the batch's per-pair tensors named in `pair_values` (those
+    it carries) as keywords.
 
     The loss gives one value per pair; the step reduces them as the METHODS row says (`reduce`): "pairs", the mean
     over the step's pairs (weighted when the batches carry a per-pair "weight" tensor), or "chosen_tokens", the
@@ -66,7 +69,7 @@ def train_step(
             sync = nullcontext() if k == n_micro - 1 else accelerator.no_sync(agent.module)
         with sync:
             with sharding.autocast(accelerator, agent.module):
-                env_out = player_logps(env, batch, players, grad=False) if env is not None else {}
+                env_out = env_logps(env, batch, players) if env is not None else {}
                 agent_out = player_logps(agent, batch, players, grad=True)
             pair_losses, metrics = loss_fn(
                 agent_out["chosen_logps"],
@@ -75,6 +78,7 @@ def train_step(
                 env_out.get("rejected_logps"),
                 agent_out["chosen_lengths"],
                 agent_out["rejected_lengths"],
+                **{key: batch[key] for key in pair_values if key in batch},
             )
             loss = reduce_losses(pair_losses, batch, total, accelerator.num_processes)
             accelerator.backward(loss / n_micro if total is None else loss)
@@ -154,6 +158,7 @@ def fit(
                 accelerator,
                 cfg.optim.max_grad_norm,
                 session.method.reduce,
+                session.method.pair_values,
             )
         except NonFiniteError as e:
             kept = (

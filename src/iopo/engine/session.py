@@ -23,7 +23,7 @@ from iopo.core.methods import METHODS, Method, game_schedule
 from iopo.data.loading import tokenized_data
 from iopo.data.tokenize import TokenizedPair
 from iopo.engine import sharding
-from iopo.engine.players import Player, build_players
+from iopo.engine.players import Blend, Player, build_players
 from iopo.io import checkpoint, runfolder
 from iopo.io.log import get_logger, set_main_process
 from iopo.io.models import check_model, load_tokenizer
@@ -46,6 +46,7 @@ class Session:
     method: Method  # the METHODS row of cfg.method
     players: dict[str, Player]
     reference: Player | None
+    previous: Player | None  # online rounds of a "previous"/"mixed" env: the policy as the round began
     loss_fns: dict[str, object]  # per agent: the row's loss with its options for that agent
     global_batch: int
     total_steps: int  # of the whole run, for the logging of the last step
@@ -63,13 +64,21 @@ class Session:
         """The protagonist (IOPO) or the policy (baselines): the player that is exported and evaluated."""
         return next(iter(self.players.values()))
 
-    def env_of(self, agent: str) -> Player | None:
+    def env_of(self, agent: str) -> Player | Blend | None:
         """What the agent's loss measures it against, as its METHODS row says: the other player of a game, the
-        frozen reference, or nothing."""
+        frozen reference, the previous policy of an online round, a blend of the two (INPO), or nothing. Offline
+        (no previous policy) the previous policy is the starting model, and so is the blend."""
         env = self.method.env
         if env == "other":
             return self.players[self.method.other(agent)]
-        return self.reference if env == "reference" else None
+        if env == "none":
+            return None
+        if self.previous is None or env == "reference":
+            return self.reference
+        if env == "previous":
+            return self.previous
+        weight = self.method.mix(self.cfg)
+        return Blend(((weight, self.reference), (1.0 - weight, self.previous)))
 
 
 def has_accelerator() -> bool:
@@ -182,12 +191,14 @@ def open_session(
     tokenizer,
     schedule: list[tuple[str, int]],
     resume_dir: Path | None = None,
+    rounds: bool = False,
 ) -> Session:
     """Players (from the starting model, or from the checkpoint `resume_dir` with its optimizer, scheduler and RNG
     states, step and data position), each with its own optimizer and a scheduler over its own steps of `schedule`
-    (the whole run's)."""
+    (the whole run's). `rounds`: an online run, whose training each round may measure the policy against the
+    policy as the round began (the METHODS row's env)."""
     method = METHODS[cfg.method]
-    players, reference = build_players(cfg, method, accelerator, resume_dir)
+    players, reference, previous = build_players(cfg, method, accelerator, resume_dir, rounds)
     global_batch = cfg.optim.batch_size * accelerator.num_processes
     for player in players.values():
         own_steps = sum(agent == player.name for agent, _ in schedule)
@@ -207,6 +218,7 @@ def open_session(
         method=method,
         players=players,
         reference=reference,
+        previous=previous,
         loss_fns={name: agent_loss(cfg, name) for name in players},
         global_batch=global_batch,
         total_steps=len(schedule),

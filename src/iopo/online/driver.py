@@ -24,9 +24,10 @@ from iopo.config import ConfigError, OnlineConfig, changed_settings, dump_config
 from iopo.core.logprobs import language_model
 from iopo.core.methods import METHODS, ONLINE_METHODS
 from iopo.data.formats import PreferencePair
-from iopo.data.loading import load_split, pick_split, unique_prompts, write_rejects
+from iopo.data.loading import load_split, pick_split, prompt_id, unique_prompts, write_rejects
 from iopo.data.tokenize import tokenize_pairs
-from iopo.engine.players import acting
+from iopo.engine.players import BASE, acting
+from iopo.engine.refcache import starting_weights_digest
 from iopo.engine.scoring import starting_logps
 from iopo.engine.session import open_accelerator, open_session, open_tokenizer, round_schedule
 from iopo.eval.generate import generate_answers
@@ -53,6 +54,7 @@ ROUND_FILES = (
     "pairs.jsonl",
     "scores.json",
     "score_generations.jsonl",
+    "reference_generations.jsonl",
     "reference_logps.pt",
 )
 
@@ -164,7 +166,12 @@ class Online:
             "train_pairs": len(self.human_pairs),
             "test_pairs": len(self.test_pairs),
         }
-        self.pool = unique_prompts(pick_split(train, test, cfg.prompt_split))
+        pool_pairs = pick_split(train, test, cfg.prompt_split)
+        self.pool = unique_prompts(pool_pairs)
+        # SPIN's chosen answer to a prompt: the data's (the chosen answer of the prompt's first pair)
+        self.data_answers: dict[str, object] = {}
+        for pair in pool_pairs:
+            self.data_answers.setdefault(prompt_id(pair.prompt), pair.chosen)
         self.raw_human = train
         self.score_prompts = unique_prompts(test)[: cfg.score_prompts]
         online = ONLINE_METHODS[cfg.method]
@@ -196,7 +203,7 @@ class Online:
             damage = checkpoint.damage_of(resume_dir)
             if damage:
                 raise ConfigError(f"{resume_dir} is damaged ({damage}); start over with overwrite=true")
-        self.session = open_session(tcfg, self.accelerator, self.tokenizer, schedule, resume_dir)
+        self.session = open_session(tcfg, self.accelerator, self.tokenizer, schedule, resume_dir, rounds=True)
         self.session.metrics_file = self.run / "metrics.jsonl"
         self.session.writer = tensorboard_writer(tcfg.tensorboard, self.run)
         if resume_dir is not None:
@@ -254,9 +261,10 @@ class Online:
         if lock is not None:
             lock.release()
 
-    def generate(self, prompts: list[dict], gen, output: Path, label: str) -> list[dict]:
-        """The current policy's answers (what `output` lacks is generated), n per prompt, in prompt order."""
-        policy = self.session.policy
+    def generate(self, prompts: list[dict], gen, output: Path, label: str, player=None) -> list[dict]:
+        """The current policy's answers (or `player`'s: the starting model's), what `output` lacks generated, n per
+        prompt, in prompt order."""
+        policy = player or self.session.policy
         with acting(policy, self.session.players):
             model = language_model(policy.module)
             was_training = model.training
@@ -264,7 +272,10 @@ class Online:
             use_cache = getattr(model.config, "use_cache", None)
             model.config.use_cache = True
             try:
-                fingerprint = model_fingerprint(model)
+                if policy.adapter == BASE:  # the shared base, its adapters disabled: the starting weights
+                    fingerprint = starting_weights_digest(model)[:16]
+                else:
+                    fingerprint = model_fingerprint(model)
                 engine = self.vllm_engine() if gen.engine == "vllm" else None
                 if engine is not None:
                     engine.load_weights(model, fingerprint)
@@ -429,16 +440,31 @@ class Online:
     def reference_name(self) -> str:
         """What the round's training measures the policy against, as its manifest records it."""
         online = ONLINE_METHODS[self.cfg.method]
-        env = METHODS[online.trains].env
-        if env == "other":
+        method = METHODS[online.trains]
+        if method.env == "other":
             return "the other player (the game)"
+        if method.env == "previous":
+            return "previous_round"
+        if method.env == "mixed":
+            share = method.mix(self.cfg)
+            return f"{share:g} x initial + {1 - share:g} x previous_round"
         return self.cfg.reference if online.own_pairs else "initial"
 
+    @property
+    def answers_per_prompt(self) -> int:
+        """The answers a round judges per prompt: the policy's n, and the starting model's one where the method
+        asks for it (XPO)."""
+        return self.cfg.generation.n + int(ONLINE_METHODS[self.cfg.method].reference_answer)
+
     def generate_records(self, folder: Path) -> list[dict]:
-        """The round's answers in prompt order (n per prompt), from its generations.jsonl."""
-        return answers_of(
-            folder / "generations.jsonl", read_jsonl(folder / "prompts.jsonl"), self.cfg.generation.n
-        )
+        """The round's answers in prompt order, answers_per_prompt per prompt: the policy's n from generations.jsonl
+        (then the starting model's from reference_generations.jsonl, XPO)."""
+        prompts, n = read_jsonl(folder / "prompts.jsonl"), self.cfg.generation.n
+        own = answers_of(folder / "generations.jsonl", prompts, n)
+        if not ONLINE_METHODS[self.cfg.method].reference_answer:
+            return own
+        reference = answers_of(folder / "reference_generations.jsonl", prompts, 1)
+        return [a for p in range(len(prompts)) for a in own[p * n : (p + 1) * n] + [reference[p]]]
 
     def prune_checkpoints(self, k: int) -> None:
         keep = self.cfg.keep_checkpoints

@@ -129,3 +129,137 @@ def human_rows(human: list, per_round: int, seed: int, k: int) -> list[dict]:
         }
         for i in picked
     ]
+
+
+# ---------------------------------------------------------------- SPPO: win probabilities against the policy
+
+
+def _pair_probability(first: dict, second: dict) -> float | None:
+    """P(answer i beats answer j) from a pairwise judge's two orders (i shown first, then second): the mean of the
+    probability of i in each order when the judge gives probabilities (a local judge), else of the verdicts (win 1,
+    tie 1/2, lose 0); None when either order is invalid."""
+    if not (first.get("valid") and second.get("valid")):
+        return None
+    if all(isinstance(r.get("p_a"), (int, float)) for r in (first, second)):
+        return (first["p_a"] + (1.0 - second["p_a"])) / 2
+    value = {"A": 1.0, "tie": 0.5, "B": 0.0}
+    return (value[first["winner"]] + (1.0 - value[second["winner"]])) / 2
+
+
+def _score_probability(score_i: float, score_j: float, verdict: str) -> float:
+    """P(answer i beats answer j) from two scores: Bradley-Terry sigma(r_i - r_j) for a reward model's scores
+    ("gap"), else a rubric's comparison (higher 1, equal 1/2, lower 0)."""
+    if verdict == "gap":
+        return 1.0 / (1.0 + math.exp(-(score_i - score_j)))
+    return 1.0 if score_i > score_j else 0.5 if score_i == score_j else 0.0
+
+
+def win_probabilities(rows: list[dict], n: int, verdict: str = "gap") -> list[float | None]:
+    """SPPO's P-hat(y_i > pi_t) for each of a prompt's n answers, the K answers being samples of pi_t: as the SPPO
+    authors' compute_prob.py, the mean of P(y_i > y_j) over all K answers j, the answer itself included at 1/2
+    (over the answers with a valid comparison, and itself). `rows` are the prompt's judgments (score or pairwise,
+    as select_pairs reads them). An answer with no valid comparison gets None."""
+    if rows and rows[0]["kind"] == "score":
+        scores = {r["answer"]: r["result"].get("score") for r in rows if r["result"].get("valid")}
+        table = {
+            (i, j): _score_probability(scores[i], scores[j], verdict)
+            for i in scores
+            for j in scores
+            if i != j
+        }
+    else:
+        verdicts = {(r["answer"], r["other"]): r["result"] for r in rows}
+        table = {}
+        for (i, j), first in verdicts.items():
+            if (j, i) in verdicts:
+                p = _pair_probability(first, verdicts[j, i])
+                if p is not None:
+                    table[i, j] = p
+    out: list[float | None] = []
+    for i in range(n):
+        seen = [table[i, j] for j in range(n) if (i, j) in table]
+        out.append((sum(seen) + 0.5) / (len(seen) + 1) if seen else None)
+    return out
+
+
+def sppo_pairs(
+    answers: list[dict], judged: list[dict], n: int, verdict: str = "gap"
+) -> tuple[list[dict], dict]:
+    """SPPO's pairs of a round (as its authors build them): per prompt, the answer with the highest estimated win
+    probability against the policy as chosen and the lowest as rejected, each carrying its P-hat (extras
+    chosen_win, rejected_win) for the soft loss. A prompt whose answers are all the same text, or with fewer than
+    two answers that have a P-hat, makes no pair. Returns (pair rows, facts)."""
+    by_prompt: dict[int, list[dict]] = {}
+    for row in judged:
+        by_prompt.setdefault(row["prompt"], []).append(row)
+    pairs, unusable = [], 0
+    for p, rows in sorted(by_prompt.items()):
+        mine = answers[p * n : (p + 1) * n]
+        wins = win_probabilities(rows, n, verdict)
+        known = [(w, i) for i, w in enumerate(wins) if w is not None]
+        # the first answer among equals: max/min over (P-hat, -index) and (P-hat, index)
+        best = max(known, key=lambda t: (t[0], -t[1]), default=None)
+        worst = min(known, key=lambda t: (t[0], t[1]), default=None)
+        if len(known) < 2 or mine[best[1]]["answer"] == mine[worst[1]]["answer"]:
+            unusable += 1
+            continue
+        a, b = mine[best[1]], mine[worst[1]]
+        pairs.append(
+            {
+                "prompt": a["prompt"],
+                "chosen": completion(a["prompt"], a["answer"]),
+                "rejected": completion(a["prompt"], b["answer"]),
+                "prompt_id": a["prompt_id"],
+                "extras": {"chosen_win": best[0], "rejected_win": worst[0]},
+                "origin": "judge",
+            }
+        )
+    facts = {"prompts": len(by_prompt), "kept": len(pairs), "unusable_prompts": unusable}
+    return pairs, facts
+
+
+# ---------------------------------------------------------------- SPIN: the data's answer against the policy's own
+
+
+def self_play_pairs(answers: list[dict], data_answers: dict[str, object]) -> tuple[list[dict], dict]:
+    """SPIN's pairs of a round: chosen = the data's answer to the prompt (`data_answers`, by prompt id, as a
+    completion), rejected = each of the policy's own answers to it. An own answer equal to the data's makes no pair
+    (counted)."""
+    pairs, same = [], 0
+    for a in answers:
+        data = data_answers[a["prompt_id"]]
+        own = completion(a["prompt"], a["answer"])
+        if own == data:
+            same += 1
+            continue
+        pairs.append(
+            {
+                "prompt": a["prompt"],
+                "chosen": data,
+                "rejected": own,
+                "prompt_id": a["prompt_id"],
+                "origin": "self-play",
+            }
+        )
+    return pairs, {"answers": len(answers), "kept": len(pairs), "same_as_data": same}
+
+
+# ---------------------------------------------------------------- XPO: the policy's answer against the reference's
+
+
+def exploration_pairs(
+    answers: list[dict], judged: list[dict], n: int, tie_margin: float = 0.0
+) -> tuple[list[dict], dict]:
+    """XPO's pairs of a round: per prompt, the policy's answers and, last of the prompt's n, the starting model's;
+    the judge's separated pair (select_pairs' rule, every one kept), with extras reference_side = 1 when the
+    reference's answer is the chosen one, 0 when it is the rejected one, 1/2 when the pair holds none of it (two
+    policy answers). A tie makes no pair: it holds no preference."""
+    rows, facts = select_pairs(answers, judged, n, 1.0, tie_margin)
+    reference = {a["prompt_id"]: completion(a["prompt"], a["answer"]) for a in answers[n - 1 :: n]}
+    for row in rows:
+        ref = reference[row["prompt_id"]]
+        row["extras"] = {
+            "reference_side": 1.0 if row["chosen"] == ref else 0.0 if row["rejected"] == ref else 0.5
+        }
+    facts["reference_chosen"] = sum(row["extras"]["reference_side"] == 1.0 for row in rows)
+    return rows, facts

@@ -28,7 +28,13 @@ from iopo.io.jsonio import read_jsonl, write_json, write_jsonl
 from iopo.io.log import get_logger
 from iopo.io.runlog import progress_bar
 from iopo.online.files import Manifest, file_hash
-from iopo.online.pairs import human_rows, select_pairs
+from iopo.online.pairs import (
+    exploration_pairs,
+    human_rows,
+    select_pairs,
+    self_play_pairs,
+    sppo_pairs,
+)
 
 log = get_logger(__name__)
 
@@ -61,6 +67,25 @@ def stage_generate(run, k: int, folder: Path, manifest: Manifest) -> dict:
     }
 
 
+def stage_reference_answers(run, k: int, folder: Path, manifest: Manifest) -> dict:
+    """One answer per prompt from the starting model (XPO's y_ref), at the round's generation settings."""
+    prompts = read_jsonl(folder / "prompts.jsonl")
+    # A seed of its own: in round 1 the policy is still the starting model, and the same seed would give it the
+    # same answers (no pair); OAT samples the two from separate engines.
+    seed = run.cfg.generation.seed + k + REFERENCE_SEED_OFFSET
+    gen = run.cfg.generation.model_copy(update={"seed": seed, "n": 1})
+    output = folder / "reference_generations.jsonl"
+    records = run.generate(prompts, gen, output, f"reference-round{k}", player=run.session.reference)
+    return {
+        "answers": len(records),
+        "completion_tokens": sum(r["completion_tokens"] for r in records),
+        "seed": seed,
+    }
+
+
+REFERENCE_SEED_OFFSET = 1_000_003  # the reference's answers are sampled with generation.seed + k + this
+
+
 def annotation_mode(run, judge, jcfg) -> str:
     """How the judge labels the answers: annotate_by, or under auto its type's way (a reward model scores)."""
     mode = run.cfg.annotate_by
@@ -74,18 +99,18 @@ def annotation_mode(run, judge, jcfg) -> str:
 def annotation_items(run, folder: Path, mode: str) -> tuple[list[tuple], list[tuple]]:
     """(items to judge, what each item is: (prompt index, answer i, answer j or None))."""
     prompts = read_jsonl(folder / "prompts.jsonl")
-    gen = run.cfg.generation
+    n = run.answers_per_prompt
     records = run.generate_records(folder)
     items, what = [], []
     for p in range(len(prompts)):
-        answers = records[p * gen.n : (p + 1) * gen.n]
+        answers = records[p * n : (p + 1) * n]
         if mode == "score":
             for i, r in enumerate(answers):
                 items.append((r["prompt"], r["answer"]))
                 what.append((p, i, None))
         else:
-            for i in range(gen.n):
-                for j in range(i + 1, gen.n):
+            for i in range(n):
+                for j in range(i + 1, n):
                     a, b = answers[i], answers[j]
                     items.append((a["prompt"], a["answer"], b["answer"]))
                     what.append((p, i, j))
@@ -123,7 +148,7 @@ def stage_pairs(run, k: int, folder: Path, manifest: Manifest) -> dict:
     judge = cfg.judge
     tie_margin = judge.tie_margin if judge.facts.score_verdict == "gap" else 0.0
     answers, judged = run.generate_records(folder), read_jsonl(folder / "judgments.jsonl")
-    rows, facts = select_pairs(answers, judged, cfg.generation.n, cfg.keep_ratio, tie_margin)
+    rows, facts = select_pairs(answers, judged, run.answers_per_prompt, cfg.keep_ratio, tie_margin)
     human = human_rows(run.raw_human, cfg.human_pairs_per_round, cfg.seed, k)
     write_jsonl(folder / "pairs.jsonl", rows + human)
     return {
@@ -136,6 +161,38 @@ def stage_pairs(run, k: int, folder: Path, manifest: Manifest) -> dict:
     }
 
 
+def stage_win_rates(run, k: int, folder: Path, manifest: Manifest) -> dict:
+    """SPPO's pairs: per prompt the answers with the highest and lowest estimated win probability against the
+    policy (iopo.online.pairs.sppo_pairs), each with its probability for the soft loss; plus human pairs (the hard
+    form: probabilities 1 and 0)."""
+    cfg = run.cfg
+    answers, judged = run.generate_records(folder), read_jsonl(folder / "judgments.jsonl")
+    rows, facts = sppo_pairs(answers, judged, run.answers_per_prompt, cfg.judge.facts.score_verdict)
+    human = human_rows(run.raw_human, cfg.human_pairs_per_round, cfg.seed, k)
+    for row in human:
+        row["extras"] = {"chosen_win": 1.0, "rejected_win": 0.0}
+    write_jsonl(folder / "pairs.jsonl", rows + human)
+    return {**facts, "human": len(human), "sha256": file_hash(folder / "pairs.jsonl")}
+
+
+def stage_self_pairs(run, k: int, folder: Path, manifest: Manifest) -> dict:
+    """SPIN's pairs: the data's answer to each prompt (chosen) against each of the policy's own answers."""
+    rows, facts = self_play_pairs(run.generate_records(folder), run.data_answers)
+    write_jsonl(folder / "pairs.jsonl", rows)
+    return {**facts, "sha256": file_hash(folder / "pairs.jsonl")}
+
+
+def stage_explore_pairs(run, k: int, folder: Path, manifest: Manifest) -> dict:
+    """XPO's pairs: the policy's answer against the starting model's, as the judge separates them, each marked
+    with the side the reference's answer is on (the loss's exploration term)."""
+    judge = run.cfg.judge
+    tie_margin = judge.tie_margin if judge.facts.score_verdict == "gap" else 0.0
+    answers, judged = run.generate_records(folder), read_jsonl(folder / "judgments.jsonl")
+    rows, facts = exploration_pairs(answers, judged, run.answers_per_prompt, tie_margin)
+    write_jsonl(folder / "pairs.jsonl", rows)
+    return {**facts, "sha256": file_hash(folder / "pairs.jsonl")}
+
+
 def stage_train(run, k: int, folder: Path, manifest: Manifest) -> dict:
     """The round's optimizer steps, on its own pairs (a judged method: a new data stream each round) or on the
     human pairs (the stream going on), then the round's checkpoint."""
@@ -143,7 +200,9 @@ def stage_train(run, k: int, folder: Path, manifest: Manifest) -> dict:
     if ONLINE_METHODS[cfg.method].own_pairs:
         rows = read_jsonl(folder / "pairs.jsonl")
         raw = [
-            PreferencePair(r["prompt"], r["chosen"], r["rejected"], f"{folder / 'pairs.jsonl'}:{n}")
+            PreferencePair(
+                r["prompt"], r["chosen"], r["rejected"], f"{folder / 'pairs.jsonl'}:line {n}", r.get("extras")
+            )
             for n, r in enumerate(rows, 1)
         ]
         lengths = {"max_length": cfg.data.max_length, "max_prompt_length": cfg.data.max_prompt_length}
@@ -154,6 +213,8 @@ def stage_train(run, k: int, folder: Path, manifest: Manifest) -> dict:
             copy_weights(session.policy, session.reference)
     else:
         pairs, rejects = run.human_pairs, []  # the stream continues over the human pairs
+    if session.previous is not None:  # pi_t: the policy as this round's training begins (also after a resume)
+        copy_weights(session.policy, session.previous)
     schedule = run.round_schedules[k - 1]
     if not pairs:
         log.info(f"round {k}: no pairs to train on; the policy stays as it is")
@@ -254,6 +315,10 @@ STAGES = {
     "generate": stage_generate,
     "judge": stage_judge,
     "pairs": stage_pairs,
+    "win_rates": stage_win_rates,
+    "self_pairs": stage_self_pairs,
+    "reference_answers": stage_reference_answers,
+    "explore_pairs": stage_explore_pairs,
     "train": stage_train,
     "score": stage_score,
 }
