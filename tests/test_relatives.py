@@ -379,6 +379,7 @@ def test_each_relative_runs_online_and_leaves_its_pairs(work, tmp_path, method):
     )
     pairs = read_rows(tmp_path / "run" / "round_1" / "pairs.jsonl")
     assert pairs, "a round without pairs trains nothing"
+    assert summary["rounds"][0]["pairs"]["kept"] == len(pairs)  # online.json reads the relative's pair stage
     if method == "sppo":  # P-hat of the chosen answer is the larger one, each within (0, 1)
         assert all(0 < p["extras"]["rejected_win"] <= p["extras"]["chosen_win"] < 1 for p in pairs)
     if method == "spin":  # chosen = the data's answer to the prompt

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from iopo.config import OnlineConfig
 from iopo.core.formatting import number
+from iopo.core.methods import PAIR_STAGES
 
 
 def summarize(run: Path, cfg: OnlineConfig | None, status: str) -> dict:
@@ -32,8 +33,11 @@ def summarize(run: Path, cfg: OnlineConfig | None, status: str) -> dict:
                 "annotation": _ledger_total(annotate),
                 "scoring": _ledger_total(scoring),
                 "stage_seconds": {name: s.get("seconds") for name, s in stages.items() if s.get("done")},
-                "pairs": {
-                    k: v for k, v in stages.get("pairs", {}).items() if k in ("separated", "kept", "human")
+                "pairs": {  # what the round's pair stage (Iter-DPO's, or a relative's) made
+                    k: v
+                    for stage in PAIR_STAGES
+                    for k, v in stages.get(stage, {}).items()
+                    if k in ("separated", "kept", "human")
                 },
                 "trained_pairs": stages.get("train", {}).get("pairs"),
                 "steps": stages.get("train", {}).get("steps"),
