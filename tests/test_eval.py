@@ -151,14 +151,15 @@ def test_train_rm_saves_a_standard_reward_model_and_reports_accuracy(work):
 
     # The held-out accuracy in eval.json is what the saved model gives.
     from iopo.data import load_training_data
-    from iopo.engine.reward import heldout_accuracy
+    from iopo.engine.reward import PairRewards, heldout_accuracy
 
     cfg = load_config(rm / "config.yaml", schema=__import__("iopo.config").config.TrainRMConfig)
     from iopo.io.models import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model)
     _, test, _ = load_training_data(cfg.data, tokenizer, None)
-    again = heldout_accuracy(model, test, 4, tokenizer.pad_token_id, "cpu")
+    # read as transformers reads a right-padded row (its plain forward), the reward model trained on shared batches
+    again = heldout_accuracy(PairRewards(model), test, 4, tokenizer.pad_token_id, "cpu")
     assert again["pairwise_accuracy"] == result["pairwise_accuracy"]
     assert again["margins"] == pytest.approx(result["margins"], abs=1e-4)
 
@@ -309,6 +310,33 @@ def test_eval_of_a_run_folder_takes_its_data_and_starting_model(work, tmp_path):
     # Standalone metrics equal the end-of-training ones: same split, same reference (the starting model).
     assert result["metrics"]["run"]["margin_reward"] == pytest.approx(trained["margin_reward"], abs=1e-5)
     assert result["metrics"]["run"]["pairwise_accuracy"] == trained["pairwise_accuracy"]
+    # ... and their log-probs were read from the training run, not computed again: the exported policy's and the
+    # starting model's, keyed by the weights the eval loaded (the same fingerprint as the trained ones)
+    kept = sorted((tmp_path / "run" / "logps").glob("*.pt"))
+    assert len(kept) == 2
+    assert result["metrics"]["run"]["logps_source"] in map(str, kept)
+    assert result["baseline_logps_source"] in map(str, kept)
+    assert result["metrics"]["run"]["logps_source"] != result["baseline_logps_source"]
+
+    # Computed afresh (the run's kept files gone, a new eval folder): the same numbers, to float rounding; a
+    # repeated eval in that folder reads its own.
+    for path in kept:
+        path.unlink()
+    args = [
+        "eval",
+        str(tmp_path / "run"),
+        "generation.max_new_tokens=4",
+        "progress_bar=false",
+        "bootstrap=50",
+    ]
+    assert iopo_main([*args, f"output_dir={tmp_path / 'ev2'}"]) == 0
+    fresh = json.loads((tmp_path / "ev2" / "eval.json").read_text())
+    assert fresh["metrics"]["run"]["logps_source"] == fresh["baseline_logps_source"] == "computed"
+    assert fresh["metrics"]["run"]["margins"] == pytest.approx(result["metrics"]["run"]["margins"], abs=1e-4)
+    assert iopo_main([*args, f"output_dir={tmp_path / 'ev2'}"]) == 0
+    again = json.loads((tmp_path / "ev2" / "eval.json").read_text())
+    assert again["metrics"]["run"]["logps_source"].startswith(str(tmp_path / "ev2" / "logps"))
+    assert again["metrics"]["run"]["margins"] == fresh["metrics"]["run"]["margins"]
 
 
 def test_eval_errors_are_one_line(work, tmp_path, capsys):

@@ -21,6 +21,7 @@ from iopo.core.formatting import rate, rate_interval
 from iopo.core.losses import offline_metrics
 from iopo.data.loading import load_split, pick_split, unique_prompts
 from iopo.data.tokenize import tokenize_pairs
+from iopo.engine import refcache
 from iopo.engine.scoring import model_logps
 from iopo.eval.generate import answers_file, generate_answers
 from iopo.eval.judges import build_judge
@@ -72,20 +73,32 @@ def resolve_eval_inputs(cfg: EvalConfig):
 
 
 def _model_metrics(
-    model, tokenizer, pair_tokens, ref_logps, beta: float, cfg: EvalConfig, label: str
+    model, tokenizer, pair_tokens, ref_logps, beta: float, cfg: EvalConfig, label: str, stores: list[Path]
 ) -> dict:
-    """The model's test log-probs (the baseline: ref_logps None) or its implicit-reward metrics against them."""
-    progress = f"log-probs {label}" if cfg.progress_bar else None
-    logps = model_logps(model, tokenizer, pair_tokens, cfg.batch_size, cfg.dtype != "float32", progress)
+    """The model's test log-probs (the baseline: ref_logps None) or its implicit-reward metrics against them.
+
+    The log-probs are read, not computed, when a store holds them for these weights, precision and pairs (this
+    eval folder's logps/ from an earlier eval, or the run folder's from its training: refcache.logps_key); computed
+    ones are kept in the eval folder (stores[0])."""
+    key = refcache.logps_key(model_fingerprint(model), cfg.dtype, pair_tokens)
+    logps, where = refcache.read_logps(stores, key, len(pair_tokens))
+    if logps is not None:
+        log.info(f"log-probs of {label} on the {len(pair_tokens)} pairs: reused {where}")
+    else:
+        progress = f"log-probs {label}" if cfg.progress_bar else None
+        logps = model_logps(model, tokenizer, pair_tokens, cfg.batch_size, cfg.dtype != "float32", progress)
+        refcache.write_logps(stores[0], key, logps)
+    source = str(where) if where is not None else "computed"
     if ref_logps is None:
-        return logps
-    return offline_metrics(
+        return {**logps, "source": source}
+    metrics = offline_metrics(
         logps["chosen_logps"],
         logps["rejected_logps"],
         ref_logps["chosen_logps"],
         ref_logps["rejected_logps"],
         beta,
     )
+    return {**metrics, "logps_source": source}
 
 
 def evaluate(cfg: EvalConfig) -> dict:
@@ -139,6 +152,8 @@ def _evaluate(cfg: EvalConfig, models, baseline, pairs, data_report, out_dir: Pa
         "judges": {},
     }
     answers: dict[str, list[dict]] = {}
+    # where log-probs may already be: this eval folder, then the run folders the models come from
+    stores = [out_dir] + [Path(m.spec) for m in models if m.run_config and Path(m.spec).is_dir()]
     store = Store(out_dir / "store.sqlite")
     try:
         ref_logps, pair_tokens, base_tokenizer = None, None, None
@@ -155,14 +170,17 @@ def _evaluate(cfg: EvalConfig, models, baseline, pairs, data_report, out_dir: Pa
                     }
                     pair_tokens, _ = tokenize_pairs(pairs, tokenizer, **lengths, rejects=[])
                 if source is baseline:
-                    ref_logps = _model_metrics(model, tokenizer, pair_tokens, None, beta, cfg, source.label)
+                    ref_logps = _model_metrics(
+                        model, tokenizer, pair_tokens, None, beta, cfg, source.label, stores
+                    )
+                    results["baseline_logps_source"] = ref_logps["source"]
                 elif tokenizer.get_vocab() != base_tokenizer.get_vocab():
                     results["metrics"][source.label] = {
                         "skipped": "its tokenizer differs from the baseline's"
                     }
                 else:
                     metrics = _model_metrics(
-                        model, tokenizer, pair_tokens, ref_logps, beta, cfg, source.label
+                        model, tokenizer, pair_tokens, ref_logps, beta, cfg, source.label, stores
                     )
                     metrics["fingerprint"] = fingerprint
                     results["metrics"][source.label] = metrics

@@ -17,7 +17,7 @@ from iopo.data.loading import keep_rejects
 from iopo.engine.batching import choose_batching
 from iopo.engine.export import export_policy
 from iopo.engine.fit import fit, log_eval
-from iopo.engine.scoring import policy_metrics, starting_logps
+from iopo.engine.scoring import keep_logps, policy_metrics, starting_logps
 from iopo.engine.session import (
     Session,
     build_schedule,
@@ -78,16 +78,19 @@ def _train(cfg: TrainConfig, accelerator, tokenizer, train_pairs, test_pairs, re
     evaluated = (cfg.eval_at_end or cfg.eval_steps) and test_pairs
     # The starting model's test log-probs, once (so no third copy of the model is kept).
     eval_ref = starting_logps(session, test_pairs, run_dir / "eval_reference_logps.pt") if evaluated else None
+    if eval_ref is not None and session.step == 0:  # the policy is the starting model: its key is the start's
+        keep_logps(session, run_dir, test_pairs, eval_ref)
     session.writer = tensorboard_writer(cfg.tensorboard, run_dir, accelerator.is_main_process)
     session.metrics_file = run_dir / "metrics.jsonl"
     session.bar = progress_bar(
         cfg.progress_bar, len(schedule), session.step, cfg.method, is_main=accelerator.is_main_process
     )
 
-    def test_metrics(label: str | None) -> dict:
-        """Margin reward and pairwise accuracy of the protagonist/policy vs the starting model on the test split."""
+    def test_metrics(label: str | None, keep: bool = False) -> dict:
+        """Margin reward and pairwise accuracy of the protagonist/policy vs the starting model on the test split
+        (`keep`: the policy's log-probs kept for `iopo eval` of the export)."""
         mark_phase(f"eval at step {session.step}")
-        return policy_metrics(session, test_pairs, eval_ref, label)
+        return policy_metrics(session, test_pairs, eval_ref, label, run_dir if keep else None)
 
     # --- the optimizer steps
     try:
@@ -113,7 +116,7 @@ def _train(cfg: TrainConfig, accelerator, tokenizer, train_pairs, test_pairs, re
         log.info(f"exported {policy.name} to {export_policy(session, run_dir / 'final')}")
     results: dict = {}
     if eval_ref is not None:
-        results = test_metrics(f"eval {policy.name}" if cfg.progress_bar else None)
+        results = test_metrics(f"eval {policy.name}" if cfg.progress_bar else None, keep=cfg.export)
         log_eval(session, session.step, results)
     if session.writer is not None:
         session.writer.close()

@@ -61,7 +61,7 @@ def _train_rm(cfg: TrainRMConfig, accelerator, tokenizer, train_pairs, test_pair
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         final = run_dir / "final"
-        inner = accelerator.unwrap_model(model)
+        inner = accelerator.unwrap_model(model).model
         if cfg.model.lora:
             inner = inner.merge_and_unload()
         inner.save_pretrained(final, safe_serialization=True)

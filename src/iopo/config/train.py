@@ -313,6 +313,12 @@ class TrainRMConfig(Part):
     data: DataConfig = Field(default_factory=DataConfig)
     optim: RMOptimConfig = Field(default_factory=RMOptimConfig)
     output_dir: str = Field("runs/rm", min_length=1, description="Run folder; the model goes to final/.")
+    batching: Literal["auto", "shared", "plain"] = Field(
+        "auto",
+        description="As iopo train's: shared computes each pair's prompt once and packs pairs into rows of up to "
+        "2 x data.max_length tokens, the head reading each answer's last token; auto uses it when the model allows "
+        "it and the first batch's rewards agree with the plain forward's.",
+    )
     seed: int = Field(42, ge=0, lt=2**32)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     logging_steps: int = Field(1, gt=0)

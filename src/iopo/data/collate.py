@@ -54,9 +54,11 @@ def collate_shared(
     block, positions restarting at 0) up to that many tokens, so little is padding; else one pair per row.
 
     Returns input_ids and position_ids (N, T); attention_mask (N, 1, T, T) bool, True where a query (row) may
-    attend a key (column); and the completion-token table: target_index (M,) the flat index (row * T + t) of the
+    attend a key (column); the completion-token table: target_index (M,) the flat index (row * T + t) of the
     position whose output predicts each completion token, target_ids (M,), target_seq (M,) in [0, 2B) - pair i's
-    chosen is i, its rejected B + i - in the same order as collate_pairs' rows.
+    chosen is i, its rejected B + i - in the same order as collate_pairs' rows; and last_index (2B,), the flat index
+    of each sequence's last token that is not the pad token (where transformers' sequence-classification head reads
+    a right-padded row: a reward model's score), in the same order.
     """
     if not batch:
         raise ValueError("collate_shared needs at least one pair")
@@ -82,6 +84,7 @@ def collate_shared(
     )  # which pair a position belongs to (-1: padding)
     branch = torch.zeros((n_rows, width), dtype=torch.long)  # 0 prompt, 1 chosen, 2 rejected
     index, targets, seqs = [], [], []
+    last = [0] * (2 * n_pairs)
     for r, members in enumerate(rows):
         start = 0
         for i in members:
@@ -101,6 +104,11 @@ def collate_shared(
             index += [base + p - 1] + [base + p + c + k - 1 for k in range(1, j)] if j else []
             targets += pair.chosen_ids + pair.rejected_ids
             seqs += [i] * c + [n_pairs + i] * j
+            # where a sequence-classification head reads each sequence: its last token that is not padding
+            k = _last_kept(pair.prompt_ids + pair.chosen_ids, pad_token_id)
+            last[i] = base + k
+            k = _last_kept(pair.prompt_ids + pair.rejected_ids, pad_token_id)
+            last[n_pairs + i] = base + (k if k < p else c + k)  # rejected tokens sit after the chosen ones
             start = end
     same = block[:, :, None] == block[:, None, :]  # (N, T, T)
     causal = torch.ones(width, width, dtype=torch.bool).tril()
@@ -117,8 +125,17 @@ def collate_shared(
         "target_ids": torch.tensor(targets, dtype=torch.long),
         "target_seq": torch.tensor(seqs, dtype=torch.long),
         "n_pairs": torch.tensor(n_pairs),
+        "last_index": torch.tensor(last, dtype=torch.long),
         **pair_values(batch),
     }
+
+
+def _last_kept(ids: list[int], pad_token_id: int) -> int:
+    """The index of the last token of `ids` that is not the pad token (0 when all are)."""
+    k = len(ids) - 1
+    while k > 0 and ids[k] == pad_token_id:
+        k -= 1
+    return k
 
 
 def pad_sequences(

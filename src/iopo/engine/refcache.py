@@ -79,3 +79,47 @@ def reference_logps(session, test_pairs, compute: Callable[[], dict]) -> dict:
         torch.save(result, tmp)
         os.replace(tmp, path)
     return result
+
+
+# ---------------------------------------------------------------- a model's test log-probs, by weights and pairs
+
+LOGPS_FOLDER = (
+    "logps"  # in a run folder (written by `iopo train`) and an eval folder (written by `iopo eval`)
+)
+
+
+def logps_key(fingerprint: str, dtype: str, pairs) -> str:
+    """The key of a model's log-probs of `pairs`: its weights' fingerprint (iopo.io.models.model_fingerprint: names,
+    shapes, dtypes and bytes), the precision they were computed in, the pairs' token ids and torch's version. The
+    batching is not in it: the layouts give the same numbers up to float rounding (checked at 1e-4 when chosen)."""
+    digest = hashlib.sha256(repr((fingerprint, dtype, torch.__version__)).encode())
+    for pair in pairs:
+        digest.update(repr((pair.prompt_ids, pair.chosen_ids, pair.rejected_ids)).encode())
+    return digest.hexdigest()[:32]
+
+
+def read_logps(folders: list[Path], key: str, n_pairs: int) -> tuple[dict | None, Path | None]:
+    """The stored log-probs of `key` from the first of `folders`/logps that has a usable file (plain tensors of
+    n_pairs, all finite; a damaged or foreign file is passed over), and where they were found."""
+    for folder in folders:
+        path = Path(folder) / LOGPS_FOLDER / f"{key}.pt"
+        if not path.is_file():
+            continue
+        try:
+            found = torch.load(path, weights_only=True, map_location="cpu")
+        except Exception:  # truncated by a kill, or not ours: computed again, never trusted
+            continue
+        if usable(found, n_pairs):
+            return found, path
+    return None, None
+
+
+def write_logps(folder: Path, key: str, logps: dict) -> Path:
+    """Keep a model's log-probs under folder/logps/<key>.pt (atomically)."""
+    path = Path(folder) / LOGPS_FOLDER / f"{key}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    keep = {k: logps[k].detach().cpu().float() for k in ("chosen_logps", "rejected_logps")}
+    torch.save(keep, tmp)
+    os.replace(tmp, path)
+    return path

@@ -4,14 +4,17 @@ its held-out pairwise accuracy."""
 
 from __future__ import annotations
 
+import functools
+import math
 import time
 from pathlib import Path
 
 import torch
 
 from iopo.config import ConfigError, TrainRMConfig
+from iopo.core.logprobs import attention_bias, shared_tolerance, sharing_obstacle, transformers_model
 from iopo.core.losses import bradley_terry_loss
-from iopo.data.collate import collate_pairs
+from iopo.data.collate import collate_pairs, collate_shared
 from iopo.data.tokenize import TokenizedPair
 from iopo.engine.session import make_optimizer, make_scheduler, micro_batch_indices, optimizer_steps
 from iopo.io.log import get_logger
@@ -21,27 +24,98 @@ from iopo.io.runlog import progress_bar, tensorboard_writer, write_record
 log = get_logger(__name__)
 
 
-def pair_rewards(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rewards of the chosen rows (0..B-1) and rejected rows (B..2B-1) of a collated pair batch."""
-    rewards = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[
-        :, 0
-    ]  # (2B,)
+class PairRewards(torch.nn.Module):
+    """A sequence-classification reward model whose forward gives the rewards (2B,) of a pair batch: chosen
+    sequences first, then rejected. A plain batch (collate_pairs) goes through the model as transformers runs it; a
+    prefix-shared batch (collate_shared: each pair's prompt computed once, pairs packed) through its backbone with
+    the block mask, the head reading each sequence's last non-padding token (`last_index`), where the plain
+    forward reads it. Wrapping the model keeps DDP's hooks on the path of every forward."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        if "last_index" not in batch:
+            return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[
+                :, 0
+            ]
+        lm = transformers_model(self.model)
+        backbone = getattr(lm, lm.base_model_prefix)
+        hidden = backbone(
+            input_ids=batch["input_ids"],
+            attention_mask=attention_bias(batch["attention_mask"], lm.config, backbone),
+            position_ids=batch["position_ids"],
+            use_cache=False,
+        ).last_hidden_state  # (N, T, H)
+        last = hidden.reshape(-1, hidden.shape[-1])[batch["last_index"]]  # (2B, H)
+        return lm.score(last)[:, 0]
+
+
+def reward_sharing_obstacle(model) -> str | None:
+    """Why the reward model cannot take prefix-shared batches (None when it can)."""
+    lm = transformers_model(model)
+    if not isinstance(getattr(lm, "score", None), torch.nn.Module):
+        return f"its head is not a `score` layer ({type(lm).__name__})"
+    return sharing_obstacle(model)
+
+
+def choose_reward_batching(cfg, module: PairRewards, sample: list[TokenizedPair], pad_token_id: int, device):
+    """The collate of the reward model's batches, as cfg.batching says; under auto the shared layout only when the
+    model allows it and this sample's rewards agree with the plain forward's."""
+    pack = functools.partial(collate_shared, pack_tokens=2 * cfg.data.max_length)
+    obstacle = reward_sharing_obstacle(module.model)
+    if cfg.batching == "plain":
+        return collate_pairs
+    if cfg.batching == "shared":
+        if obstacle:
+            raise ConfigError(
+                f"batching=shared: the model cannot share prompts: {obstacle}; use batching=plain"
+            )
+        return pack
+    gap = math.inf
+    if obstacle is None:
+        was_training = module.training
+        module.eval()
+        try:
+            with torch.no_grad():
+                plain = module({k: v.to(device) for k, v in collate_pairs(sample, pad_token_id).items()})
+                shared = module({k: v.to(device) for k, v in pack(sample, pad_token_id).items()})
+            gap = float((plain - shared).abs().max() / (1.0 + plain.abs().max()))
+        except Exception as e:  # a model whose forward refuses a 4D mask or position ids: plain
+            obstacle = f"its forward refused the shared layout ({type(e).__name__}: {str(e)[:120]})"
+        finally:
+            module.train(was_training)
+    if gap <= shared_tolerance(cfg.mixed_precision != "no"):
+        log.info(f"batching: prefix sharing + packing (first batch agrees with the plain forward: {gap:.1e})")
+        return pack
+    log.info(
+        f"batching: plain, because {obstacle or f'the first batch differs from the plain forward by {gap:.1e}'}"
+    )
+    return collate_pairs
+
+
+def pair_rewards(module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewards of the chosen sequences (B,) and the rejected ones (B,) of a collated pair batch."""
+    rewards = module(batch)  # (2B,)
     half = rewards.shape[0] // 2
     return rewards[:half], rewards[half:]
 
 
 @torch.no_grad()
-def heldout_accuracy(model, pairs: list[TokenizedPair], batch_size: int, pad_token_id: int, device) -> dict:
+def heldout_accuracy(
+    module, pairs: list[TokenizedPair], batch_size: int, pad_token_id: int, device, collate=collate_pairs
+) -> dict:
     """Pairwise accuracy (r_w > r_l) and mean reward margin on held-out pairs, with the per-pair margins."""
-    was_training = model.training
-    model.eval()
+    was_training = module.training
+    module.eval()
     margins: list[float] = []
     for start in range(0, len(pairs), batch_size):
-        batch = collate_pairs(pairs[start : start + batch_size], pad_token_id)
+        batch = collate(pairs[start : start + batch_size], pad_token_id)
         batch = {k: v.to(device) for k, v in batch.items()}
-        chosen, rejected = pair_rewards(model, batch)
+        chosen, rejected = pair_rewards(module, batch)
         margins += (chosen.float() - rejected.float()).tolist()
-    model.train(was_training)
+    module.train(was_training)
     n = len(margins)
     return {
         "n_pairs": n,
@@ -71,17 +145,22 @@ def load_backbone(cfg: TrainRMConfig, tokenizer):
 def train_reward_model(
     cfg, accelerator, tokenizer, train_pairs, test_pairs, run_dir: Path
 ) -> tuple[object, dict]:
-    """Bradley-Terry training of a scalar head on a pretrained backbone (Eq. 2): the trained model (prepared by
-    accelerate) and its results (steps, pairs seen, held-out accuracy and margins), logged into run_dir."""
-    model = load_backbone(cfg, tokenizer)
-    params = [p for p in model.parameters() if p.requires_grad]
+    """Bradley-Terry training of a scalar head on a pretrained backbone (Eq. 2): the trained PairRewards module
+    (prepared by accelerate; its `.model` is the sequence-classification model) and its results (steps, pairs seen,
+    held-out accuracy and margins), logged into run_dir."""
+    module = PairRewards(load_backbone(cfg, tokenizer))
+    params = [p for p in module.parameters() if p.requires_grad]
     micro = cfg.optim.batch_size
     global_batch = micro * accelerator.num_processes
     accum = cfg.optim.gradient_accumulation_steps
     total = optimizer_steps(cfg.optim, len(train_pairs), global_batch)
-    optimizer = make_optimizer(params, cfg)
+    optimizer = make_optimizer(params, cfg, fused=True)
     scheduler = make_scheduler(optimizer, cfg, total)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    sample = [
+        train_pairs[i] for i in micro_batch_indices(0, global_batch, len(train_pairs), cfg.seed)[:micro]
+    ]
+    collate = choose_reward_batching(cfg, module, sample, tokenizer.pad_token_id, accelerator.device)
+    model, optimizer = accelerator.prepare(module, optimizer)
     log.info(
         f"reward model: {resolve_model_path(cfg.model)} + scalar head, steps={total}, "
         f"global_batch={global_batch}x{accum}, trainable={sum(p.numel() for p in params):,}"
@@ -93,7 +172,7 @@ def train_reward_model(
 
     def evaluate_now() -> dict:
         return heldout_accuracy(
-            accelerator.unwrap_model(model), test_pairs, cfg.eval_batch_size, pad, accelerator.device
+            accelerator.unwrap_model(model), test_pairs, cfg.eval_batch_size, pad, accelerator.device, collate
         )
 
     def log_record(record: dict) -> None:
@@ -108,7 +187,7 @@ def train_reward_model(
         for k in range(accum):
             indices = micro_batch_indices(position + k, global_batch, len(train_pairs), cfg.seed)
             mine = indices[accelerator.process_index * micro : (accelerator.process_index + 1) * micro]
-            batch = collate_pairs([train_pairs[i] for i in mine], pad)
+            batch = collate([train_pairs[i] for i in mine], pad)
             batch = {key: value.to(accelerator.device) for key, value in batch.items()}
             with accelerator.autocast():
                 chosen, rejected = pair_rewards(model, batch)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from iopo.core.logprobs import SequenceLogProbs, sequence_logps
+from iopo.core.logprobs import SequenceLogProbs, language_model, sequence_logps
 from iopo.core.losses import offline_metrics
 from iopo.data.collate import collate_pairs
 from iopo.data.tokenize import TokenizedPair
@@ -19,7 +19,7 @@ from iopo.engine.batching import inference_collate
 from iopo.engine.players import BASE, Player, player_logps
 from iopo.engine.session import Session
 from iopo.io.log import get_logger
-from iopo.io.models import load_model
+from iopo.io.models import load_model, model_fingerprint
 from iopo.io.runlog import mark_phase
 
 log = get_logger(__name__)
@@ -97,9 +97,14 @@ def session_logps(session: Session, pairs: list[TokenizedPair], progress: str | 
     )
 
 
-def policy_metrics(session: Session, test_pairs, ref_logps: dict, label: str | None = None) -> dict:
-    """Margin reward and pairwise accuracy of the policy vs the reference log-probs `ref_logps` of `test_pairs`."""
+def policy_metrics(
+    session: Session, test_pairs, ref_logps: dict, label: str | None = None, keep_in: Path | None = None
+) -> dict:
+    """Margin reward and pairwise accuracy of the policy vs the reference log-probs `ref_logps` of `test_pairs`.
+    `keep_in`: also keep the policy's log-probs there for `iopo eval` (keep_logps)."""
     policy = session_logps(session, test_pairs, label)
+    if keep_in is not None:
+        keep_logps(session, keep_in, test_pairs, policy)
     return offline_metrics(
         policy["chosen_logps"],
         policy["rejected_logps"],
@@ -107,6 +112,23 @@ def policy_metrics(session: Session, test_pairs, ref_logps: dict, label: str | N
         ref_logps["rejected_logps"],
         session.cfg.loss.beta,
     )
+
+
+def keep_logps(session: Session, run_dir: Path, pairs, logps: dict) -> None:
+    """Keep the policy's log-probs of `pairs` in run_dir/logps/, keyed as `iopo eval` keys a model it loads
+    (refcache.logps_key: the weights' fingerprint, float32, the pairs), so that evaluating the exported model on
+    the same split reads them instead of computing them again. Only where the key can match: float32 training,
+    full weights, not sharded, on the main process (else nothing is kept and the eval computes)."""
+    cfg, policy = session.cfg, session.policy
+    if (
+        cfg.mixed_precision != "no"
+        or policy.adapter is not None
+        or sharding.is_fsdp(policy.module)
+        or not session.accelerator.is_main_process
+    ):
+        return
+    fingerprint = model_fingerprint(language_model(policy.module))
+    refcache.write_logps(run_dir, refcache.logps_key(fingerprint, "float32", pairs), logps)
 
 
 def model_logps(

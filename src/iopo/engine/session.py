@@ -156,8 +156,10 @@ def open_tokenizer(cfg: TrainConfig, accelerator):
         return load_tokenizer(cfg.model)
 
 
-def make_optimizer(params, cfg):
-    """AdamW over `params` with the run's optim settings (each player has its own)."""
+def make_optimizer(params, cfg, fused: bool = False):
+    """AdamW over `params` with the run's optim settings (each player has its own). `fused`: torch's fused kernel
+    (one pass over each parameter, on CPU and CUDA; ~10x less time in the step than the per-tensor loop here),
+    the same update; not for sharded (DTensor) parameters."""
     o = cfg.optim
     return torch.optim.AdamW(
         params,
@@ -165,6 +167,7 @@ def make_optimizer(params, cfg):
         betas=(o.adam_beta1, o.adam_beta2),
         eps=o.adam_epsilon,
         weight_decay=o.weight_decay,
+        fused=fused or None,
     )
 
 
@@ -202,7 +205,7 @@ def open_session(
     global_batch = cfg.optim.batch_size * accelerator.num_processes
     for player in players.values():
         own_steps = sum(agent == player.name for agent, _ in schedule)
-        optimizer = make_optimizer(player.params, cfg)
+        optimizer = make_optimizer(player.params, cfg, fused=not sharding.sharded(cfg, accelerator))
         # Under fsdp the optimizer is the plain one over the player's own shards (DCP reads and writes its state).
         player.optimizer = optimizer if checkpoint.uses_dcp(cfg) else accelerator.prepare_optimizer(optimizer)
         player.scheduler = make_scheduler(player.optimizer, cfg, own_steps)

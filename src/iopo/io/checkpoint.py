@@ -88,6 +88,7 @@ TRAIN_PLACES = {
     "metrics.jsonl": runfolder.own_file,
     "eval.json": runfolder.own_file,
     "eval_reference_logps.pt": runfolder.own_file,
+    "logps": runfolder.own_logps,  # the test log-probs kept for `iopo eval` (iopo.engine.refcache)
     "rejects.jsonl": runfolder.own_file,
     "checkpoints": own_checkpoints,
     "tensorboard": runfolder.own_events,

@@ -58,6 +58,16 @@ def own_events(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and _EVENTS_RE.match(p.name))
 
 
+_LOGPS_RE = re.compile(r"^[0-9a-f]{32}\.(pt|tmp\d+)$")
+
+
+def own_logps(folder: Path) -> list[Path]:
+    """The kept log-probs files in `folder` (iopo.engine.refcache: <key>.pt, and a killed write's <key>.tmpPID)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and _LOGPS_RE.match(p.name))
+
+
 def own_folder(folder: Path) -> list[Path]:
     """A folder whose whole content is iopo's format (an online round's checkpoint)."""
     return [folder] if folder.is_dir() else []
