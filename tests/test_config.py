@@ -186,3 +186,13 @@ def test_an_override_with_a_colon_is_text_and_braces_make_a_mapping():
     assert cfg.title == "iopo online: Iter-DPO vs IOPO"
     data = load_config(None, ["data.columns={chosen: response.0, rejected: response.1}"])
     assert data.data.columns == {"chosen": "response.0", "rejected": "response.1"}
+
+
+def test_mixed_precision_no_is_no_on_the_command_line_and_in_yaml(tmp_path):
+    """YAML 1.1 reads a bare `no` as false: `mixed_precision=no` and `mixed_precision: no` still mean "no"."""
+    from iopo.config import TrainRMConfig, load_config
+
+    assert load_config(None, ["mixed_precision=no"]).mixed_precision == "no"
+    assert load_config(None, ["mixed_precision=no"], TrainRMConfig).mixed_precision == "no"
+    (tmp_path / "c.yaml").write_text("mixed_precision: no\n")
+    assert load_config(tmp_path / "c.yaml", []).mixed_precision == "no"

@@ -4,9 +4,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import BeforeValidator, Field, model_validator
 
 from iopo.config.base import MAX_STEPS, Part, check_output_dir, expand_shorthands
 from iopo.core.methods import METHODS
@@ -216,6 +216,14 @@ class DistributedConfig(Part):
 MethodName = Literal[tuple(METHODS)]  # type: ignore[valid-type]
 
 
+def _no_is_no(value: Any) -> Any:
+    """YAML 1.1 reads `no` (mixed_precision=no, `mixed_precision: no`) as false: it means "no"."""
+    return "no" if value is False else value
+
+
+Precision = Annotated[Literal["no", "bf16", "fp16"], BeforeValidator(_no_is_no)]
+
+
 class TrainingParts(Part):
     """What `iopo train` and `iopo online` both set: the model, data, loss, game and optimizer parts, the seed,
     the precision and the logging and export switches (one definition, the same keys in both commands)."""
@@ -230,7 +238,7 @@ class TrainingParts(Part):
     xpo: XPOConfig = Field(default_factory=XPOConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     seed: int = Field(42, ge=0, lt=2**32, description="Seed of every RNG (numpy's range).")
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    mixed_precision: Precision = "no"
     logging_steps: int = Field(1, gt=0)
     eval_batch_size: int = Field(8, gt=0)
     export: bool = Field(True, description="Write the protagonist/policy as a from_pretrained folder.")
@@ -320,7 +328,7 @@ class TrainRMConfig(Part):
         "it and the first batch's rewards agree with the plain forward's.",
     )
     seed: int = Field(42, ge=0, lt=2**32)
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    mixed_precision: Precision = "no"
     logging_steps: int = Field(1, gt=0)
     eval_steps: int | None = Field(None, gt=0, description="Log held-out accuracy every N steps.")
     eval_batch_size: int = Field(8, gt=0)
