@@ -70,9 +70,9 @@ def _train(cfg: TrainConfig, accelerator, tokenizer, train_pairs, test_pairs, re
     schedule = build_schedule(cfg, len(train_pairs), cfg.optim.batch_size * accelerator.num_processes)
     session = open_session(cfg, accelerator, tokenizer, schedule, resume_dir)
     describe(session, schedule)
-    # The batching is chosen before the test split's reference log-probs, so they and the steps use the same.
-    if session.step < len(schedule):
-        choose_batching(session, next_sample(session, train_pairs))
+    # The batching is chosen before the test split's reference log-probs, so they and the steps use the same; also
+    # when a finished run is resumed only to export and score, so that it scores in the uninterrupted run's layout.
+    choose_batching(session, next_sample(session, train_pairs))
     if resume_dir is not None:
         log.info(f"resumed from {resume_dir} at step {session.step}/{len(schedule)}")
     evaluated = (cfg.eval_at_end or cfg.eval_steps) and test_pairs

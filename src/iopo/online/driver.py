@@ -26,6 +26,7 @@ from iopo.core.methods import METHODS, ONLINE_METHODS
 from iopo.data.formats import PreferencePair
 from iopo.data.loading import load_split, pick_split, prompt_id, unique_prompts, write_rejects
 from iopo.data.tokenize import tokenize_pairs
+from iopo.engine.batching import choose_batching
 from iopo.engine.players import BASE, acting
 from iopo.engine.refcache import starting_weights_digest
 from iopo.engine.scoring import starting_logps
@@ -357,6 +358,12 @@ class Online:
         folder = self.run / "start"
         manifest = Manifest(folder, lambda: {"what": "the starting policy: reference log-probs and answers"})
         path = folder / "reference_logps.pt"
+        # The batching is chosen once, here, on the same pairs in a new run and a resumed one: a run resumed just
+        # before a scoring stage then scores in the layout the uninterrupted run used (the layouts agree only up to
+        # float rounding).
+        sample = (self.human_pairs or self.test_pairs)[: self.cfg.optim.batch_size]
+        if self.session.collate is None and sample:
+            choose_batching(self.session, sample)
         if not manifest.done("reference_logps"):
             if self.session.step > 0:
                 raise ConfigError(
