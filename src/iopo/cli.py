@@ -10,7 +10,8 @@ import sys
 from dataclasses import dataclass
 
 from iopo import config as C
-from iopo.config import ConfigError, dump_config, load_config
+from iopo.config import ConfigError, load_config
+from iopo.config.loading import commented_config
 from iopo.data.files import DataError
 
 
@@ -96,20 +97,38 @@ def _parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         p.add_argument("--config", "-c", help="YAML config file (see configs/)")
-        p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+        p.add_argument(
+            "--print-config",
+            action="store_true",
+            help="print the resolved config as YAML, each setting's help above it, and exit",
+        )
         what = f"key=value overrides; bare arguments are {command.positional}" if command.positional else None
         p.add_argument("overrides", nargs="*", metavar="key=value", help=what)
     return parser
 
 
+def _is_labelled_path(command: Command, item: str) -> bool:
+    """`label=path` given as a bare argument (iopo eval mine=runs/iopo): a key that is no setting of the command
+    (and has no dot), a value that is an existing folder or file (or "embedded")."""
+    from pathlib import Path
+
+    key, _, value = item.partition("=")
+    if "." in key or key.lstrip("-") in command.schema.model_fields:
+        return False
+    return value == "embedded" or Path(value).expanduser().exists()
+
+
 def _split_positional(command: Command, overrides: list[str]) -> list[str]:
-    """Bare arguments (no '=') of commands that take them become one list override, e.g. models=["a", "b"]."""
+    """Bare arguments (no '=', or `label=path`) of commands that take them become one list override, e.g.
+    models=["a", "mine=runs/b"]."""
     import json
 
-    bare = [o for o in overrides if "=" not in o]
-    if command.positional is None or not bare:
+    if command.positional is None:
         return overrides
-    return [*(o for o in overrides if "=" in o), f"{command.positional}={json.dumps(bare)}"]
+    bare = [o for o in overrides if "=" not in o or _is_labelled_path(command, o)]
+    if not bare:
+        return overrides
+    return [*(o for o in overrides if o not in bare), f"{command.positional}={json.dumps(bare)}"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, _split_positional(command, args.overrides), command.schema)
         if args.print_config:
-            print(dump_config(cfg), end="")
+            print(commented_config(cfg), end="")
             return 0
         module, function = command.target.split(":")
         getattr(importlib.import_module(module), function)(cfg)

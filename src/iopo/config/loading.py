@@ -177,3 +177,30 @@ def changed_settings(
 
 def dump_config(cfg: BaseModel) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def commented_config(cfg: BaseModel) -> str:
+    """The resolved config as YAML (it loads back as the same config) with each field's help above it as a comment:
+    what `iopo COMMAND --print-config` shows."""
+    lines: list[str] = []
+
+    def walk(model: BaseModel, pad: str) -> None:
+        data = model.model_dump(mode="json")
+        for name, field in type(model).model_fields.items():
+            value = getattr(model, name)
+            if field.description:
+                lines.append(f"{pad}# {' '.join(field.description.split())}")
+            if isinstance(value, BaseModel):
+                lines.append(f"{pad}{name}:")
+                walk(value, pad + "  ")
+            elif isinstance(value, dict) and value and all(isinstance(v, BaseModel) for v in value.values()):
+                lines.append(f"{pad}{name}:")
+                for key, item in value.items():
+                    lines.append(f"{pad}  {yaml.safe_dump(key).splitlines()[0]}:")
+                    walk(item, pad + "    ")
+            else:
+                dumped = yaml.safe_dump({name: data[name]}, sort_keys=False, allow_unicode=True, width=1000)
+                lines.extend(pad + line for line in dumped.rstrip("\n").splitlines())
+
+    walk(cfg, "")
+    return "\n".join(lines) + "\n"
