@@ -719,3 +719,26 @@ def test_a_request_allowance_caps_requests_retries_included(stub):
     assert got == [("A", 2)] and len(_Stub.seen) == 3 and caught.value.attempts == 1
     judge.limit_requests(None)
     assert [r["winner"] for _, r, _ in judge.pairwise([("Q3?", "a", "b")])] == ["A"]
+
+
+def test_eval_takes_the_training_data_settings_and_reports_its_rejects(work, tmp_path, capsys):
+    """A file with one unusable row (chosen equal to rejected, as in the public UltraFeedback sample): without
+    data.skip_invalid the eval stops in one line naming the file, line and field; with it, the row is set aside
+    into the eval folder's rejects.jsonl and counted in eval.json, and the data settings of training (test size,
+    sample limit) apply."""
+    rows = [json.loads(x) for x in work["data"].read_text().splitlines()]
+    rows[3]["rejected"] = rows[3]["chosen"]
+    data = tmp_path / "with_a_bad_row.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["eval", str(work["base"]), f"data={data}", "generation.max_new_tokens=4", "progress_bar=false"]
+    assert iopo_main([*args, f"output_dir={tmp_path / 'stop'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{data}" in err[0] and "line 4" in err[0], err
+    more = ["data.skip_invalid=true", "data.test_size=4", "data.max_eval_samples=3", "bootstrap=20"]
+    assert iopo_main([*args, *more, f"output_dir={tmp_path / 'ev'}"]) == 0
+    result = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    rejects = [json.loads(x) for x in (tmp_path / "ev" / "rejects.jsonl").read_text().splitlines()]
+    assert len(rejects) == 1 and "line 4" in json.dumps(rejects[0])
+    assert result["data_report"]["rejected"] == 1
+    assert result["data_report"]["rejects_file"] == str(tmp_path / "ev" / "rejects.jsonl")
+    assert result["n_pairs"] == 3  # the test split's sample limit

@@ -19,7 +19,7 @@ from pathlib import Path
 from iopo.config import JUDGE_TYPES, ConfigError, DataConfig, EvalConfig, dump_config
 from iopo.core.formatting import rate, rate_interval
 from iopo.core.losses import offline_metrics
-from iopo.data.loading import load_split, pick_split, unique_prompts
+from iopo.data.loading import keep_rejects, load_split, pick_split, unique_prompts
 from iopo.data.tokenize import tokenize_pairs
 from iopo.engine import refcache
 from iopo.engine.scoring import model_logps
@@ -114,7 +114,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     for jcfg in cfg.judges.values():
         if jcfg.model:
             resolve_model(jcfg.model)
-    train, test, _, data_report = load_split(data_cfg)
+    train, test, rejects, data_report = load_split(data_cfg)
     out_dir = Path(cfg.output_dir)
     # The eval folder is continued, never cleaned; but config.yaml and eval.json are rewritten, so only an empty
     # folder or one iopo marked as its own is used, by one process at a time.
@@ -123,12 +123,18 @@ def evaluate(cfg: EvalConfig) -> dict:
         resolved = cfg.model_copy(update={"data": data_cfg, "beta": beta})
         (out_dir / "config.yaml").write_text(dump_config(resolved), encoding="utf-8")
         pairs = pick_split(train, test, cfg.split)
-        return _evaluate(resolved, models, baseline, pairs, data_report, out_dir, started)
+        return _evaluate(resolved, models, baseline, pairs, (rejects, data_report), out_dir, started)
 
 
-def _evaluate(cfg: EvalConfig, models, baseline, pairs, data_report, out_dir: Path, started: float) -> dict:
-    """The evaluation in its held folder; `cfg` is resolved (its data and beta filled in from the first run)."""
+def _evaluate(cfg: EvalConfig, models, baseline, pairs, data, out_dir: Path, started: float) -> dict:
+    """The evaluation in its held folder; `cfg` is resolved (its data and beta filled in from the first run).
+    `data` is (rejects, report) of the data's loading: with data.skip_invalid the rows (and the pairs that do not
+    tokenize) set aside go to rejects.jsonl, as in training, and the report into eval.json."""
+    rejects, data_report = data
     data_cfg, beta = cfg.data, cfg.beta
+    skip_invalid = data_report.pop("skip_invalid", False)
+    data_report["rejected"] = len(rejects)
+    keep_rejects(rejects, data_report, out_dir)  # the rows set aside, said and written, as in training
     session = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
     timings: dict[str, float] = {}
     prompts = unique_prompts(pairs)[: cfg.max_prompts]
@@ -146,6 +152,7 @@ def _evaluate(cfg: EvalConfig, models, baseline, pairs, data_report, out_dir: Pa
         "n_pairs": len(pairs),
         "n_prompts": len(prompts),
         "beta": beta,
+        "data_report": data_report,
         "generation": cfg.generation.model_dump(mode="json"),
         "metrics": {},
         "generations": {},
@@ -168,7 +175,15 @@ def _evaluate(cfg: EvalConfig, models, baseline, pairs, data_report, out_dir: Pa
                         "max_length": data_cfg.max_length,
                         "max_prompt_length": data_cfg.max_prompt_length,
                     }
-                    pair_tokens, _ = tokenize_pairs(pairs, tokenizer, **lengths, rejects=[])
+                    # as training: a pair that does not tokenize stops the eval, or with data.skip_invalid is
+                    # set aside into rejects.jsonl (never silently)
+                    token_rejects = rejects if skip_invalid else None
+                    loaded = len(rejects)
+                    pair_tokens, _ = tokenize_pairs(pairs, tokenizer, **lengths, rejects=token_rejects)
+                    if len(rejects) > loaded:
+                        data_report["rejected"] = len(rejects)
+                        keep_rejects(rejects, data_report, out_dir)
+                    results["n_pairs_scored"] = len(pair_tokens)
                 if source is baseline:
                     ref_logps = _model_metrics(
                         model, tokenizer, pair_tokens, None, beta, cfg, source.label, stores
