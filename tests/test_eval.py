@@ -146,6 +146,8 @@ def test_train_rm_saves_a_standard_reward_model_and_reports_accuracy(work):
     assert 0.0 <= result["pairwise_accuracy"] <= 1.0
     model = AutoModelForSequenceClassification.from_pretrained(rm / "final")
     assert model.config.num_labels == 1
+    card = (rm / "final" / "README.md").read_text()  # its model card, with the held-out accuracy
+    assert "pipeline_tag: text-classification" in card and f"{result['pairwise_accuracy']:.4f} [" in card
     records = [json.loads(x) for x in (rm / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == list(range(1, 7))
 

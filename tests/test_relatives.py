@@ -389,6 +389,8 @@ def test_each_relative_runs_online_and_leaves_its_pairs(work, tmp_path, method):
         assert len(read_rows(tmp_path / "run" / "round_1" / "reference_generations.jsonl")) == 6
         assert cfg.generation.n == 1
         assert {p["extras"]["reference_side"] for p in pairs} <= {0.0, 1.0}
+    card = (tmp_path / "run" / "final" / "README.md").read_text()  # the export's model card names the method
+    assert f"- {method}\n" in card and "held-out pairs, against the starting model" in card
     start = load_file(work["base"] / "model.safetensors")
     final = load_file(tmp_path / "run" / "final" / "model.safetensors")
     assert any(not torch.equal(start[k], final[k]) for k in start)

@@ -17,9 +17,11 @@ import time
 
 from iopo.config import OnlineConfig
 from iopo.engine.export import export_policy
+from iopo.io import runfolder
 from iopo.io.log import PLAIN, get_logger
 from iopo.online.driver import BudgetReached, Online
 from iopo.online.summary import format_online
+from iopo.report.card import model_card, write_card
 
 log = get_logger(__name__)
 
@@ -40,6 +42,9 @@ def online(cfg: OnlineConfig) -> dict:
         if cfg.export:
             out = export_policy(driver.session, cfg.run_dir / "final")
             log.info(f"exported the {driver.session.policy.name} to {out}")
+            if driver.accelerator.is_main_process:
+                write_card(out, model_card("policy", cfg.model_dump(mode="json"), *driver.card_facts()))
+                runfolder.record_export(cfg.run_dir, cfg.run_dir / "final")
     except BudgetReached as stop:
         status = f"stopped: {stop}"
         log.info(f"{status}. Everything finished is saved; raise the budget and rerun to go on.")

@@ -30,10 +30,11 @@ from iopo.engine.session import (
     open_session,
     peak_rss,
 )
-from iopo.io import checkpoint
+from iopo.io import checkpoint, runfolder
 from iopo.io.jsonio import write_json
 from iopo.io.log import PLAIN, get_logger
 from iopo.io.runlog import mark_phase, progress_bar, tensorboard_writer
+from iopo.report.card import model_card, write_card
 
 log = get_logger(__name__)
 
@@ -112,8 +113,10 @@ def _train(cfg: TrainConfig, accelerator, tokenizer, train_pairs, test_pairs, re
 
     # --- export and evaluation
     policy = session.policy
+    exported = None
     if cfg.export:
-        log.info(f"exported {policy.name} to {export_policy(session, run_dir / 'final')}")
+        exported = export_policy(session, run_dir / "final")
+        log.info(f"exported {policy.name} to {exported}")
     results: dict = {}
     if eval_ref is not None:
         results = test_metrics(f"eval {policy.name}" if cfg.progress_bar else None, keep=cfg.export)
@@ -126,6 +129,10 @@ def _train(cfg: TrainConfig, accelerator, tokenizer, train_pairs, test_pairs, re
             write_json(run_dir / "eval.json", results)  # strict JSON, written atomically
         title = f"{cfg.method}: {policy.name} vs the starting model on {len(test_pairs)} test pairs"
         log.info(metrics_table(results, title), extra=PLAIN)
+    if exported is not None and accelerator.is_main_process:  # the model card beside the weights
+        card = model_card("policy", cfg.model_dump(mode="json"), report, results or None)
+        write_card(exported, card)
+        runfolder.record_export(run_dir, run_dir / "final")
     mark_phase("done")
     log.info(f"peak RSS per process (GB): {', '.join(f'{x:.2f}' for x in peak_rss(accelerator))}")
     log.info(f"done in {time.time() - started:.0f}s; run folder: {run_dir}")

@@ -21,6 +21,7 @@ from iopo.engine.session import holding, load_inputs, plain_accelerator
 from iopo.io import checkpoint, runfolder
 from iopo.io.jsonio import write_json
 from iopo.io.log import get_logger
+from iopo.report.card import model_card, write_card
 
 log = get_logger(__name__)
 PLACES = ("config.yaml", "metrics.jsonl", "eval.json", "rejects.jsonl", "final", "tensorboard")
@@ -66,6 +67,7 @@ def _train_rm(cfg: TrainRMConfig, accelerator, tokenizer, train_pairs, test_pair
             inner = inner.merge_and_unload()
         inner.save_pretrained(final, safe_serialization=True)
         tokenizer.save_pretrained(final)
+        write_card(final, model_card("reward_model", cfg.model_dump(mode="json"), report, results))
         runfolder.record_export(run_dir, final)
         write_json(run_dir / "eval.json", results)
         accuracy = results.get("pairwise_accuracy")

@@ -480,6 +480,23 @@ class Online:
             if path.is_dir():
                 shutil.rmtree(path)
 
+    def card_facts(self) -> tuple[dict, dict | None]:
+        """(data report, held-out evaluation of the last scored round) for the export's model card."""
+        report = {
+            "path": self.cfg.data.path,
+            "train_pairs": len(self.human_pairs),
+            "test_pairs": len(self.test_pairs),
+        }
+        scored = [
+            k for k in range(1, self.cfg.rounds + 1) if (round_dir(self.run, k) / "scores.json").is_file()
+        ]
+        if not scored:
+            return report, None
+        scores = json.loads((round_dir(self.run, scored[-1]) / "scores.json").read_text(encoding="utf-8"))
+        if scores.get("margin_reward") is None:
+            return report, None
+        return report, {**scores, "n_pairs": len(scores.get("margins") or []), "beta": self.cfg.loss.beta}
+
     def write_summary(self, status: str) -> dict:
         summary = summarize(self.run, self.cfg, status)
         write_json(self.run / "online.json", summary)
