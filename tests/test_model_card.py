@@ -8,7 +8,7 @@ import json
 import pytest
 import yaml
 
-from iopo.report.card import _wilson, base_license, model_card
+from iopo.report.card import base_license, model_card, wilson_interval
 
 from tiny import make_cfg
 
@@ -62,7 +62,7 @@ def test_a_reward_model_card_gives_its_accuracy_with_an_interval():
         meta["pipeline_tag"] == "text-classification" and meta["license"] == "apache-2.0"
     )  # the embedded base
     assert meta["datasets"] == ["Anthropic/hh-rlhf"] and "reward-model" in meta["tags"]
-    low, high = _wilson(0.625, 200)
+    low, high = wilson_interval(0.625, 200)
     assert f"**0.6250 [{low:.3f}, {high:.3f}]**" in text
     # Wilson by hand: z = 1.96, n = 200, p = 0.625 -> centre 0.6231, half-width 0.0663
     assert low == pytest.approx(0.5567, abs=1e-3) and high == pytest.approx(0.6894, abs=1e-3)

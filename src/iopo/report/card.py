@@ -60,7 +60,7 @@ def _dataset_id(path: str | None) -> str | None:
     return path
 
 
-def _wilson(accuracy: float | None, n: int | None, z: float = 1.959964) -> tuple[float, float] | None:
+def wilson_interval(accuracy: float | None, n: int | None, z: float = 1.959964) -> tuple[float, float] | None:
     """The 95% Wilson interval of a share `accuracy` of n pairs."""
     if accuracy is None or not n:
         return None
@@ -181,13 +181,13 @@ def _evaluation(kind: str, results: dict | None) -> list[str]:
         return []
     if kind == "reward_model":
         accuracy, n = results.get("pairwise_accuracy"), results.get("n_pairs")
-        wilson = _wilson(accuracy, n)
+        wilson = wilson_interval(accuracy, n)
         shown = f"{number(accuracy, 4)}" + (f" [{wilson[0]:.3f}, {wilson[1]:.3f}]" if wilson else "")
         return [
             f"Held-out pairwise accuracy (r(chosen) > r(rejected)) on {n} pairs: **{shown}** (95% Wilson interval)."
         ]
     accuracy, n = results.get("pairwise_accuracy"), results.get("n_pairs")
-    wilson = _wilson(accuracy, n)
+    wilson = wilson_interval(accuracy, n)
     lines = [
         f"Implicit-reward metrics on {n} held-out pairs, against the starting model "
         f"(β = {results.get('beta')}):",
