@@ -33,7 +33,7 @@ from iopo.engine.session import (
 from iopo.io import checkpoint, runfolder
 from iopo.io.jsonio import write_json
 from iopo.io.log import PLAIN, get_logger
-from iopo.io.runlog import mark_phase, progress_bar, tensorboard_writer
+from iopo.io.runlog import mark_phase, open_trackers, progress_bar
 from iopo.report.card import model_card, write_card
 
 log = get_logger(__name__)
@@ -81,7 +81,7 @@ def _train(cfg: TrainConfig, accelerator, tokenizer, train_pairs, test_pairs, re
     eval_ref = starting_logps(session, test_pairs, run_dir / "eval_reference_logps.pt") if evaluated else None
     if eval_ref is not None and session.step == 0:  # the policy is the starting model: its key is the start's
         keep_logps(session, run_dir, test_pairs, eval_ref)
-    session.writer = tensorboard_writer(cfg.tensorboard, run_dir, accelerator.is_main_process)
+    session.writer = open_trackers(cfg, run_dir, accelerator.is_main_process)
     session.metrics_file = run_dir / "metrics.jsonl"
     session.bar = progress_bar(
         cfg.progress_bar, len(schedule), session.step, cfg.method, is_main=accelerator.is_main_process

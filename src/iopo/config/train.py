@@ -222,6 +222,7 @@ def _no_is_no(value: Any) -> Any:
 
 
 Precision = Annotated[Literal["no", "bf16", "fp16"], BeforeValidator(_no_is_no)]
+Tracker = Literal["tensorboard", "wandb", "mlflow"]
 
 
 class TrainingParts(Part):
@@ -244,7 +245,14 @@ class TrainingParts(Part):
     export: bool = Field(True, description="Write the protagonist/policy as a from_pretrained folder.")
     merge_lora: bool = Field(True, description="LoRA: export merged weights (else the adapter folder).")
     logps_chunk_tokens: int = Field(1024, gt=0, description="Completion tokens per log-softmax chunk.")
-    tensorboard: bool = True
+    tensorboard: bool = Field(
+        True, description="Log to TensorBoard (run_dir/tensorboard); false drops it from report_to."
+    )
+    report_to: list[Tracker] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="Trackers, with the same metric names: tensorboard, wandb (under run_dir/wandb; WANDB_MODE=offline "
+        "needs no network), mlflow (MLFLOW_TRACKING_URI, e.g. a local file: store).",
+    )
     progress_bar: bool = True
 
     @model_validator(mode="before")
@@ -335,7 +343,13 @@ class TrainRMConfig(Part):
     overwrite: bool = Field(
         False, description="Allow writing into an output_dir that holds a finished model."
     )
-    tensorboard: bool = True
+    tensorboard: bool = Field(
+        True, description="Log to TensorBoard (run_dir/tensorboard); false drops it from report_to."
+    )
+    report_to: list[Tracker] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="Trackers, with the same metric names as iopo train: tensorboard, wandb, mlflow.",
+    )
     progress_bar: bool = True
 
     @model_validator(mode="before")

@@ -19,7 +19,7 @@ from iopo.data.tokenize import TokenizedPair
 from iopo.engine.session import make_optimizer, make_scheduler, micro_batch_indices, optimizer_steps
 from iopo.io.log import get_logger
 from iopo.io.models import load_model, resolve_model_path
-from iopo.io.runlog import progress_bar, tensorboard_writer, write_record
+from iopo.io.runlog import open_trackers, progress_bar, write_record
 
 log = get_logger(__name__)
 
@@ -166,7 +166,7 @@ def train_reward_model(
         f"global_batch={global_batch}x{accum}, trainable={sum(p.numel() for p in params):,}"
     )
     is_main = accelerator.is_main_process
-    writer = tensorboard_writer(cfg.tensorboard, run_dir, is_main)
+    writer = open_trackers(cfg, run_dir, is_main)
     bar = progress_bar(cfg.progress_bar, total, 0, "train-rm", is_main=is_main)
     pad = tokenizer.pad_token_id
 

@@ -51,6 +51,7 @@ RESUME_FREE_KEYS = {
     "overwrite",
     "progress_bar",
     "tensorboard",
+    "report_to",
     "save_steps",
     "save_total_limit",
     "logging_steps",

@@ -38,7 +38,7 @@ from iopo.io.jsonio import read_jsonl, write_json
 from iopo.io.log import get_logger
 from iopo.io.models import check_model, model_fingerprint, resolve_model, resolve_model_path
 from iopo.io.openai_client import BudgetSpent
-from iopo.io.runlog import tensorboard_writer
+from iopo.io.runlog import open_trackers
 from iopo.io.store import Store
 from iopo.online.files import Manifest, answers_of, file_hash, round_dir
 from iopo.online.stages import STAGES
@@ -83,6 +83,7 @@ RESUME_FREE_KEYS = {
     "overwrite",
     "progress_bar",
     "tensorboard",
+    "report_to",
     "logging_steps",
     "eval_batch_size",
     "keep_checkpoints",
@@ -206,7 +207,7 @@ class Online:
                 raise ConfigError(f"{resume_dir} is damaged ({damage}); start over with overwrite=true")
         self.session = open_session(tcfg, self.accelerator, self.tokenizer, schedule, resume_dir, rounds=True)
         self.session.metrics_file = self.run / "metrics.jsonl"
-        self.session.writer = tensorboard_writer(tcfg.tensorboard, self.run)
+        self.session.writer = open_trackers(cfg, self.run, self.accelerator.is_main_process)
         if resume_dir is not None:
             log.info(f"resumed the players from {resume_dir} (step {self.session.step}/{len(schedule)})")
         self.store = None
