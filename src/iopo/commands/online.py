@@ -18,6 +18,7 @@ import time
 from iopo.config import OnlineConfig
 from iopo.engine.export import export_policy
 from iopo.io import runfolder
+from iopo.io.hub import push_folder
 from iopo.io.log import PLAIN, get_logger
 from iopo.online.driver import BudgetReached, Online
 from iopo.online.summary import format_online
@@ -45,6 +46,11 @@ def online(cfg: OnlineConfig) -> dict:
             if driver.accelerator.is_main_process:
                 write_card(out, model_card("policy", cfg.model_dump(mode="json"), *driver.card_facts()))
                 runfolder.record_export(cfg.run_dir, cfg.run_dir / "final")
+                if cfg.push_to_hub:
+                    message = f"iopo online {cfg.method}: {cfg.run_dir.name}"
+                    log.info(
+                        f"pushed {out} to the Hub: {push_folder(out, cfg.hub_model_id, cfg.hub_private, message)}"
+                    )
     except BudgetReached as stop:
         status = f"stopped: {stop}"
         log.info(f"{status}. Everything finished is saved; raise the budget and rerun to go on.")

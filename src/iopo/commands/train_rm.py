@@ -19,6 +19,7 @@ from iopo.data.loading import keep_rejects
 from iopo.engine.reward import train_reward_model
 from iopo.engine.session import holding, load_inputs, plain_accelerator
 from iopo.io import checkpoint, runfolder
+from iopo.io.hub import push_folder
 from iopo.io.jsonio import write_json
 from iopo.io.log import get_logger
 from iopo.report.card import model_card, write_card
@@ -69,6 +70,9 @@ def _train_rm(cfg: TrainRMConfig, accelerator, tokenizer, train_pairs, test_pair
         tokenizer.save_pretrained(final)
         write_card(final, model_card("reward_model", cfg.model_dump(mode="json"), report, results))
         runfolder.record_export(run_dir, final)
+        if cfg.push_to_hub:
+            url = push_folder(final, cfg.hub_model_id, cfg.hub_private, f"iopo reward model: {run_dir.name}")
+            log.info(f"pushed {final} to the Hub: {url}")
         write_json(run_dir / "eval.json", results)
         accuracy = results.get("pairwise_accuracy")
         shown = (

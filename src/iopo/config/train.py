@@ -225,6 +225,11 @@ Precision = Annotated[Literal["no", "bf16", "fp16"], BeforeValidator(_no_is_no)]
 Tracker = Literal["tensorboard", "wandb", "mlflow"]
 
 
+def check_push(cfg) -> None:
+    if cfg.push_to_hub and not cfg.hub_model_id:
+        raise ValueError("push_to_hub=true needs hub_model_id (the Hub repository, e.g. my-org/my-model)")
+
+
 class TrainingParts(Part):
     """What `iopo train` and `iopo online` both set: the model, data, loss, game and optimizer parts, the seed,
     the precision and the logging and export switches (one definition, the same keys in both commands)."""
@@ -253,6 +258,11 @@ class TrainingParts(Part):
         description="Trackers, with the same metric names: tensorboard, wandb (under run_dir/wandb; WANDB_MODE=offline "
         "needs no network), mlflow (MLFLOW_TRACKING_URI, e.g. a local file: store).",
     )
+    push_to_hub: bool = Field(
+        False, description="Upload the export (final/, with its model card) to hub_model_id at the end."
+    )
+    hub_model_id: str | None = Field(None, description="The Hub repository to push to, e.g. my-org/my-model.")
+    hub_private: bool = Field(True, description="Create the repository private (when it does not exist yet).")
     progress_bar: bool = True
 
     @model_validator(mode="before")
@@ -260,6 +270,11 @@ class TrainingParts(Part):
     def _shorthands(cls, values: Any) -> Any:
         # `model=path` and `data=path` are shorthands for model.name_or_path / data.path.
         return expand_shorthands(values, model="name_or_path", data="path")
+
+    @model_validator(mode="after")
+    def _push(self) -> TrainingParts:
+        check_push(self)
+        return self
 
     @property
     def run_dir(self) -> Path:
@@ -350,7 +365,17 @@ class TrainRMConfig(Part):
         default_factory=lambda: ["tensorboard"],
         description="Trackers, with the same metric names as iopo train: tensorboard, wandb, mlflow.",
     )
+    push_to_hub: bool = Field(
+        False, description="Upload the export (final/, with its model card) to hub_model_id at the end."
+    )
+    hub_model_id: str | None = Field(None, description="The Hub repository to push to, e.g. my-org/my-model.")
+    hub_private: bool = Field(True, description="Create the repository private (when it does not exist yet).")
     progress_bar: bool = True
+
+    @model_validator(mode="after")
+    def _push(self) -> TrainRMConfig:
+        check_push(self)
+        return self
 
     @model_validator(mode="before")
     @classmethod
