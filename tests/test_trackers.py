@@ -53,3 +53,29 @@ def test_mlflow_and_wandb_get_the_runs_metrics_offline(tmp_path, tiny_model_dir,
     assert all(json.dumps(loss).encode() in content for loss in losses)
     # TensorBoard as before
     assert list((cfg.run_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_train_rm_and_online_log_to_mlflow_with_the_same_names(tmp_path, tiny_model_dir, work, monkeypatch):
+    """The reward model's training and an online run (its train and score stages) reach the same tracker, one run
+    per run folder, under the metric names iopo train uses."""
+    mlflow = pytest.importorskip("mlflow", reason="mlflow (the dev extra) is not installed")
+    from iopo.cli import main
+
+    store = (tmp_path / "mlruns").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    data = ["data.max_length=64", "data.max_prompt_length=32", "data.test_size=6", "progress_bar=false"]
+    rm = ["train-rm", f"model={tiny_model_dir}", f"data={work['data']}", *data, "optim.max_steps=2"]
+    assert main([*rm, f"output_dir={tmp_path / 'rm'}", "report_to=[mlflow]"]) == 0
+    online = ["online", "method=dpo", f"model={tiny_model_dir}", f"data={work['data']}", *data, "rounds=2"]
+    online += ["steps_per_round=1", "optim.batch_size=2", "score_prompts=0", "report_to=[mlflow]"]
+    assert main([*online, f"output_dir={tmp_path / 'online'}"]) == 0
+    client = mlflow.tracking.MlflowClient(tracking_uri=store)
+    runs = {
+        r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("iopo").experiment_id])
+    }
+    assert set(runs) == {"rm", "online"}
+    assert [m.step for m in client.get_metric_history(runs["rm"].info.run_id, "train/loss")] == [1, 2]
+    assert "eval/pairwise_accuracy" in runs["rm"].data.metrics
+    assert [m.step for m in client.get_metric_history(runs["online"].info.run_id, "train/loss")] == [1, 2]
+    assert "eval/margin_reward" in runs["online"].data.metrics  # each round's score

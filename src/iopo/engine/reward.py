@@ -104,17 +104,29 @@ def pair_rewards(module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def heldout_accuracy(
-    module, pairs: list[TokenizedPair], batch_size: int, pad_token_id: int, device, collate=collate_pairs
+    module,
+    pairs: list[TokenizedPair],
+    batch_size: int,
+    pad_token_id: int,
+    device,
+    collate=collate_pairs,
+    progress: bool = False,
 ) -> dict:
-    """Pairwise accuracy (r_w > r_l) and mean reward margin on held-out pairs, with the per-pair margins."""
+    """Pairwise accuracy (r_w > r_l) and mean reward margin on held-out pairs, with the per-pair margins
+    (`progress`: a bar over the pairs)."""
     was_training = module.training
     module.eval()
     margins: list[float] = []
+    bar = progress_bar(progress, len(pairs), 0, "held-out pairs", unit="pair")
     for start in range(0, len(pairs), batch_size):
         batch = collate(pairs[start : start + batch_size], pad_token_id)
         batch = {k: v.to(device) for k, v in batch.items()}
         chosen, rejected = pair_rewards(module, batch)
         margins += (chosen.float() - rejected.float()).tolist()
+        if bar is not None:
+            bar.update(len(chosen))
+    if bar is not None:
+        bar.close()
     module.train(was_training)
     n = len(margins)
     return {
@@ -172,7 +184,13 @@ def train_reward_model(
 
     def evaluate_now() -> dict:
         return heldout_accuracy(
-            accelerator.unwrap_model(model), test_pairs, cfg.eval_batch_size, pad, accelerator.device, collate
+            accelerator.unwrap_model(model),
+            test_pairs,
+            cfg.eval_batch_size,
+            pad,
+            accelerator.device,
+            collate,
+            progress=cfg.progress_bar and is_main,
         )
 
     def log_record(record: dict) -> None:

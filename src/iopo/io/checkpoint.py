@@ -21,6 +21,7 @@ import pickle
 import random
 import re
 import shutil
+import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -387,6 +388,7 @@ def save_session(session, tmp: Path | None = None, final: Path | None = None) ->
     A collective: every process calls it."""
     cfg, accelerator = session.cfg, session.accelerator
     mark_phase("checkpoint")
+    started = time.perf_counter()
     accelerator.wait_for_everyone()
     keep = None
     if final is None:
@@ -423,6 +425,7 @@ def save_session(session, tmp: Path | None = None, final: Path | None = None) ->
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         finish_write(tmp, final, keep)
+        log.info(f"checkpoint at step {session.step}: {final} ({time.perf_counter() - started:.0f}s)")
     accelerator.wait_for_everyone()
     session.last_saved = final
     return final
