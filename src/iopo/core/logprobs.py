@@ -137,18 +137,25 @@ class SequenceLogProbs(torch.nn.Module):
             return completion_logps(
                 hidden, batch["input_ids"], batch["completion_mask"], head, self.chunk_tokens, softcap
             )
-        hidden = backbone(
-            input_ids=batch["input_ids"],
-            attention_mask=attention_bias(batch["attention_mask"], lm.config, backbone),
-            position_ids=batch["position_ids"],
-            use_cache=False,
-        ).last_hidden_state  # (N, T, H)
+        hidden = shared_hidden_states(lm, batch)  # (N, T, H)
         n_sequences = 2 * int(batch["n_pairs"])
         selected = hidden.reshape(-1, hidden.shape[-1])[batch["target_index"]]  # (M, H)
         logps = summed_logps(
             selected, batch["target_ids"], batch["target_seq"], n_sequences, head, self.chunk_tokens, softcap
         )
         return logps, torch.bincount(batch["target_seq"], minlength=n_sequences)
+
+
+def shared_hidden_states(lm, batch: dict) -> torch.Tensor:
+    """The last hidden states (N, T, H) of a collate_shared batch through the transformers model's backbone (no
+    head): the block mask in the form its attention takes, and the restarted positions."""
+    backbone = lm.base_model
+    return backbone(
+        input_ids=batch["input_ids"],
+        attention_mask=attention_bias(batch["attention_mask"], lm.config, backbone),
+        position_ids=batch["position_ids"],
+        use_cache=False,
+    ).last_hidden_state
 
 
 SHARED_ATTENTION = ("sdpa", "eager")  # attention implementations that take a custom 4D mask

@@ -12,7 +12,12 @@ from pathlib import Path
 import torch
 
 from iopo.config import ConfigError, TrainRMConfig
-from iopo.core.logprobs import attention_bias, shared_tolerance, sharing_obstacle, transformers_model
+from iopo.core.logprobs import (
+    shared_hidden_states,
+    shared_tolerance,
+    sharing_obstacle,
+    transformers_model,
+)
 from iopo.core.losses import bradley_terry_loss
 from iopo.data.collate import collate_pairs, collate_shared
 from iopo.data.tokenize import TokenizedPair
@@ -41,13 +46,7 @@ class PairRewards(torch.nn.Module):
                 :, 0
             ]
         lm = transformers_model(self.model)
-        backbone = getattr(lm, lm.base_model_prefix)
-        hidden = backbone(
-            input_ids=batch["input_ids"],
-            attention_mask=attention_bias(batch["attention_mask"], lm.config, backbone),
-            position_ids=batch["position_ids"],
-            use_cache=False,
-        ).last_hidden_state  # (N, T, H)
+        hidden = shared_hidden_states(lm, batch)  # (N, T, H)
         last = hidden.reshape(-1, hidden.shape[-1])[batch["last_index"]]  # (2B, H)
         return lm.score(last)[:, 0]
 
