@@ -79,7 +79,12 @@ def _train(cfg: TrainConfig, accelerator, tokenizer, train_pairs, test_pairs, re
         log.info(f"resumed from {resume_dir} at step {session.step}/{len(schedule)}")
     evaluated = (cfg.eval_at_end or cfg.eval_steps) and test_pairs
     # The starting model's test log-probs, once (so no third copy of the model is kept).
-    eval_ref = starting_logps(session, test_pairs, run_dir / "eval_reference_logps.pt") if evaluated else None
+    start_bar = "log-probs start" if cfg.progress_bar else None
+    eval_ref = (
+        starting_logps(session, test_pairs, run_dir / "eval_reference_logps.pt", start_bar)
+        if evaluated
+        else None
+    )
     if eval_ref is not None and session.step == 0:  # the policy is the starting model: its key is the start's
         keep_logps(session, run_dir, test_pairs, eval_ref)
     session.writer = open_trackers(cfg, run_dir, accelerator.is_main_process)

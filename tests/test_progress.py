@@ -1,0 +1,30 @@
+"""Progress where a person waits: the starting model's log-probs, the steps, the final evaluation (iopo train), the
+steps and the held-out scoring (iopo train-rm), and each checkpoint said with its seconds."""
+
+from __future__ import annotations
+
+from iopo.cli import main
+
+from tiny import run_overrides, write_pairs
+
+
+def test_train_and_train_rm_show_a_bar_for_each_long_phase(tmp_path, tiny_model_dir, capsys):
+    data = write_pairs(tmp_path / "pairs.jsonl", n=24)
+    args = run_overrides(tiny_model_dir, data, tmp_path / "run", "method=dpo", "optim.max_steps=2")
+    assert main(["train", *args, "progress_bar=true"]) == 0
+    captured = capsys.readouterr()
+    said = captured.err + captured.out
+    for label in ("log-probs start", "dpo:", "eval policy", "checkpoint at step 2"):
+        assert label in said, label
+    rm = [
+        "train-rm",
+        f"model={tiny_model_dir}",
+        f"data={data}",
+        "data.max_length=64",
+        "data.max_prompt_length=32",
+    ]
+    rm += ["data.test_size=6", "optim.max_steps=2", f"output_dir={tmp_path / 'rm'}", "tensorboard=false"]
+    assert main([*rm, "progress_bar=true"]) == 0
+    captured = capsys.readouterr()
+    said = captured.err + captured.out
+    assert "train-rm:" in said and "held-out pairs:" in said
