@@ -73,3 +73,30 @@ def test_the_base_license_is_only_what_can_be_known(tmp_path):
     assert base_license("org/some-hub-model") is None  # offline: unknown, left out
     (tmp_path / "README.md").write_text("no front matter")
     assert base_license(str(tmp_path)) is None
+
+
+def test_an_eval_adds_its_judged_tables_to_the_runs_card(tmp_path, tiny_model_dir, work):
+    """`iopo eval RUN` with a judge writes its tables into RUN/final/README.md (the implicit metrics, and win / tie
+    / lose with the intervals of eval.json); a later eval replaces that section instead of adding another."""
+    from iopo.cli import main
+    from iopo.commands.train import train
+    from iopo.report.card import JUDGED_START
+
+    cfg = make_cfg(tmp_path, tiny_model_dir, "optim.max_steps=2", method="dpo")
+    train(cfg)
+    card = cfg.run_dir / "final" / "README.md"
+    before = card.read_text()
+    judge = ["judges.rm.type=reward_model", f"judges.rm.model={work['rm']}", "generation.max_new_tokens=4"]
+    args = ["eval", str(cfg.run_dir), *judge, "progress_bar=false", "bootstrap=50"]
+    for out in ("ev1", "ev2"):
+        assert main([*args, f"output_dir={tmp_path / out}"]) == 0
+    text = card.read_text()
+    assert (
+        text.count(JUDGED_START) == 1 and str(tmp_path / "ev2") in text and str(tmp_path / "ev1") not in text
+    )
+    assert text.startswith(before.split("## The resolved config")[0])  # the rest of the card is kept
+    result = json.loads((tmp_path / "ev2" / "eval.json").read_text())
+    table = result["judges"]["rm"]["models"]["run"]["table1"]
+    low, high = table["ci"]["win"]
+    assert f"{table['win']:.3f} [{low:.3f}, {high:.3f}]" in text
+    assert f"pairwise accuracy {result['metrics']['run']['pairwise_accuracy']:.4f}" in text

@@ -10,11 +10,13 @@ from tiny import run_overrides, write_pairs
 
 def test_train_and_train_rm_show_a_bar_for_each_long_phase(tmp_path, tiny_model_dir, capsys):
     data = write_pairs(tmp_path / "pairs.jsonl", n=24)
-    args = run_overrides(tiny_model_dir, data, tmp_path / "run", "method=dpo", "optim.max_steps=2")
+    args = run_overrides(
+        tiny_model_dir, data, tmp_path / "run", "method=dpo", "optim.max_steps=2", "eval_steps=1"
+    )
     assert main(["train", *args, "progress_bar=true"]) == 0
     captured = capsys.readouterr()
     said = captured.err + captured.out
-    for label in ("log-probs start", "dpo:", "eval policy", "checkpoint at step 2"):
+    for label in ("log-probs start", "dpo:", "eval at step 1", "eval policy", "checkpoint at step 2"):
         assert label in said, label
     rm = [
         "train-rm",

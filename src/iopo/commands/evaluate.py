@@ -33,6 +33,7 @@ from iopo.io.models import load_inference_model, model_fingerprint, resolve_mode
 from iopo.io.store import Store, has_ratings
 from iopo.rate.book import RatingBook
 from iopo.rate.tables import book_summary, format_human
+from iopo.report.card import judged_section, with_judged, write_card
 
 log = get_logger(__name__)
 
@@ -252,9 +253,34 @@ def _evaluate(cfg: EvalConfig, models, baseline, pairs, data, out_dir: Path, sta
     results["timings"] = timings
     results["seconds"] = time.time() - started
     write_json(out_dir / "eval.json", results)  # atomic: a kill leaves the old file or the new one
+    _update_cards(models, results, out_dir)
     log.info(format_eval(results), extra=PLAIN)
     log.info(f"eval done in {results['seconds']:.0f}s; results in {out_dir / 'eval.json'}")
     return results
+
+
+def _update_cards(models, results: dict, out_dir: Path) -> None:
+    """Each evaluated run's model card (final/README.md, written by iopo) gets this eval's judged section: the
+    implicit-reward metrics and every judge's win / tie / lose with intervals. A run folder another process holds
+    (still training) is left as it is, and said."""
+    for source in models:
+        folder = Path(source.path)
+        if not (source.run_config and (folder / "README.md").is_file()):
+            continue
+        run_dir = next((p for p in folder.parents if p.name == "final"), folder).parent
+        exported = runfolder.read_marker(run_dir).get("exports", {}).get("final", [])
+        if str((folder / "README.md").relative_to(run_dir / "final")) not in exported:
+            continue  # not a card iopo wrote
+        try:
+            with runfolder.hold(run_dir, "iopo eval (its model card)"):
+                text = (folder / "README.md").read_text(encoding="utf-8")
+                section = judged_section(source.label, results, str(out_dir))
+                write_card(folder, with_judged(text, section))
+                runfolder.record_export(run_dir, run_dir / "final")
+        except ConfigError as e:  # the run folder is in use
+            log.info(f"{source.label}: model card left as it is ({e})")
+            continue
+        log.info(f"{source.label}: its model card ({folder / 'README.md'}) has this eval's judged tables")
 
 
 def _human_tables(out_dir: Path, results: dict, cfg: EvalConfig) -> dict | None:

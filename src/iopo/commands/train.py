@@ -161,6 +161,7 @@ def _between_steps(total: int, eval_ref: dict | None, test_metrics):
         if cfg.save_steps and step % cfg.save_steps == 0 and step < total:
             checkpoint.save_session(session)
         if eval_ref is not None and cfg.eval_steps and step % cfg.eval_steps == 0 and step < total:
-            log_eval(session, step, test_metrics(None))
+            # its own bar under the training bar, gone when done
+            log_eval(session, step, test_metrics(f"eval at step {step}" if cfg.progress_bar else None))
 
     return after

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from iopo.core.formatting import number
+from iopo.core.formatting import number, rate_interval
 
 EMBEDDED_BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the embedded default model is, on the Hub
 EMBEDDED_LICENSE = "apache-2.0"
@@ -200,6 +200,55 @@ def _evaluation(kind: str, results: dict | None) -> list[str]:
         + " |",
     ]
     return lines
+
+
+JUDGED_START, JUDGED_END = "<!-- iopo eval -->", "<!-- /iopo eval -->"
+
+
+def judged_section(label: str, results: dict, eval_dir: str) -> str:
+    """The card's section for one model from an `iopo eval` (its eval.json content): the implicit-reward metrics
+    against the eval's baseline, and each judge's win / tie / lose against it with the 95% bootstrap intervals."""
+    lines = [JUDGED_START, f"## Judged (`iopo eval`, {eval_dir})", ""]
+    baseline = results.get("baseline")
+    metrics = (results.get("metrics") or {}).get(label) or {}
+    if "pairwise_accuracy" in metrics:
+        lines.append(
+            f"Against {baseline} on {metrics.get('n_pairs')} pairs of the {results.get('split')} split: margin reward "
+            f"{number(metrics.get('margin_reward'), 4)}, pairwise accuracy {number(metrics.get('pairwise_accuracy'), 4)}."
+        )
+        lines.append("")
+    rows = []
+    for name, judge in (results.get("judges") or {}).items():
+        entry = (judge.get("models") or {}).get(label) or {}
+        table = entry.get("table1")
+        if table:
+            rows.append(
+                f"| {name} ({judge.get('type')}) | {entry.get('n_prompts')} | {rate_interval(table, 'win')} | "
+                f"{rate_interval(table, 'tie')} | {rate_interval(table, 'lose')} |"
+            )
+    if rows:
+        lines += [
+            f"Answers judged against {baseline}'s (95% bootstrap intervals over prompts):",
+            "",
+            "| judge | prompts | win | tie | lose |",
+            "|---|---|---|---|---|",
+            *rows,
+        ]
+    lines.append(JUDGED_END)
+    return "\n".join(lines) + "\n"
+
+
+def with_judged(card: str, section: str) -> str:
+    """The card with its judged section replaced (a later eval) or added before the resolved config."""
+    if JUDGED_START in card and JUDGED_END in card:
+        head, rest = card.split(JUDGED_START, 1)
+        tail = rest.split(JUDGED_END, 1)[1].lstrip("\n")
+        return head + section + "\n" + tail
+    marker = "## The resolved config"
+    if marker in card:
+        head, tail = card.split(marker, 1)
+        return head + section + "\n" + marker + tail
+    return card.rstrip("\n") + "\n\n" + section
 
 
 def write_card(folder: Path, text: str) -> Path:
