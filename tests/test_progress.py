@@ -16,8 +16,22 @@ def test_train_and_train_rm_show_a_bar_for_each_long_phase(tmp_path, tiny_model_
     assert main(["train", *args, "progress_bar=true"]) == 0
     captured = capsys.readouterr()
     said = captured.err + captured.out
-    for label in ("log-probs start", "dpo:", "eval at step 1", "eval policy", "checkpoint at step 2"):
+    for label in (
+        "log-probs start",
+        "dpo:",
+        "eval at step 1",
+        "eval policy",
+        "saving the checkpoint of step 2",
+    ):
         assert label in said, label
+    assert "checkpoint at step 2" in said  # and when it is written, with its seconds
+    # iopo eval of that run: a bar for the baseline's log-probs (the policy's are read from the run) and for each
+    # model's answers
+    ev = ["eval", str(tmp_path / "run"), "generation.max_new_tokens=2", f"output_dir={tmp_path / 'ev'}"]
+    assert main([*ev, "progress_bar=true", "bootstrap=20"]) == 0
+    captured = capsys.readouterr()
+    said = captured.err + captured.out
+    assert "generate run:" in said and "reused" in said
     rm = [
         "train-rm",
         f"model={tiny_model_dir}",

@@ -389,6 +389,8 @@ def save_session(session, tmp: Path | None = None, final: Path | None = None) ->
     cfg, accelerator = session.cfg, session.accelerator
     mark_phase("checkpoint")
     started = time.perf_counter()
+    if accelerator.is_main_process:  # a checkpoint of a large model takes a while: say it before, and after
+        log.info(f"saving the checkpoint of step {session.step} (players, optimizer states, data position)")
     accelerator.wait_for_everyone()
     keep = None
     if final is None:
