@@ -74,14 +74,22 @@ def resolve_eval_inputs(cfg: EvalConfig):
 
 
 def _model_metrics(
-    model, tokenizer, pair_tokens, ref_logps, beta: float, cfg: EvalConfig, label: str, stores: list[Path]
+    model,
+    fingerprint: str,
+    tokenizer,
+    pair_tokens,
+    ref_logps,
+    beta: float,
+    cfg: EvalConfig,
+    label: str,
+    stores: list[Path],
 ) -> dict:
     """The model's test log-probs (the baseline: ref_logps None) or its implicit-reward metrics against them.
 
     The log-probs are read, not computed, when a store holds them for these weights, precision and pairs (this
     eval folder's logps/ from an earlier eval, or the run folder's from its training: refcache.logps_key); computed
     ones are kept in the eval folder (stores[0])."""
-    key = refcache.logps_key(model_fingerprint(model), cfg.dtype, pair_tokens)
+    key = refcache.logps_key(fingerprint, cfg.dtype, pair_tokens)  # the weights as loaded (model_fingerprint)
     logps, where = refcache.read_logps(stores, key, len(pair_tokens))
     if logps is not None:
         log.info(f"log-probs of {label} on the {len(pair_tokens)} pairs: reused {where}")
@@ -187,7 +195,7 @@ def _evaluate(cfg: EvalConfig, models, baseline, pairs, data, out_dir: Path, sta
                     results["n_pairs_scored"] = len(pair_tokens)
                 if source is baseline:
                     ref_logps = _model_metrics(
-                        model, tokenizer, pair_tokens, None, beta, cfg, source.label, stores
+                        model, fingerprint, tokenizer, pair_tokens, None, beta, cfg, source.label, stores
                     )
                     results["baseline_logps_source"] = ref_logps["source"]
                 elif tokenizer.get_vocab() != base_tokenizer.get_vocab():
@@ -196,7 +204,7 @@ def _evaluate(cfg: EvalConfig, models, baseline, pairs, data, out_dir: Path, sta
                     }
                 else:
                     metrics = _model_metrics(
-                        model, tokenizer, pair_tokens, ref_logps, beta, cfg, source.label, stores
+                        model, fingerprint, tokenizer, pair_tokens, ref_logps, beta, cfg, source.label, stores
                     )
                     metrics["fingerprint"] = fingerprint
                     results["metrics"][source.label] = metrics

@@ -17,12 +17,10 @@ import time
 
 from iopo.config import OnlineConfig
 from iopo.engine.export import export_policy
-from iopo.io import runfolder
-from iopo.io.hub import push_folder
 from iopo.io.log import PLAIN, get_logger
 from iopo.online.driver import BudgetReached, Online
 from iopo.online.summary import format_online
-from iopo.report.card import model_card, write_card
+from iopo.report.card import model_card, publish
 
 log = get_logger(__name__)
 
@@ -44,13 +42,8 @@ def online(cfg: OnlineConfig) -> dict:
             out = export_policy(driver.session, cfg.run_dir / "final")
             log.info(f"exported the {driver.session.policy.name} to {out}")
             if driver.accelerator.is_main_process:
-                write_card(out, model_card("policy", cfg.model_dump(mode="json"), *driver.card_facts()))
-                runfolder.record_export(cfg.run_dir, cfg.run_dir / "final")
-                if cfg.push_to_hub:
-                    message = f"iopo online {cfg.method}: {cfg.run_dir.name}"
-                    log.info(
-                        f"pushed {out} to the Hub: {push_folder(out, cfg.hub_model_id, cfg.hub_private, message)}"
-                    )
+                card = model_card("policy", cfg.model_dump(mode="json"), *driver.card_facts())
+                publish(out, cfg.run_dir, card, cfg, f"iopo online {cfg.method}: {cfg.run_dir.name}")
     except BudgetReached as stop:
         status = f"stopped: {stop}"
         log.info(f"{status}. Everything finished is saved; raise the budget and rerun to go on.")

@@ -30,12 +30,11 @@ from iopo.engine.session import (
     open_session,
     peak_rss,
 )
-from iopo.io import checkpoint, runfolder
-from iopo.io.hub import push_folder
+from iopo.io import checkpoint
 from iopo.io.jsonio import write_json
 from iopo.io.log import PLAIN, get_logger
 from iopo.io.runlog import mark_phase, open_trackers, progress_bar
-from iopo.report.card import model_card, write_card
+from iopo.report.card import model_card, publish
 
 log = get_logger(__name__)
 
@@ -137,13 +136,7 @@ def _train(cfg: TrainConfig, accelerator, tokenizer, train_pairs, test_pairs, re
         log.info(metrics_table(results, title), extra=PLAIN)
     if exported is not None and accelerator.is_main_process:  # the model card beside the weights
         card = model_card("policy", cfg.model_dump(mode="json"), report, results or None)
-        write_card(exported, card)
-        runfolder.record_export(run_dir, run_dir / "final")
-        if cfg.push_to_hub:
-            url = push_folder(
-                exported, cfg.hub_model_id, cfg.hub_private, f"iopo {cfg.method}: {run_dir.name}"
-            )
-            log.info(f"pushed {exported} to the Hub: {url}")
+        publish(exported, run_dir, card, cfg, f"iopo {cfg.method}: {run_dir.name}")
     mark_phase("done")
     log.info(f"peak RSS per process (GB): {', '.join(f'{x:.2f}' for x in peak_rss(accelerator))}")
     log.info(f"done in {time.time() - started:.0f}s; run folder: {run_dir}")

@@ -19,10 +19,9 @@ from iopo.data.loading import keep_rejects
 from iopo.engine.reward import train_reward_model
 from iopo.engine.session import holding, load_inputs, plain_accelerator
 from iopo.io import checkpoint, runfolder
-from iopo.io.hub import push_folder
 from iopo.io.jsonio import write_json
 from iopo.io.log import get_logger
-from iopo.report.card import model_card, write_card
+from iopo.report.card import model_card, publish
 
 log = get_logger(__name__)
 PLACES = ("config.yaml", "metrics.jsonl", "eval.json", "rejects.jsonl", "final", "tensorboard")
@@ -68,11 +67,8 @@ def _train_rm(cfg: TrainRMConfig, accelerator, tokenizer, train_pairs, test_pair
             inner = inner.merge_and_unload()
         inner.save_pretrained(final, safe_serialization=True)
         tokenizer.save_pretrained(final)
-        write_card(final, model_card("reward_model", cfg.model_dump(mode="json"), report, results))
-        runfolder.record_export(run_dir, final)
-        if cfg.push_to_hub:
-            url = push_folder(final, cfg.hub_model_id, cfg.hub_private, f"iopo reward model: {run_dir.name}")
-            log.info(f"pushed {final} to the Hub: {url}")
+        card = model_card("reward_model", cfg.model_dump(mode="json"), report, results)
+        publish(final, run_dir, card, cfg, f"iopo reward model: {run_dir.name}")
         write_json(run_dir / "eval.json", results)
         accuracy = results.get("pairwise_accuracy")
         shown = (

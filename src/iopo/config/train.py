@@ -224,6 +224,23 @@ def _no_is_no(value: Any) -> Any:
 Precision = Annotated[Literal["no", "bf16", "fp16"], BeforeValidator(_no_is_no)]
 Tracker = Literal["tensorboard", "wandb", "mlflow"]
 
+# The trackers and the Hub push, set alike by iopo train, online and train-rm (one definition each).
+TensorBoard = Annotated[
+    bool, Field(description="Log to TensorBoard (run_dir/tensorboard); false drops it from report_to.")
+]
+ReportTo = Annotated[
+    list[Tracker],
+    Field(
+        description="Trackers, with the same metric names: tensorboard, wandb (under run_dir/wandb; "
+        "WANDB_MODE=offline needs no network), mlflow (MLFLOW_TRACKING_URI, e.g. a local file: store).",
+    ),
+]
+PushToHub = Annotated[
+    bool, Field(description="Upload the export (final/, with its model card) to hub_model_id at the end.")
+]
+HubModelId = Annotated[str | None, Field(description="The Hub repository to push to, e.g. my-org/my-model.")]
+HubPrivate = Annotated[bool, Field(description="Create the repository private (when it does not exist yet).")]
+
 
 def check_push(cfg) -> None:
     if cfg.push_to_hub and not cfg.hub_model_id:
@@ -250,19 +267,11 @@ class TrainingParts(Part):
     export: bool = Field(True, description="Write the protagonist/policy as a from_pretrained folder.")
     merge_lora: bool = Field(True, description="LoRA: export merged weights (else the adapter folder).")
     logps_chunk_tokens: int = Field(1024, gt=0, description="Completion tokens per log-softmax chunk.")
-    tensorboard: bool = Field(
-        True, description="Log to TensorBoard (run_dir/tensorboard); false drops it from report_to."
-    )
-    report_to: list[Tracker] = Field(
-        default_factory=lambda: ["tensorboard"],
-        description="Trackers, with the same metric names: tensorboard, wandb (under run_dir/wandb; WANDB_MODE=offline "
-        "needs no network), mlflow (MLFLOW_TRACKING_URI, e.g. a local file: store).",
-    )
-    push_to_hub: bool = Field(
-        False, description="Upload the export (final/, with its model card) to hub_model_id at the end."
-    )
-    hub_model_id: str | None = Field(None, description="The Hub repository to push to, e.g. my-org/my-model.")
-    hub_private: bool = Field(True, description="Create the repository private (when it does not exist yet).")
+    tensorboard: TensorBoard = True
+    report_to: ReportTo = ["tensorboard"]
+    push_to_hub: PushToHub = False
+    hub_model_id: HubModelId = None
+    hub_private: HubPrivate = True
     progress_bar: bool = True
 
     @model_validator(mode="before")
@@ -358,18 +367,11 @@ class TrainRMConfig(Part):
     overwrite: bool = Field(
         False, description="Allow writing into an output_dir that holds a finished model."
     )
-    tensorboard: bool = Field(
-        True, description="Log to TensorBoard (run_dir/tensorboard); false drops it from report_to."
-    )
-    report_to: list[Tracker] = Field(
-        default_factory=lambda: ["tensorboard"],
-        description="Trackers, with the same metric names as iopo train: tensorboard, wandb, mlflow.",
-    )
-    push_to_hub: bool = Field(
-        False, description="Upload the export (final/, with its model card) to hub_model_id at the end."
-    )
-    hub_model_id: str | None = Field(None, description="The Hub repository to push to, e.g. my-org/my-model.")
-    hub_private: bool = Field(True, description="Create the repository private (when it does not exist yet).")
+    tensorboard: TensorBoard = True
+    report_to: ReportTo = ["tensorboard"]
+    push_to_hub: PushToHub = False
+    hub_model_id: HubModelId = None
+    hub_private: HubPrivate = True
     progress_bar: bool = True
 
     @model_validator(mode="after")

@@ -57,27 +57,44 @@ def usable(found, n_pairs: int) -> bool:
     )
 
 
+def load_logps(path: Path, n_pairs: int) -> dict | None:
+    """Saved log-probs that load as plain tensors of n_pairs each, all finite (`usable`); None for a missing,
+    truncated or foreign file (computed again, never trusted)."""
+    if not Path(path).is_file():
+        return None
+    try:
+        found = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception:  # truncated by a kill, or not a tensor file
+        return None
+    return found if usable(found, n_pairs) else None
+
+
+def save_logps(path: Path, logps: dict, tmp: Path | None = None) -> Path:
+    """Write chosen/rejected log-probs to `path` atomically (through `tmp`, default <path>.tmp<pid>), as float32 on
+    the CPU."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp or path.with_suffix(f".tmp{os.getpid()}")
+    torch.save({k: logps[k].detach().cpu().float() for k in ("chosen_logps", "rejected_logps")}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
 def reference_logps(session, test_pairs, compute: Callable[[], dict]) -> dict:
     """compute() (the starting model's test log-probs), or the cache's copy of them when one matches."""
     folder = session.cfg.eval_reference_cache
     if not folder:
         return compute()
     path = Path(folder) / f"{cache_key(session, test_pairs)}.pt"
+    found = load_logps(path, len(test_pairs))
+    if found is not None:
+        logger.info(f"reference log-probs of the test split: reused {path}")
+        return found
     if path.is_file():
-        try:
-            found = torch.load(path, weights_only=True)
-        except Exception as e:  # a truncated or foreign file: computed again, never trusted
-            logger.warning("%s: not a usable reference cache (%s); computing again", path, e)
-            found = None
-        if usable(found, len(test_pairs)):
-            logger.info(f"reference log-probs of the test split: reused {path}")
-            return found
+        logger.warning("%s: not a usable reference cache; computing again", path)
     result = compute()
     if session.accelerator.is_main_process:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save(result, tmp)
-        os.replace(tmp, path)
+        save_logps(path, result)
     return result
 
 
@@ -103,23 +120,12 @@ def read_logps(folders: list[Path], key: str, n_pairs: int) -> tuple[dict | None
     n_pairs, all finite; a damaged or foreign file is passed over), and where they were found."""
     for folder in folders:
         path = Path(folder) / LOGPS_FOLDER / f"{key}.pt"
-        if not path.is_file():
-            continue
-        try:
-            found = torch.load(path, weights_only=True, map_location="cpu")
-        except Exception:  # truncated by a kill, or not ours: computed again, never trusted
-            continue
-        if usable(found, n_pairs):
+        found = load_logps(path, n_pairs)
+        if found is not None:
             return found, path
     return None, None
 
 
 def write_logps(folder: Path, key: str, logps: dict) -> Path:
     """Keep a model's log-probs under folder/logps/<key>.pt (atomically)."""
-    path = Path(folder) / LOGPS_FOLDER / f"{key}.pt"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    keep = {k: logps[k].detach().cpu().float() for k in ("chosen_logps", "rejected_logps")}
-    torch.save(keep, tmp)
-    os.replace(tmp, path)
-    return path
+    return save_logps(Path(folder) / LOGPS_FOLDER / f"{key}.pt", logps)

@@ -4,7 +4,6 @@ its held-out pairwise accuracy."""
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 from pathlib import Path
@@ -19,8 +18,9 @@ from iopo.core.logprobs import (
     transformers_model,
 )
 from iopo.core.losses import bradley_terry_loss
-from iopo.data.collate import collate_pairs, collate_shared
+from iopo.data.collate import collate_pairs
 from iopo.data.tokenize import TokenizedPair
+from iopo.engine.batching import layouts_gap, shared_collate
 from iopo.engine.session import make_optimizer, make_scheduler, micro_batch_indices, optimizer_steps
 from iopo.io.log import get_logger
 from iopo.io.models import load_model, resolve_model_path
@@ -62,7 +62,7 @@ def reward_sharing_obstacle(model) -> str | None:
 def choose_reward_batching(cfg, module: PairRewards, sample: list[TokenizedPair], pad_token_id: int, device):
     """The collate of the reward model's batches, as cfg.batching says; under auto the shared layout only when the
     model allows it and this sample's rewards agree with the plain forward's."""
-    pack = functools.partial(collate_shared, pack_tokens=2 * cfg.data.max_length)
+    pack = shared_collate(cfg)  # as training's: packed rows of up to 2 x data.max_length tokens
     obstacle = reward_sharing_obstacle(module.model)
     if cfg.batching == "plain":
         return collate_pairs
@@ -76,13 +76,12 @@ def choose_reward_batching(cfg, module: PairRewards, sample: list[TokenizedPair]
     if obstacle is None:
         was_training = module.training
         module.eval()
+
+        def forward(batch: dict) -> torch.Tensor:
+            return module({k: v.to(device) for k, v in batch.items()})
+
         try:
-            with torch.no_grad():
-                plain = module({k: v.to(device) for k, v in collate_pairs(sample, pad_token_id).items()})
-                shared = module({k: v.to(device) for k, v in pack(sample, pad_token_id).items()})
-            gap = float((plain - shared).abs().max() / (1.0 + plain.abs().max()))
-        except Exception as e:  # a model whose forward refuses a 4D mask or position ids: plain
-            obstacle = f"its forward refused the shared layout ({type(e).__name__}: {str(e)[:120]})"
+            gap, obstacle = layouts_gap(forward, sample, pad_token_id, 2 * cfg.data.max_length)
         finally:
             module.train(was_training)
     if gap <= shared_tolerance(cfg.mixed_precision != "no"):

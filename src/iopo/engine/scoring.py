@@ -4,7 +4,6 @@ sharded over processes and gathered back in order, for a session's policy or for
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -158,7 +157,7 @@ def starting_logps(
     The file is a cache: missing, truncated, foreign or of another split, it is computed again and said so (after
     the first step, from the starting weights: the frozen reference, the base without adapters, or the starting
     model loaded again)."""
-    found = _readable_logps(path, len(test_pairs))
+    found = refcache.load_logps(path, len(test_pairs))
     if found is not None:
         return found
     if session.step == 0:
@@ -172,21 +171,8 @@ def starting_logps(
         mark_phase("reference log-probs")
         logps = _from_the_start(session, test_pairs, progress)
     if session.accelerator.is_main_process:
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save(logps, tmp)
-        os.replace(tmp, path)
+        refcache.save_logps(path, logps, tmp=path.with_name(f".{path.name}.tmp"))
     return logps
-
-
-def _readable_logps(path: Path, n_pairs: int) -> dict | None:
-    """A saved log-probs file that loads as plain tensors of the right size, all finite; else None."""
-    if not path.is_file():
-        return None
-    try:
-        found = torch.load(path, weights_only=True, map_location="cpu")
-    except Exception:  # truncated by a kill, a foreign file: computed again, never trusted
-        return None
-    return found if refcache.usable(found, n_pairs) else None
 
 
 def _from_the_start(session: Session, test_pairs: list[TokenizedPair], progress: str | None) -> dict:

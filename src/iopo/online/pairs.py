@@ -63,6 +63,14 @@ def _best_by_verdicts(rows: list[dict], answers: list[dict]) -> tuple[tuple | No
     return best_pair, invalid
 
 
+def judgments_by_prompt(judged: list[dict]) -> dict[int, list[dict]]:
+    """A round's judgment rows grouped by their prompt index, in the order they came."""
+    by_prompt: dict[int, list[dict]] = {}
+    for row in judged:
+        by_prompt.setdefault(row["prompt"], []).append(row)
+    return by_prompt
+
+
 def select_pairs(
     answers: list[dict], judged: list[dict], n: int, keep_ratio: float, tie_margin: float = 0.0
 ) -> tuple[list[dict], dict]:
@@ -75,9 +83,7 @@ def select_pairs(
     {"prompts", "separated", "kept", "invalid_judgments"}).
     """
     candidates = []  # (confidence, prompt index, better answer index, worse answer index)
-    by_prompt: dict[int, list[dict]] = {}
-    for row in judged:
-        by_prompt.setdefault(row["prompt"], []).append(row)
+    by_prompt = judgments_by_prompt(judged)
     invalid = 0
     for p, rows in sorted(by_prompt.items()):
         mine = answers[p * n : (p + 1) * n]
@@ -189,9 +195,7 @@ def sppo_pairs(
     probability against the policy as chosen and the lowest as rejected, each carrying its P-hat (extras
     chosen_win, rejected_win) for the soft loss. A prompt whose answers are all the same text, or with fewer than
     two answers that have a P-hat, makes no pair. Returns (pair rows, facts)."""
-    by_prompt: dict[int, list[dict]] = {}
-    for row in judged:
-        by_prompt.setdefault(row["prompt"], []).append(row)
+    by_prompt = judgments_by_prompt(judged)
     pairs, unusable = [], 0
     for p, rows in sorted(by_prompt.items()):
         mine = answers[p * n : (p + 1) * n]

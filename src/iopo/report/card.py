@@ -1,7 +1,8 @@
 """The model card of an export: final/README.md in the Hugging Face format (YAML metadata, then Markdown), what
 `huggingface-cli upload` would publish beside the weights. The base model, the method and its paper, the settings
 that decide the result, the data and its size, and the held-out evaluation with its interval; the whole resolved
-config at the end. Pure text from a config and result dicts (no torch)."""
+config at the end. Pure text from a config and result dicts (no torch); `publish` writes it beside the export and
+pushes the folder to the Hub when asked."""
 
 from __future__ import annotations
 
@@ -12,6 +13,11 @@ from pathlib import Path
 import yaml
 
 from iopo.core.formatting import number, rate_interval
+from iopo.io import runfolder
+from iopo.io.hub import push_folder
+from iopo.io.log import get_logger
+
+log = get_logger(__name__)
 
 EMBEDDED_BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the embedded default model is, on the Hub
 EMBEDDED_LICENSE = "apache-2.0"
@@ -255,3 +261,16 @@ def write_card(folder: Path, text: str) -> Path:
     path = Path(folder) / "README.md"
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def publish(folder: Path, run_dir: Path, card: str, cfg, message: str) -> str | None:
+    """The end of an export (iopo train, online, train-rm): its model card written into `folder`, listed with the
+    export's files in the run's marker (a fresh start deletes only what iopo wrote), and, with cfg.push_to_hub, the
+    folder uploaded to cfg.hub_model_id in a commit named `message`; returns the commit's URL (None: not pushed)."""
+    write_card(folder, card)
+    runfolder.record_export(run_dir, run_dir / "final")
+    if not cfg.push_to_hub:
+        return None
+    url = push_folder(folder, cfg.hub_model_id, cfg.hub_private, message)
+    log.info(f"pushed {folder} to the Hub: {url}")
+    return url
