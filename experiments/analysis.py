@@ -38,17 +38,47 @@ def _quantiles(values: np.ndarray) -> list[float]:
     return [float(low), float(high)]
 
 
-def two_level_bootstrap(per_seed: list[np.ndarray], statistic, seed: int = 0) -> list[float]:
-    """95% interval of statistic(values pooled over seeds), resampling seeds, then the units within each seed.
+def bootstrap_draws(per_seed: list[np.ndarray], statistic, seed: int = 0, groups=None) -> np.ndarray:
+    """N_BOOT values of statistic(values pooled over the drawn seeds): seeds drawn with replacement, then units.
 
-    per_seed: one array per seed, first axis = units (test pairs, prompts). One seed: a plain bootstrap."""
+    per_seed: one array per seed, first axis = units (test pairs, prompts). groups: the prompt of each unit, the
+    same units in the same order in every seed (the test pairs every run reads): then each draw takes whole prompts
+    with replacement, one draw for every seed, so pairs of one prompt and the seeds' shared test set are not
+    counted as independent. Without groups, units are drawn one by one, independently per seed. One seed: only
+    the units are drawn."""
     rng = np.random.default_rng(seed)
+    if groups is not None:
+        groups = np.asarray(groups)
+        if any(len(v) != len(groups) for v in per_seed):
+            raise ValueError(f"{len(groups)} prompt groups for seeds of {[len(v) for v in per_seed]} units")
+        clusters = [np.flatnonzero(groups == g) for g in np.unique(groups)]
     out = np.empty(N_BOOT)
     for b in range(N_BOOT):
         seeds = rng.integers(0, len(per_seed), len(per_seed)) if len(per_seed) > 1 else [0]
-        drawn = [per_seed[s][rng.integers(0, len(per_seed[s]), len(per_seed[s]))] for s in seeds]
+        if groups is not None:
+            index = np.concatenate([clusters[k] for k in rng.integers(0, len(clusters), len(clusters))])
+            drawn = [per_seed[s][index] for s in seeds]
+        else:
+            drawn = [per_seed[s][rng.integers(0, len(per_seed[s]), len(per_seed[s]))] for s in seeds]
         out[b] = statistic(np.concatenate(drawn))
-    return _quantiles(out)
+    return out
+
+
+def two_level_bootstrap(per_seed: list[np.ndarray], statistic, seed: int = 0, groups=None) -> list[float]:
+    """95% interval of statistic(values pooled over seeds), resampling seeds, then units (whole prompts when
+    `groups` is given; see bootstrap_draws)."""
+    return _quantiles(bootstrap_draws(per_seed, statistic, seed, groups))
+
+
+def family_interval(
+    per_seed: list[np.ndarray], statistic, family: int, seed: int = 0, groups=None
+) -> list[float]:
+    """The interval at level 1 - 0.05/family (Bonferroni): a cell read among `family` comparisons excludes zero
+    at the family's 95% only if this interval does."""
+    values = bootstrap_draws(per_seed, statistic, seed, groups)
+    alpha = (1 - CONFIDENCE) / (2 * max(1, family))
+    low, high = np.quantile(values, [alpha, 1 - alpha])
+    return [float(low), float(high)]
 
 
 def _accuracy(margins: np.ndarray) -> float:
@@ -85,6 +115,28 @@ def _finite_margins(values: list, source: Path) -> np.ndarray:
     return margins
 
 
+def test_groups(suite, dataset: str) -> np.ndarray:
+    """The prompt (an index) of each pair of the dataset's test split, in file order: the runs' per-pair margins
+    follow it, so the bootstrap can draw whole prompts."""
+    from iopo.data.tokenize import prompt_key
+
+    path = Path(suite.files(dataset)["test"])
+    keys = [
+        prompt_key(json.loads(line)["prompt"])
+        for line in path.read_text(encoding="utf-8").splitlines()
+        if line
+    ]
+    index: dict[str, int] = {}
+    return np.array([index.setdefault(k, len(index)) for k in keys])
+
+
+def _groups_for(groups, runs: list[dict]):
+    """`groups` when every run's margins cover the whole test split in its order, else None (pairs drawn alone)."""
+    if groups is None or any(len(r["margins"]) != len(groups) for r in runs):
+        return None
+    return groups
+
+
 def table_runs(suite, table: str, condition: str, method: str, seeds) -> tuple[list[Path], list[dict] | None]:
     """The run folders of one method of a table (and condition), one per seed, and their test evaluations: None
     unless every seed has finished (a method is never averaged over fewer seeds)."""
@@ -93,45 +145,57 @@ def table_runs(suite, table: str, condition: str, method: str, seeds) -> tuple[l
     return folders, None if any(e is None for e in evals) else evals
 
 
-def method_summary(evals: list[dict]) -> dict:
-    """Margin reward and pairwise accuracy of one method: per seed with its pair bootstrap, and over seeds."""
+def _seed_t(per_seed: list[np.ndarray], statistic) -> list[float]:
+    """The seed-level t interval: statistic of each seed's own values, t over the seeds (nan for one seed)."""
+    return _t_interval([statistic(v) for v in per_seed])["ci"]
+
+
+def _with_intervals(out: dict, name: str, per_seed: list[np.ndarray], statistic, groups, family) -> None:
+    out[name] = statistic(np.concatenate(per_seed))
+    out[f"{name}_ci"] = two_level_bootstrap(per_seed, statistic, groups=groups)
+    out[f"{name}_seed_t"] = _seed_t(per_seed, statistic)
+    if family:
+        out[f"{name}_family_ci"] = family_interval(per_seed, statistic, family, groups=groups)
+
+
+def method_summary(evals: list[dict], groups=None) -> dict:
+    """Margin reward and pairwise accuracy of one method: per seed with its bootstrap, and over seeds (seeds, then
+    whole prompts when `groups` gives each test pair's prompt), with the seed-level t interval beside."""
     margins = [e["margins"] for e in evals]
     per_seed = [
         {
             "margin_reward": _mean(m),
-            "margin_reward_ci": two_level_bootstrap([m], _mean),
+            "margin_reward_ci": two_level_bootstrap([m], _mean, groups=groups),
             "pairwise_accuracy": _accuracy(m),
-            "pairwise_accuracy_ci": two_level_bootstrap([m], _accuracy),
+            "pairwise_accuracy_ci": two_level_bootstrap([m], _accuracy, groups=groups),
         }
         for m in margins
     ]
-    pooled = np.concatenate(margins)
-    return {
-        "seeds": len(evals),
-        "pairs": int(len(margins[0])),
-        "margin_reward": _mean(pooled),
-        "margin_reward_ci": two_level_bootstrap(margins, _mean),
-        "pairwise_accuracy": _accuracy(pooled),
-        "pairwise_accuracy_ci": two_level_bootstrap(margins, _accuracy),
-        "per_seed": per_seed,
-    }
+    out = {"seeds": len(evals), "pairs": int(len(margins[0]))}
+    if groups is not None:
+        out["prompts"] = len(set(np.asarray(groups).tolist()))
+    _with_intervals(out, "margin_reward", margins, _mean, groups, None)
+    _with_intervals(out, "pairwise_accuracy", margins, _accuracy, groups, None)
+    return out | {"per_seed": per_seed}
 
 
-def paired_difference(a: list[dict], b: list[dict]) -> dict:
-    """a - b on the same test pairs and seeds: margin reward and pairwise accuracy, with two-level intervals."""
+def paired_difference(a: list[dict], b: list[dict], groups=None, family: int | None = None) -> dict:
+    """a - b on the same test pairs and seeds: margin reward and pairwise accuracy, with the bootstrap interval
+    (seeds, then whole prompts when `groups` is given), the seed-level t interval, and (family = the number of
+    cells read together) the Bonferroni interval."""
     diff_margin = [x["margins"] - y["margins"] for x, y in zip(a, b, strict=True)]
     diff_acc = [(x["margins"] > 0).astype(float) - (y["margins"] > 0) for x, y in zip(a, b, strict=True)]
-    return {
-        "margin_reward": _mean(np.concatenate(diff_margin)),
-        "margin_reward_ci": two_level_bootstrap(diff_margin, _mean),
-        "pairwise_accuracy": _mean(np.concatenate(diff_acc)),
-        "pairwise_accuracy_ci": two_level_bootstrap(diff_acc, _mean),
-    }
+    out: dict = {}
+    _with_intervals(out, "margin_reward", diff_margin, _mean, groups, family)
+    _with_intervals(out, "pairwise_accuracy", diff_acc, _mean, groups, family)
+    return out
 
 
-def change_difference(a: list[dict], a0: list[dict], b: list[dict], b0: list[dict]) -> dict:
+def change_difference(
+    a: list[dict], a0: list[dict], b: list[dict], b0: list[dict], groups=None, family: int | None = None
+) -> dict:
     """(a - a0) - (b - b0) on the same test pairs and seeds: how much more method a changed between two conditions
-    than method b did (a difference of paired differences), with two-level intervals."""
+    than method b did (a difference of paired differences), with the intervals of paired_difference."""
     runs = list(zip(a, a0, b, b0, strict=True))
     margin = [(x["margins"] - x0["margins"]) - (y["margins"] - y0["margins"]) for x, x0, y, y0 in runs]
     right = [
@@ -139,12 +203,10 @@ def change_difference(a: list[dict], a0: list[dict], b: list[dict], b0: list[dic
         - ((y["margins"] > 0).astype(float) - (y0["margins"] > 0))
         for x, x0, y, y0 in runs
     ]
-    return {
-        "margin_reward": _mean(np.concatenate(margin)),
-        "margin_reward_ci": two_level_bootstrap(margin, _mean),
-        "pairwise_accuracy": _mean(np.concatenate(right)),
-        "pairwise_accuracy_ci": two_level_bootstrap(right, _mean),
-    }
+    out: dict = {}
+    _with_intervals(out, "margin_reward", margin, _mean, groups, family)
+    _with_intervals(out, "pairwise_accuracy", right, _mean, groups, family)
+    return out
 
 
 def bias_change(suite, table: str = "bias", clean_table: str = "offline") -> dict:
@@ -156,6 +218,8 @@ def bias_change(suite, table: str = "bias", clean_table: str = "offline") -> dic
         return {}  # no clean runs on the same test pairs to compare with
 
     out: dict = {}
+    groups = test_groups(suite, t["dataset"])
+    family = 2 * len(t.get("conditions") or {})  # IOPO's change minus DPO's, per condition, two metrics
     for condition in t.get("conditions") or {}:
         pairs = {}
         for method in t["methods"]:
@@ -163,10 +227,14 @@ def bias_change(suite, table: str = "bias", clean_table: str = "offline") -> dic
             _, corrupted = table_runs(suite, table, condition, method, seeds)
             if clean is not None and corrupted is not None:
                 pairs[method] = (corrupted, clean)
-        rows = {m: {"minus_clean": paired_difference(c, c0)} for m, (c, c0) in pairs.items()}
+        rows = {
+            m: {"minus_clean": paired_difference(c, c0, _groups_for(groups, c + c0))}
+            for m, (c, c0) in pairs.items()
+        }
         for method, (c, c0) in pairs.items():
             if method != "dpo" and "dpo" in pairs:
-                rows[method]["minus_dpo_change"] = change_difference(c, c0, *pairs["dpo"])
+                g = _groups_for(groups, c + c0 + pairs["dpo"][0] + pairs["dpo"][1])
+                rows[method]["minus_dpo_change"] = change_difference(c, c0, *pairs["dpo"], g, family)
         if rows:
             out[condition] = rows
     return out
@@ -229,13 +297,16 @@ def judged(eval_folders: list[Path]) -> dict:
         # per seed: prompts x answers -> one array of per-prompt shares (equal weight per prompt)
         arrays = [_prompt_shares(groups) for groups in seeds]
         row = {"seeds": len(seeds), "prompts": int(sum(len(a) for a in arrays))}
+        # every seed judges the same first prompts of the test split: one prompt draw for all seeds
+        same = np.arange(len(arrays[0])) if len({len(a) for a in arrays}) == 1 else None
         for i, key in enumerate(("win", "tie", "lose")):
             pooled = np.concatenate(arrays)[:, i]
             row[key] = float(pooled.mean())
-            row[f"{key}_ci"] = two_level_bootstrap([a[:, i] for a in arrays], _mean, seed=i)
+            row[f"{key}_ci"] = two_level_bootstrap([a[:, i] for a in arrays], _mean, seed=i, groups=same)
         wl = [a[:, 0] - a[:, 2] for a in arrays]
         row["win_minus_lose"] = _mean(np.concatenate(wl))
-        row["win_minus_lose_ci"] = two_level_bootstrap(wl, _mean, seed=7)
+        row["win_minus_lose_ci"] = two_level_bootstrap(wl, _mean, seed=7, groups=same)
+        row["win_minus_lose_seed_t"] = _seed_t(wl, _mean)
         out.setdefault(judge, {})[model] = row
     return out
 
@@ -295,7 +366,9 @@ def _last_round_scores(folder: Path) -> dict:
     return scores
 
 
-def online_compare(folders_by_method: dict[str, list[Path]], baselines=("iter_dpo", "dpo")) -> dict:
+def online_compare(
+    folders_by_method: dict[str, list[Path]], baselines=("iter_dpo", "dpo"), groups=None
+) -> dict:
     """Each method minus each baseline after the last round, paired on the same seeds: margin reward and pairwise
     accuracy on the same test pairs (two-level bootstrap over seeds and pairs, from each run's per-pair margins),
     and the reward model's win rate against the starting policy (t interval over the seeds' differences)."""
@@ -310,7 +383,7 @@ def online_compare(folders_by_method: dict[str, list[Path]], baselines=("iter_dp
             base = last[baseline]
             row: dict = {"round": scores[0]["round"], "seeds": len(scores)}
             if all("margins" in s for s in scores + base):
-                row |= paired_difference(scores, base)
+                row |= paired_difference(scores, base, _groups_for(groups, scores + base), 4)
             wins = [[(s.get("judged") or {}).get("win") for s in side] for side in (scores, base)]
             if all(w is not None for side in wins for w in side):
                 row["win_rate"] = _t_interval([a - b for a, b in zip(*wins, strict=True)])
@@ -318,7 +391,8 @@ def online_compare(folders_by_method: dict[str, list[Path]], baselines=("iter_dp
     return out
 
 
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+T975 |= {11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 19: 2.093, 24: 2.064, 29: 2.045}
 
 
 def _t_interval(values: list[float]) -> dict:
@@ -326,7 +400,8 @@ def _t_interval(values: list[float]) -> dict:
     mean = float(x.mean())
     if len(x) < 2:
         return {"mean": mean, "ci": [math.nan, math.nan], "n": len(x)}
-    half = T975.get(len(x) - 1, 1.96) * float(x.std(ddof=1)) / math.sqrt(len(x))
+    dof = len(x) - 1
+    half = T975[max(k for k in T975 if k <= dof)] * float(x.std(ddof=1)) / math.sqrt(len(x))
     return {"mean": mean, "ci": [mean - half, mean + half], "n": len(x)}
 
 
@@ -378,6 +453,8 @@ def offline_table(suite, table: str) -> dict | None:
     seeds = t.get("seeds", suite.spec["seeds"])
     conditions = t.get("conditions") or {"": {}}
     out: dict = {"dataset": t["dataset"], "seeds": seeds, "conditions": {}}
+    groups = test_groups(suite, t["dataset"])
+    out["prompts"] = int(len(set(groups.tolist())))
     for condition in conditions:
         methods, evals_of = {}, {}
         for method in t["methods"]:
@@ -385,20 +462,25 @@ def offline_table(suite, table: str) -> dict | None:
             if evals is None:
                 continue  # not every seed has finished: left out, not averaged over fewer seeds
             evals_of[method] = evals
-            methods[method] = method_summary(evals)
+            methods[method] = method_summary(evals, _groups_for(groups, evals))
             methods[method]["curve"] = curves(folders)
             if suite.spec["methods"][method]["method"] == "iopo":
                 methods[method]["is_weights"] = is_weight_stats(folders)
             seconds = [done_record(suite.work, f)["seconds"] for f in folders]
             methods[method]["seconds_per_run"] = float(np.mean(seconds))
         vs = "dpo" if "dpo" in evals_of else None
+        family = 2 * (len(evals_of) - 1)  # every method against DPO, two metrics: the cells read together
         for method, evals in evals_of.items():
             if vs and method != vs:
-                methods[method]["minus_dpo"] = paired_difference(evals, evals_of[vs])
+                g = _groups_for(groups, evals + evals_of[vs])
+                methods[method]["minus_dpo"] = paired_difference(evals, evals_of[vs], g, family)
         base = READING_BASE if READING_BASE in evals_of else None
-        for method, evals in evals_of.items():
-            if base and method != base and _is_reading(suite, method):
-                methods[method]["minus_reading_base"] = paired_difference(evals, evals_of[base])
+        readings = [m for m in evals_of if base and m != base and _is_reading(suite, m)]
+        for method in readings:
+            g = _groups_for(groups, evals_of[method] + evals_of[base])
+            methods[method]["minus_reading_base"] = paired_difference(
+                evals_of[method], evals_of[base], g, 2 * len(readings)
+            )
         if not methods:
             continue  # nothing finished on every seed yet: no empty table
         out["conditions"][condition or "clean"] = {
@@ -434,14 +516,17 @@ def write_results(suite, tables: list[str], results_dir: Path, docs: Path | None
             }
             finished = {m: fs for m, fs in folders.items() if all(done_record(suite.work, f) for f in fs)}
             results["online"] = online_summary(finished)
-            results["online_compare"] = online_compare(finished) or None
+            results["online_compare"] = (
+                online_compare(finished, groups=test_groups(suite, t["dataset"])) or None
+            )
         else:
             results[table] = offline_table(suite, table)
             if table == "bias" and results[table] is not None:
                 results[table]["change_from_clean"] = bias_change(suite)
         for data in suite.data.values():
-            results.setdefault("data", {})[Path(data["splits"]["train"]["file"]).parent.name] = {
-                k: v for k, v in data.items() if k != "spec"
+            name = Path(data["splits"]["train"]["file"]).parent.name
+            results.setdefault("data", {})[name] = {k: v for k, v in data.items() if k != "spec"} | {
+                "test_prompt_of_pair": test_groups(suite, name).tolist()
             }
     for name, value in results.items():
         if name == "compute_seconds" or value is None:
@@ -803,3 +888,83 @@ def write_docs(docs: Path, results: dict, figures: list[str], results_dir: Path)
             text += f"\n{block}\n"
     docs.parent.mkdir(parents=True, exist_ok=True)
     docs.write_text(text, encoding="utf-8")
+
+
+# ---------------------------------------------------------------- re-grading the committed tables
+
+
+def _committed_evals(margins: list, seeds: int) -> list[dict]:
+    """A method's pooled per-pair margins (seed after seed, as results/*.json keep them) -> one eval per seed."""
+    values = np.asarray(margins, dtype=np.float64)
+    if len(values) % seeds:
+        raise ValueError(f"{len(values)} margins do not split into {seeds} seeds")
+    return [{"margins": part} for part in np.split(values, seeds)]
+
+
+def regrade(suite, results_dir: Path) -> dict:
+    """Every offline and bias contrast again, from the committed per-pair margins, with whole prompts resampled (the
+    same draw for all seeds), the seed-level t interval, and the Bonferroni interval of each family of cells read
+    together. The test splits are rebuilt from the committed data and checked against data.json's checksums, which
+    gives each pair's prompt."""
+    data = _read(results_dir / "data.json")
+    groups = {}
+    for name, found in data.items():
+        suite.files(name)  # rebuilds the split files when missing
+        made = suite.data[name]
+        if made["splits"]["test"]["sha256"] != found["splits"]["test"]["sha256"]:
+            raise ValueError(f"the rebuilt {name} test split differs from the committed one (data.json)")
+        groups[name] = test_groups(suite, name)
+    out: dict = {"prompts": {k: int(len(set(g.tolist()))) for k, g in groups.items()}, "tables": {}}
+    evals: dict = {}
+    datasets: dict = {}
+    for table in ("offline", "offline_hh", "bias"):
+        path = results_dir / f"{table}.json"
+        if not path.is_file():
+            continue
+        found = _read(path)
+        g, seeds = groups[found["dataset"]], len(found["seeds"])
+        datasets[table] = found["dataset"]
+        for condition, entry in found["conditions"].items():
+            runs = {m: _committed_evals(v, seeds) for m, v in entry["margins"].items()}
+            evals[(table, condition)] = runs
+            rows = {m: method_summary(ev, g) for m, ev in runs.items()}
+            family = 2 * (len(runs) - 1)
+            for m, ev in runs.items():
+                if m != "dpo" and "dpo" in runs:
+                    rows[m]["minus_dpo"] = paired_difference(ev, runs["dpo"], g, family)
+                old = found["conditions"][condition]["methods"][m]
+                rows[m]["pair_bootstrap"] = {  # the committed intervals: pairs drawn as if independent
+                    k: old[k] for k in ("margin_reward_ci", "pairwise_accuracy_ci")
+                } | ({"minus_dpo": old["minus_dpo"]} if "minus_dpo" in old else {})
+            readings = [
+                m for m in runs if m != READING_BASE and READING_BASE in runs and _is_reading(suite, m)
+            ]
+            for m in readings:
+                rows[m]["minus_reading_base"] = paired_difference(
+                    runs[m], runs[READING_BASE], g, 2 * len(readings)
+                )
+            out["tables"].setdefault(table, {})[condition] = rows
+    clean = evals.get(("offline", "clean"))
+    if clean and any(t == "bias" for t, _ in evals):
+        conditions = [c for t, c in evals if t == "bias"]
+        change: dict = {}
+        for condition in conditions:
+            corrupted = evals[("bias", condition)]
+            if "dpo" not in corrupted:
+                continue
+            for m, ev in corrupted.items():
+                if m == "dpo" or m not in clean:
+                    continue
+                change.setdefault(condition, {})[m] = change_difference(
+                    ev,
+                    clean[m],
+                    corrupted["dpo"],
+                    clean["dpo"],
+                    groups[datasets["bias"]],
+                    2 * len(conditions),
+                )
+        out["bias_change"] = change
+    (results_dir / "regraded.json").write_text(
+        json.dumps(_strip(out), indent=1, allow_nan=False), encoding="utf-8"
+    )
+    return out

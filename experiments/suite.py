@@ -384,45 +384,51 @@ class Suite:
 
     # --- running
     def execute(self, run: Run, rerun: bool) -> float:
-        done = run.done()
-        if done is not None:
-            if done["command"] == run.argv()[3:]:
-                return 0.0
-            if not rerun:
-                raise SuiteError(
-                    f"{run.key} finished with other settings than the suite's now; delete {run.folder} or pass "
-                    f"--rerun to run it again"
-                )
-            (run.state / "done.json").unlink()
-        for step in run.before:
-            step()
-        settings = dict(run.settings)
-        if run.needs_llm:
-            settings["judges.llm.base_url"] = self.llm_url
-        run.state.mkdir(parents=True, exist_ok=True)
-        argv = [sys.executable, "-m", "iopo", run.command, *_overrides(settings)]
-        print(f"[suite] {run.key}: iopo {run.command} ...", flush=True)
-        tick, cpu = time.time(), _children_cpu()
-        with open(run.state / "log.txt", "a", encoding="utf-8") as log:
-            log.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {run.shown()}\n")
-            log.flush()
-            result = subprocess.run(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=False)
-        seconds, cpu = time.time() - tick, _children_cpu() - cpu
-        if result.returncode != 0:
-            tail = (run.state / "log.txt").read_text(encoding="utf-8", errors="replace")[-3000:]
+        return execute(run, rerun, self.llm_url)
+
+
+def execute(run: Run, rerun: bool, llm_url: str | None = None) -> float:
+    """Run one iopo command unless it finished with the same settings; its log, wall and CPU seconds in
+    work_dir/_suite/RUN/. Returns the seconds it took (0 when skipped)."""
+    done = run.done()
+    if done is not None:
+        if done["command"] == run.argv()[3:]:
+            return 0.0
+        if not rerun:
             raise SuiteError(
-                f"{run.key} failed (exit {result.returncode}) after {seconds:.0f}s; log tail:\n{tail}"
+                f"{run.key} finished with other settings than the suite's now; delete {run.folder} or pass "
+                f"--rerun to run it again"
             )
-        record = {
-            "command": run.argv()[3:],
-            "settings": run.settings,
-            "seconds": seconds,  # wall time of this (last) attempt: longer when something else ran beside it
-            "cpu_seconds": cpu,  # CPU time (user + system) of this attempt, all threads: no other process adds to it
-            "finished": time.time(),
-        }
-        (run.state / "done.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
-        print(f"[suite] {run.key}: done in {seconds:.0f}s", flush=True)
-        return seconds
+        (run.state / "done.json").unlink()
+    for step in run.before:
+        step()
+    settings = dict(run.settings)
+    if run.needs_llm:
+        settings["judges.llm.base_url"] = llm_url
+    run.state.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, "-m", "iopo", run.command, *_overrides(settings)]
+    print(f"[suite] {run.key}: iopo {run.command} ...", flush=True)
+    tick, cpu = time.time(), _children_cpu()
+    with open(run.state / "log.txt", "a", encoding="utf-8") as log:
+        log.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} {run.shown()}\n")
+        log.flush()
+        result = subprocess.run(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=False)
+    seconds, cpu = time.time() - tick, _children_cpu() - cpu
+    if result.returncode != 0:
+        tail = (run.state / "log.txt").read_text(encoding="utf-8", errors="replace")[-3000:]
+        raise SuiteError(
+            f"{run.key} failed (exit {result.returncode}) after {seconds:.0f}s; log tail:\n{tail}"
+        )
+    record = {
+        "command": run.argv()[3:],
+        "settings": run.settings,
+        "seconds": seconds,  # wall time of this (last) attempt: longer when something else ran beside it
+        "cpu_seconds": cpu,  # CPU time (user + system) of this attempt, all threads: no other process adds to it
+        "finished": time.time(),
+    }
+    (run.state / "done.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
+    print(f"[suite] {run.key}: done in {seconds:.0f}s", flush=True)
+    return seconds
 
 
 def _children_cpu() -> float:
@@ -495,6 +501,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--show", help="print one run's command (TABLE/.../seed-N/METHOD)")
     parser.add_argument("--report-only", action="store_true", help="write the results from finished runs")
     parser.add_argument("--rerun", action="store_true", help="run again finished runs whose settings changed")
+    parser.add_argument(
+        "--regrade",
+        action="store_true",
+        help="every committed offline and bias contrast again, whole prompts resampled: results/regraded.json",
+    )
     args = parser.parse_args(argv)
 
     spec = load_spec(Path(args.spec), args.smoke)
@@ -506,9 +517,13 @@ def main(argv: list[str] | None = None) -> int:
     results = Path(args.results_dir or REPO / spec["results_dir"])
     suite = Suite(spec, work, args.model, llm=not args.no_llm_judge)
 
-    from analysis import write_results  # experiments/analysis.py, beside this file
+    from analysis import regrade, write_results  # experiments/analysis.py, beside this file
 
     try:
+        if args.regrade:
+            regrade(suite, results)
+            print(f"[suite] {results / 'regraded.json'}")
+            return 0
         if args.list or args.show:
             return _list(suite, tables, args.show)
         if not args.report_only:

@@ -239,6 +239,8 @@ def _eval_args(work, out, *extra):
         "judges.rm.tie_margin=0.01",
         "judges.loc.type=local",
         f"judges.loc.model={work['base']}",
+        "judges.rm.check_pairs=0",  # the judge check has its own test: these count the answers' judgments
+        "judges.loc.check_pairs=0",
         *extra,
     ]
 
@@ -561,6 +563,7 @@ def test_eval_killed_mid_judging_resumes_without_paying_twice(work, tmp_path, st
         "judges.llm.max_retries=0",
         "judges.llm.concurrency=1",
         "judges.llm.modes=[pairwise]",
+        "judges.llm.check_pairs=0",  # this test counts the answers' judgments
     ]
     _Stub.plan = ['{"winner": "A"}'] * 5 + [500]
     assert iopo_main(base) == 1

@@ -32,6 +32,24 @@ def test_two_level_bootstrap_degenerate_and_spread():
     assert 0.35 < low < 0.5 < high < 0.65
 
 
+def test_prompt_bootstrap_draws_whole_prompts_once_for_every_seed():
+    # Two prompts of 10 pairs each, every pair of the first right (1), every pair of the second wrong (0).
+    values = np.r_[np.ones(10), np.zeros(10)]
+    groups = np.r_[np.zeros(10, int), np.ones(10, int)]
+    draws = analysis.bootstrap_draws([values, values, values], analysis._mean, groups=groups)
+    assert set(np.round(draws, 6)) <= {0.0, 0.5, 1.0}  # a prompt's pairs come and go together, in every seed
+    assert analysis.two_level_bootstrap([values] * 3, analysis._mean, groups=groups) == [0.0, 1.0]
+    low, high = analysis.two_level_bootstrap([values] * 3, analysis._mean)  # pairs drawn alone: far narrower
+    assert 0.3 < low < 0.5 < high < 0.7
+    # The Bonferroni interval of a family of 10 cells is wider than the 95% one.
+    noisy = np.random.default_rng(0).normal(0.1, 1, 60)
+    one = analysis.two_level_bootstrap([noisy[:30], noisy[30:]], analysis._mean)
+    family = analysis.family_interval([noisy[:30], noisy[30:]], analysis._mean, 10)
+    assert family[0] < one[0] and family[1] > one[1]
+    with pytest.raises(ValueError, match="prompt groups"):
+        analysis.bootstrap_draws([values[:5]], analysis._mean, groups=groups)
+
+
 def test_paired_difference_on_the_same_pairs():
     a = [{"margins": np.array([0.3, -0.1, 0.2, 0.5])}]
     b = [{"margins": np.array([0.1, -0.2, -0.1, 0.4])}]

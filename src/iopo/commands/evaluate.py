@@ -25,6 +25,7 @@ from iopo.engine import refcache
 from iopo.engine.scoring import model_logps
 from iopo.eval.generate import answers_file, generate_answers
 from iopo.eval.judges import build_judge
+from iopo.eval.judges.check import check_judge, check_line
 from iopo.eval.judges.compare import judge_against
 from iopo.io import runfolder
 from iopo.io.jsonio import write_json
@@ -233,8 +234,14 @@ def _evaluate(cfg: EvalConfig, models, baseline, pairs, data, out_dir: Path, sta
         for name, jcfg in cfg.judges.items():
             tick = time.perf_counter()
             judge = build_judge(name, jcfg, cfg.dtype, cfg.trust_remote_code)
+            boot = {"n_boot": cfg.bootstrap, "confidence": cfg.confidence, "seed": cfg.seed}
             try:
                 entry = {"type": jcfg.type, "judge_id": judge.judge_id, "modes": judge.modes, "models": {}}
+                if jcfg.check_pairs and pairs:  # checked before it speaks
+                    entry["check"] = check_judge(
+                        judge, store, session, jcfg, pairs, boot=boot, progress=cfg.progress_bar
+                    )
+                    log.info(check_line(name, entry["check"]))
                 for source in models:
                     entry["models"][source.label] = judge_against(
                         judge,
@@ -244,7 +251,7 @@ def _evaluate(cfg: EvalConfig, models, baseline, pairs, data, out_dir: Path, sta
                         answers[source.label],
                         answers[baseline.label],
                         n=cfg.generation.n,
-                        boot={"n_boot": cfg.bootstrap, "confidence": cfg.confidence, "seed": cfg.seed},
+                        boot=boot,
                         progress=cfg.progress_bar,
                     )
                 results["judges"][name] = entry
@@ -323,6 +330,8 @@ def format_eval(results: dict) -> str:
             lines.append(f"{label:<28} {margin:>14} {accuracy:>14}")
     conf = results.get("generation", {})
     for name, judge in results.get("judges", {}).items():
+        if judge.get("check"):
+            lines += ["", check_line(name, judge["check"])]
         for label, entry in judge["models"].items():
             t1, t2 = entry.get("table1"), entry.get("table2")
             if t1:
@@ -339,6 +348,13 @@ def format_eval(results: dict) -> str:
                 lines.append(f"  win   {rate_interval(t1, 'win')}")
                 lines.append(f"  tie   {rate_interval(t1, 'tie')}")
                 lines.append(f"  lose  {rate_interval(t1, 'lose')}")
+                lc = t1.get("length_controlled")
+                if lc and lc["n"]:
+                    lines.append(
+                        f"  length-controlled win rate {rate(lc['win_rate'])} "
+                        f"[{rate(lc['ci'][0]).strip()}, {rate(lc['ci'][1]).strip()}] (raw, ties half: "
+                        f"{rate(lc['raw']).strip()}; length slope {lc['slope']:+.2f})"
+                    )
                 extra = f"  judged {t1['n']}, invalid {t1['invalid']}"
                 if "order_disagreement" in t1:
                     extra += (

@@ -117,6 +117,20 @@ class JudgeConfig(Part):
     price_per_1k_completion_tokens: float = Field(0.0, ge=0)
     batch_size: int = Field(8, gt=0, description="reward_model/local: answers per forward.")
     max_length: int = Field(1024, gt=0, description="reward_model/local: tokens per judged text (left-cut).")
+    check_pairs: int = Field(
+        64,
+        ge=0,
+        description="iopo eval: before judging, the judge judges this many of the split's labelled pairs (chosen "
+        "vs rejected; both orders for pairwise); its agreement with the labels and first-position share are stored "
+        "beside its verdicts, and a judge whose agreement interval reaches 0.5 is flagged uninformative. 0: no check.",
+    )
+    position_limit: float = Field(
+        0.8,
+        gt=0.5,
+        le=1,
+        description="iopo eval's check: a pairwise judge that picks the first (or the second) answer more often than "
+        "this is flagged uninformative.",
+    )
 
     @model_validator(mode="after")
     def _needs(self) -> JudgeConfig:

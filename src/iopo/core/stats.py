@@ -185,3 +185,112 @@ def krippendorff_alpha(units: Sequence[Sequence], metric: str = "nominal") -> tu
     if d_e == 0:
         return math.nan, int(n)
     return float(1.0 - d_o / d_e), int(n)
+
+
+# ---------------------------------------------------------------- length-controlled win rate, judge checks
+
+OUTCOME_VALUE = {"win": 1.0, "tie": 0.5, "lose": 0.0}
+
+
+def _logistic_fit(x: np.ndarray, y: np.ndarray, iterations: int = 50) -> tuple[float, float]:
+    """(intercept, slope) of a logistic regression of y in [0, 1] (a tie counts half) on x, by Newton's method,
+    with scikit-learn's default L2 penalty on the slope (C = 1: 0.5 * slope^2), which keeps the fit finite when
+    length separates the verdicts perfectly, and a tiny one (1e-4) on the intercept for an all-win sample."""
+    theta = np.zeros(2)
+    ridge = np.array([1e-4, 1.0])
+    design = np.stack([np.ones_like(x), x], 1)  # (N, 2)
+    for _ in range(iterations):
+        p = 1.0 / (1.0 + np.exp(-(design @ theta)))
+        grad = design.T @ (y - p) - ridge * theta
+        hess = (design * (p * (1 - p))[:, None]).T @ design + np.diag(ridge)
+        step = np.linalg.solve(hess, grad)
+        theta = theta + step
+        if np.abs(step).max() < 1e-10:
+            break
+    return float(theta[0]), float(theta[1])
+
+
+def length_controlled_win_rate(
+    outcomes_by_prompt: Sequence[Sequence[str]],
+    length_diffs_by_prompt: Sequence[Sequence[float]],
+    n_boot: int,
+    confidence: float,
+    seed: int,
+) -> dict:
+    """AlpacaEval 2's length-controlled win rate (Dubois et al. 2024), without its per-instruction term: a logistic
+    regression of each verdict (win 1, tie 1/2, lose 0) on tanh(length difference / its standard deviation), read
+    at a length difference of zero: sigmoid(intercept), the win rate the judge would give if both answers had the
+    same length. Beside it the raw rate (ties counted half), the slope (how much the judge pays for length), and a
+    bootstrap interval over prompts (the fit repeated per draw). Invalid verdicts are left out."""
+    rows = [
+        (OUTCOME_VALUE[o], float(d), k)
+        for k, (group, diffs) in enumerate(zip(outcomes_by_prompt, length_diffs_by_prompt, strict=True))
+        for o, d in zip(group, diffs, strict=True)
+        if o in OUTCOME_VALUE
+    ]
+    if not rows:
+        return {"win_rate": math.nan, "ci": (math.nan, math.nan), "raw": math.nan, "slope": math.nan, "n": 0}
+    y = np.array([r[0] for r in rows])
+    d = np.array([r[1] for r in rows])
+    prompt = np.array([r[2] for r in rows])
+    scale = float(d.std()) or 1.0
+    x = np.tanh(d / scale)
+    intercept, slope = _logistic_fit(x, y)
+    out = {
+        "win_rate": 1.0 / (1.0 + math.exp(-intercept)),
+        "raw": float(y.mean()),
+        "slope": slope,
+        "length_scale": scale,
+        "n": len(rows),
+        "ci": (math.nan, math.nan),
+    }
+    prompts = np.unique(prompt)
+    if n_boot > 0 and len(prompts) > 1:
+        members = [np.flatnonzero(prompt == p) for p in prompts]
+        rng = np.random.default_rng(seed)
+        draws = np.empty(n_boot)
+        for b in range(n_boot):
+            index = np.concatenate([members[k] for k in rng.integers(0, len(members), len(members))])
+            draws[b] = 1.0 / (1.0 + math.exp(-_logistic_fit(x[index], y[index])[0]))
+        alpha = (1 - confidence) / 2
+        low, high = np.quantile(draws, [alpha, 1 - alpha])
+        out["ci"] = (float(low), float(high))
+    return out
+
+
+def judge_check(
+    agreement_by_prompt: Sequence[Sequence[float]],
+    first_position_share: float | None,
+    n_boot: int,
+    confidence: float,
+    seed: int,
+    position_limit: float,
+) -> dict:
+    """Whether a judge is worth asking, from its verdicts on labelled pairs: per pair 1 when it prefers the labelled
+    chosen answer, 1/2 for a tie, 0 for the rejected. Uninformative when the agreement's interval (bootstrap over
+    prompts) reaches 0.5, or when, asked in both orders, it picks the first answer more than `position_limit` (or
+    less than 1 - position_limit) of the time."""
+    values = [v for g in agreement_by_prompt for v in g]
+    agreement = float(np.mean(values)) if values else math.nan
+    ci = bootstrap_mean(agreement_by_prompt, n_boot, confidence, seed)
+    reasons = []
+    if not values:
+        reasons.append("no labelled pair was judged")
+    elif not ci[0] > 0.5:
+        reasons.append(
+            f"its agreement with the labels, {agreement:.3f} [{ci[0]:.3f}, {ci[1]:.3f}], reaches 0.5"
+        )
+    if first_position_share is not None and not (
+        1 - position_limit <= first_position_share <= position_limit
+    ):
+        reasons.append(f"it picks the first answer {first_position_share:.3f} of the time")
+    return {
+        "pairs": len(values),
+        "prompts": sum(1 for g in agreement_by_prompt if g),
+        "agreement": agreement,
+        "agreement_ci": ci,
+        "first_position_share": first_position_share,
+        "position_limit": position_limit,
+        "informative": not reasons,
+        "reasons": reasons,
+    }

@@ -223,22 +223,31 @@ def judged_section(label: str, results: dict, eval_dir: str) -> str:
             f"{number(metrics.get('margin_reward'), 4)}, pairwise accuracy {number(metrics.get('pairwise_accuracy'), 4)}."
         )
         lines.append("")
-    rows = []
+    rows, flagged = [], []
     for name, judge in (results.get("judges") or {}).items():
         entry = (judge.get("models") or {}).get(label) or {}
         table = entry.get("table1")
+        check = judge.get("check") or {}
+        if check and not check.get("informative", True):
+            flagged.append(f"- **{name} is uninformative**: {'; '.join(check.get('reasons', []))}.")
         if table:
+            lc = table.get("length_controlled") or {}
+            lc_text = number(lc.get("win_rate"), 3) if lc.get("n") else "-"
+            agreement = number(check.get("agreement"), 3) if check.get("pairs") else "not checked"
             rows.append(
-                f"| {name} ({judge.get('type')}) | {entry.get('n_prompts')} | {rate_interval(table, 'win')} | "
-                f"{rate_interval(table, 'tie')} | {rate_interval(table, 'lose')} |"
+                f"| {name} ({judge.get('type')}){'' if check.get('informative', True) else ' (uninformative)'} | "
+                f"{agreement} | {entry.get('n_prompts')} | {rate_interval(table, 'win')} | "
+                f"{rate_interval(table, 'tie')} | {rate_interval(table, 'lose')} | {lc_text} |"
             )
     if rows:
         lines += [
-            f"Answers judged against {baseline}'s (95% bootstrap intervals over prompts):",
+            f"Answers judged against {baseline}'s (95% bootstrap intervals over prompts; agreement: the judge's "
+            "agreement with the split's labelled pairs; LC: the length-controlled win rate):",
             "",
-            "| judge | prompts | win | tie | lose |",
-            "|---|---|---|---|---|",
+            "| judge | agreement | prompts | win | tie | lose | LC win rate |",
+            "|---|---|---|---|---|---|---|",
             *rows,
+            *([""] + flagged if flagged else []),
         ]
     lines.append(JUDGED_END)
     return "\n".join(lines) + "\n"

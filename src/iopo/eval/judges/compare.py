@@ -1,5 +1,5 @@
 """One model's answers against a baseline's, by one judge: Table 1 (win : tie : lose, both orders or a reward gap)
-and Table 2 (the 0-3 rubric), with bootstrap intervals over prompts. Used by `iopo eval` and the online rounds."""
+and Table 2 (the 0-3 rubric), with bootstrap intervals over prompts and the length-controlled win rate beside. Used by `iopo eval` and the online rounds."""
 
 from __future__ import annotations
 
@@ -40,12 +40,18 @@ def judge_against(
     modes = modes or judge.modes
     n_prompts = len(model_recs) // n
     out: dict = {"n_prompts": n_prompts, "n_answers": len(model_recs)}
+    # characters of the model's answer minus the baseline's, per prompt: for the length-controlled win rate
+    diffs = [len(m["answer"]) - len(b["answer"]) for m, b in zip(model_recs, base_recs, strict=True)]
+    diffs_by_prompt = [diffs[k * n : (k + 1) * n] for k in range(n_prompts)]
 
     def summary(outcomes_by_prompt: list[list[str]]) -> dict:
         flat = [o for group in outcomes_by_prompt for o in group]
         table = stats.outcome_rates(flat)
         table["ci"] = stats.bootstrap_rates(
             outcomes_by_prompt, boot["n_boot"], boot["confidence"], boot["seed"]
+        )
+        table["length_controlled"] = stats.length_controlled_win_rate(
+            outcomes_by_prompt, diffs_by_prompt, boot["n_boot"], boot["confidence"], boot["seed"]
         )
         table["n"] = sum(o != "invalid" for o in flat)
         table["invalid"] = sum(o == "invalid" for o in flat)

@@ -1,0 +1,309 @@
+"""The gold-reward testbed's results (experiments/gold.py): the reward-KL frontier per annotator and method, and the
+contrasts that decide the question, from the committed per-prompt scores in results_dir/scores/.
+
+Intervals: 95%, from a bootstrap that draws seeds with replacement and then whole held-out prompts, one prompt draw
+shared by every seed and method (the same prompts are read by all of them), so a difference between two methods is
+paired by prompt and seed. Beside it, a t interval over the seeds' own means. A contrast at matched KL reads one
+method's gold reward where its frontier (start, then its checkpoints in order of KL, linearly interpolated) reaches
+the other method's KL; outside its KL range it is not extrapolated. The primary contrast reads both frontiers at the
+largest KL both reach.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+from analysis import N_BOOT, _quantiles, _t_interval
+
+PRIMARY = (
+    "gold reward of a method minus DPO's at the largest KL both frontiers reach (each frontier: the best gold reward "
+    "reached at or below a KL, interpolated between checkpoints)"
+)
+
+
+def _read(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def load_scores(results: Path, runs) -> tuple[dict, dict]:
+    """(start: {prompt: {gold, kl, chars}}, points: {(annotator, method): {step: [per seed: {prompt: ...}]}}).
+    Only steps that every seed of the method has scored count."""
+    start = (
+        _read(results / "scores" / "start.json")["per_prompt"]
+        if (results / "scores" / "start.json").is_file()
+        else None
+    )
+    found: dict[tuple[str, str], dict[int, dict[int, dict]]] = {}
+    for run in runs:
+        annotator, seed, method = run.key.split("/")
+        for path in sorted((results / "scores" / run.key).glob("step-*.json")):
+            step = int(path.stem.split("-")[1])
+            found.setdefault((annotator, method), {}).setdefault(step, {})[int(seed.split("-")[1])] = _read(
+                path
+            )["per_prompt"]
+    seeds_of: dict[tuple[str, str], set[int]] = {}
+    for run in runs:
+        annotator, seed, method = run.key.split("/")
+        seeds_of.setdefault((annotator, method), set()).add(int(seed.split("-")[1]))
+    points = {}
+    for key, steps in found.items():
+        complete = {
+            s: [by_seed[k] for k in sorted(by_seed)]
+            for s, by_seed in steps.items()
+            if set(by_seed) == seeds_of[key]
+        }
+        if complete:
+            points[key] = dict(sorted(complete.items()))
+    return start, points
+
+
+def _matrix(per_seed: list[dict], prompts: list[str], field: str) -> np.ndarray:
+    """(seeds, prompts): the mean of a field over each prompt's samples."""
+    return np.array([[np.mean(run[p][field]) for p in prompts] for run in per_seed])
+
+
+def frontier(start: dict, points: dict[int, list[dict]], prompts: list[str]) -> dict:
+    """One method under one annotator: per checkpoint, gold reward, KL and length (means with both intervals)."""
+    out = []
+    rows = {"start": [start]} | points
+    for step, per_seed in rows.items():
+        entry = {"step": 0 if step == "start" else step, "seeds": len(per_seed)}
+        for field in ("gold", "kl", "chars"):
+            m = _matrix(per_seed, prompts, field)
+            entry[field] = float(m.mean())
+            entry[f"{field}_ci"] = _prompt_seed_bootstrap([m], lambda ms: ms[0].mean())
+            if len(per_seed) > 1:
+                entry[f"{field}_t"] = _t_interval(list(m.mean(1)))["ci"]
+        out.append(entry)
+    return {"points": out}
+
+
+def _prompt_seed_bootstrap(matrices: list[np.ndarray], statistic, seed: int = 0) -> list[float]:
+    """95% interval of statistic(matrices) where each matrix is (seeds, prompts): each draw takes seeds with
+    replacement (the same draw for every matrix of equal seed count) and one draw of prompts shared by all."""
+    rng = np.random.default_rng(seed)
+    n_prompts = matrices[0].shape[1]
+    values = np.empty(N_BOOT)
+    for b in range(N_BOOT):
+        cols = rng.integers(0, n_prompts, n_prompts)
+        drawn = []
+        seed_draws: dict[int, np.ndarray] = {}
+        for m in matrices:
+            n = m.shape[0]
+            if n not in seed_draws:
+                seed_draws[n] = rng.integers(0, n, n) if n > 1 else np.zeros(1, dtype=int)
+            drawn.append(m[seed_draws[n]][:, cols])
+        values[b] = statistic(drawn)
+    values = values[np.isfinite(values)]
+    if len(values) < N_BOOT * 0.9:
+        return [float("nan"), float("nan")]
+    return _quantiles(values)
+
+
+def _curve(start_m: tuple[np.ndarray, np.ndarray], steps: list[tuple[np.ndarray, np.ndarray]]):
+    """(KL, gold) means of the start and each checkpoint, in step order; matrices are (seeds, prompts)."""
+    kl = [float(start_m[0].mean())] + [float(k.mean()) for k, _ in steps]
+    gold = [float(start_m[1].mean())] + [float(g.mean()) for _, g in steps]
+    return np.array(kl), np.array(gold)
+
+
+def _gold_at(kl: np.ndarray, gold: np.ndarray, at: float) -> float:
+    """A frontier's gold reward at KL `at`: the frontier made monotone in KL (the best gold reached at or below each
+    KL, as a frontier is read), interpolated; NaN beyond its largest KL."""
+    order = np.argsort(kl)
+    kl, gold = kl[order], np.maximum.accumulate(gold[order])
+    if at > kl[-1] + 1e-9:
+        return float("nan")
+    return float(np.interp(at, kl, gold))
+
+
+def matched_contrast(
+    start: dict, a: dict[int, list[dict]], b: dict[int, list[dict]], prompts: list[str]
+) -> dict:
+    """Method a minus method b: the two frontiers' gold at the largest KL both reach (the primary contrast), and the
+    gold rewards and KLs of the two last checkpoints (KL not matched), paired by prompt and seed."""
+    sm = (_matrix([start], prompts, "kl"), _matrix([start], prompts, "gold"))
+    am = [(_matrix(v, prompts, "kl"), _matrix(v, prompts, "gold")) for v in a.values()]
+    bm = [(_matrix(v, prompts, "kl"), _matrix(v, prompts, "gold")) for v in b.values()]
+    n_a, n_b = len(am), len(bm)
+    flat = [sm[0], sm[1], *[m for pair in am for m in pair], *[m for pair in bm for m in pair]]
+
+    def unpack(ms):
+        s = (ms[0], ms[1])
+        a_ = [(ms[2 + 2 * i], ms[3 + 2 * i]) for i in range(n_a)]
+        b_ = [(ms[2 + 2 * n_a + 2 * i], ms[3 + 2 * n_a + 2 * i]) for i in range(n_b)]
+        return s, a_, b_
+
+    def matched(ms):
+        s, a_, b_ = unpack(ms)
+        kl_a, gold_a = _curve(s, a_)
+        kl_b, gold_b = _curve(s, b_)
+        target = min(kl_a.max(), kl_b.max())
+        return _gold_at(kl_a, gold_a, target) - _gold_at(kl_b, gold_b, target)
+
+    def target_kl(ms):
+        s, a_, b_ = unpack(ms)
+        return float(min(_curve(s, a_)[0].max(), _curve(s, b_)[0].max()))
+
+    def last(ms):
+        _, a_, b_ = unpack(ms)
+        return float(a_[-1][1].mean() - b_[-1][1].mean())
+
+    def kl_last(ms):
+        _, a_, b_ = unpack(ms)
+        return float(a_[-1][0].mean() - b_[-1][0].mean())
+
+    point = matched(flat)
+    return {
+        "matched": point,
+        "matched_ci": _prompt_seed_bootstrap(flat, matched),
+        "matched_kl": target_kl(flat),
+        "last_gold": last(flat),
+        "last_gold_ci": _prompt_seed_bootstrap(flat, last),
+        "last_kl": kl_last(flat),
+        "last_kl_ci": _prompt_seed_bootstrap(flat, kl_last),
+        "seeds": [len(next(iter(a.values()))), len(next(iter(b.values())))],
+    }
+
+
+def gold_results(spec: dict, results: Path, runs) -> dict | None:
+    start, points = load_scores(results, runs)
+    if start is None or not points:
+        return None
+    prompts = sorted(start)
+    out: dict = {"primary": PRIMARY, "prompts": len(prompts), "frontiers": {}, "contrasts": {}}
+    for (annotator, method), steps in sorted(points.items()):
+        out["frontiers"].setdefault(annotator, {})[method] = frontier(start, steps, prompts)
+    for (annotator, method), steps in sorted(points.items()):
+        if method == "dpo":
+            continue
+        base = points.get((annotator, "dpo"))
+        if base is not None and len(next(iter(base.values()))) == len(next(iter(steps.values()))):
+            out["contrasts"].setdefault(annotator, {})[f"{method} - dpo"] = matched_contrast(
+                start, steps, base, prompts
+            )
+    return out
+
+
+def _ci(value: float, ci, digits: int = 3) -> str:
+    if ci is None or not np.all(np.isfinite(ci)):
+        return f"{value:+.{digits}f}" if np.isfinite(value) else "beyond its KL range"
+    return f"{value:+.{digits}f} [{ci[0]:+.{digits}f}, {ci[1]:+.{digits}f}]"
+
+
+def frontier_markdown(res: dict) -> str:
+    lines = [
+        "| annotator | method | step | seeds | KL to the start | gold reward | length (chars) |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for annotator, methods in res["frontiers"].items():
+        for method, f in methods.items():
+            for p in f["points"]:
+                if p["step"] == 0 and method != next(iter(methods)):
+                    continue
+                lines.append(
+                    f"| {annotator} | {'start' if p['step'] == 0 else method} | {p['step']} | {p['seeds']} | "
+                    f"{_ci(p['kl'], p['kl_ci'], 2)} | {_ci(p['gold'], p['gold_ci'])} | {p['chars']:.0f} |"
+                )
+    return "\n".join(lines)
+
+
+def contrast_markdown(res: dict) -> str:
+    lines = [
+        "| annotator | contrast | seeds | gold at matched KL (**primary**) | at KL | gold, last checkpoints | KL, last checkpoints |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for annotator, contrasts in res["contrasts"].items():
+        for name, c in contrasts.items():
+            lines.append(
+                f"| {annotator} | {name} | {c['seeds'][0]} | {_ci(c['matched'], c['matched_ci'])} | {c['matched_kl']:.2f} | "
+                f"{_ci(c['last_gold'], c['last_gold_ci'])} | {_ci(c['last_kl'], c['last_kl_ci'], 2)} |"
+            )
+    return "\n".join(lines)
+
+
+def make_figure(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    annotators = list(res["frontiers"])
+    fig, axes = plt.subplots(1, len(annotators), figsize=(4.2 * len(annotators), 3.8), squeeze=False)
+    colors = {"dpo": "#1f77b4", "iopo": "#d62728", "ipo": "#2ca02c", "hinge": "#9467bd"}
+    for ax, annotator in zip(axes[0], annotators, strict=True):
+        for method, f in res["frontiers"][annotator].items():
+            pts = f["points"]
+            kl = np.array([p["kl"] for p in pts])
+            gold = np.array([p["gold"] for p in pts])
+            xerr = np.abs(np.array([p["kl_ci"] for p in pts]).T - kl)
+            yerr = np.abs(np.array([p["gold_ci"] for p in pts]).T - gold)
+            ax.errorbar(
+                kl,
+                gold,
+                xerr=xerr,
+                yerr=yerr,
+                marker="o",
+                ms=4,
+                capsize=2,
+                lw=1.2,
+                color=colors.get(method),
+                label=f"{method} ({pts[-1]['seeds']} seeds)",
+            )
+            for p in pts[1:]:
+                ax.annotate(
+                    str(p["step"]),
+                    (p["kl"], p["gold"]),
+                    fontsize=7,
+                    xytext=(3, -8),
+                    textcoords="offset points",
+                    color=colors.get(method),
+                )
+        ax.set(title=f"annotator: {annotator}", xlabel="sampled KL to the starting model (nats)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+    axes[0][0].set_ylabel("gold reward (VADER compound), held-out prompts")
+    fig.suptitle(
+        "Reward-KL frontier, gold-reward testbed (points: checkpoints by optimizer step; 95% intervals)",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_gold_results(spec: dict, work: Path, results: Path, runs, docs: Path | None) -> dict | None:
+    res = gold_results(spec, results, runs)
+    if res is None:
+        print("[gold] nothing scored yet: no results written")
+        return None
+    pairs = work / "pairs" / "report.json"
+    if pairs.is_file():
+        res["annotators"] = {k: {f: v for f, v in r.items() if f != "file"} for k, r in _read(pairs).items()}
+    compute = {}
+    for run in runs:
+        done = run.done()
+        if done:
+            compute[run.key] = {"seconds": done["seconds"], "cpu_seconds": done.get("cpu_seconds")}
+    scored = [_read(p) for p in (results / "scores").rglob("step-*.json")]
+    res["compute"] = {
+        "training_runs": len(compute),
+        "training_seconds": sum(c["seconds"] for c in compute.values()),
+        "scoring_seconds": sum(s["seconds"] for s in scored),
+        "checkpoints_scored": len(scored),
+    }
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "frontier.json").write_text(json.dumps(res, indent=1, allow_nan=False), encoding="utf-8")
+    make_figure(res, results / "frontier.png")
+    if docs is not None and docs.is_file():
+        text = docs.read_text(encoding="utf-8")
+        for name, body in (("frontier", frontier_markdown(res)), ("contrasts", contrast_markdown(res))):
+            pattern = re.compile(rf"<!-- gold:{name} -->.*?<!-- /gold:{name} -->", re.S)
+            block = f"<!-- gold:{name} -->\n{body}\n<!-- /gold:{name} -->"
+            text = pattern.sub(lambda _m, b=block: b, text) if pattern.search(text) else text + f"\n{block}\n"
+        docs.write_text(text, encoding="utf-8")
+    print(f"[gold] results in {results}")
+    return res

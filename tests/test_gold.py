@@ -1,0 +1,146 @@
+"""The gold-reward testbed (experiments/gold.py): its prompts, annotators and frontier arithmetic by hand, and the
+whole pipeline on a tiny random model (--smoke: samples, pairs, runs, every checkpoint scored, the results)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "experiments"))
+
+import gold  # noqa: E402
+import gold_analysis  # noqa: E402
+
+pytest.importorskip("vaderSentiment")
+SPEC = gold.load_spec(REPO / "experiments" / "gold.yaml", smoke=False)
+
+
+def test_gold_reward_is_vader_compound():
+    assert gold.gold_reward("I loved it, wonderful and great!") > 0.8
+    assert gold.gold_reward("Terrible, awful, I hated it.") < -0.8
+    assert gold.gold_reward("The box is on the table.") == 0.0
+
+
+def test_held_out_prompts_name_no_training_subject():
+    prompts = gold.make_prompts(SPEC)
+    assert len(prompts["train"]) == SPEC["prompts"]["train_prompts"]
+    assert len(prompts["test"]) == SPEC["prompts"]["test_prompts"]
+    test_subjects = {p["subject"] for p in prompts["test"]}
+    assert len(test_subjects) == SPEC["prompts"]["test_subjects"]
+    assert not test_subjects & {p["subject"] for p in prompts["train"]}
+    assert all(p["subject"] in p["prompt"] for p in prompts["train"] + prompts["test"])
+    assert gold.make_prompts(SPEC) == prompts  # the same every time: seeded
+
+
+def _records():
+    texts = [
+        "great, I loved it",
+        "awful and sad",
+        "ok",
+        "a very long and wonderful happy experience",
+        "x",
+        "x",
+    ]
+    return [
+        {"prompt_id": f"p{i // 2}", "prompt": f"q{i // 2}", "sample": i % 2, "answer": t}
+        for i, t in enumerate(texts)
+    ]
+
+
+def test_annotators_label_by_gold_length_and_flips():
+    rows, report = gold.label_pairs(_records(), {"temperature": 1e-6}, seed="t")
+    # p2's two answers are equal: no pair. The gold annotator at a tiny temperature picks the higher VADER score.
+    assert report["pairs"] == 2 and report["equal_continuations_skipped"] == 1
+    assert [r["chosen"] for r in rows] == ["great, I loved it", "a very long and wonderful happy experience"]
+    assert report["agree_with_gold"] == 1.0
+    rows, report = gold.label_pairs(_records(), {"longer": True}, seed="t")
+    assert [r["chosen"] for r in rows] == ["great, I loved it", "a very long and wonderful happy experience"]
+    assert report["chosen_longer"] == 1.0
+    rows, report = gold.label_pairs(_records(), {"temperature": 1e-6, "flip": 1.0}, seed="t")
+    assert report["agree_with_gold"] == 0.0  # every label swapped
+    # A Bradley-Terry annotator at temperature T: P(a > b) = sigmoid((r_a - r_b) / T); over many draws the share
+    # of "a" labels matches it.
+    many = [
+        {"prompt_id": f"p{k}", "prompt": "q", "sample": j, "answer": a}
+        for k in range(2000)
+        for j, a in enumerate(["good", "bad"])
+    ]
+    rows, _ = gold.label_pairs(many, {"temperature": 1.0}, seed="bt")
+    gap = gold.gold_reward("good") - gold.gold_reward("bad")
+    share = np.mean([r["chosen"] == "good" for r in rows])
+    assert share == pytest.approx(1 / (1 + np.exp(-gap)), abs=0.03)
+
+
+def test_frontier_reading_is_monotone_and_matched_contrast_of_a_method_with_itself_is_zero():
+    kl, g = np.array([0.0, 3.0, 7.0, 8.0]), np.array([0.1, 0.5, 0.7, 0.6])
+    assert gold_analysis._gold_at(kl, g, 7.5) == pytest.approx(0.7)  # the best reached at or below 7.5
+    assert gold_analysis._gold_at(kl, g, 1.5) == pytest.approx(0.3)
+    assert np.isnan(gold_analysis._gold_at(kl, g, 9.0))  # never extrapolated
+    rng = np.random.default_rng(0)
+    prompts = [f"p{i}" for i in range(6)]
+
+    def scores(shift):
+        return {
+            p: {"gold": list(rng.normal(shift, 0.1, 2)), "kl": list(rng.normal(shift * 10, 1, 2))}
+            for p in prompts
+        }
+
+    start = {p: {"gold": [0.0, 0.0], "kl": [0.0, 0.0]} for p in prompts}
+    a = {8: [scores(0.3), scores(0.3)], 16: [scores(0.6), scores(0.6)]}
+    same = gold_analysis.matched_contrast(start, a, a, prompts)
+    assert same["matched"] == 0.0 and same["matched_ci"] == [0.0, 0.0] and same["last_gold"] == 0.0
+    # b reaches the same KL with less gold: a - b > 0 at the matched KL, a's frontier read where both reach.
+    b = {
+        s: [{p: {"gold": [x - 0.2 for x in v[p]["gold"]], "kl": v[p]["kl"]} for p in v} for v in runs]
+        for s, runs in a.items()
+    }
+    diff = gold_analysis.matched_contrast(start, a, b, prompts)
+    assert diff["matched"] == pytest.approx(0.2) and diff["matched_ci"][0] > 0
+
+
+@pytest.mark.slow
+def test_smoke_testbed_samples_trains_scores_and_reports(tiny_model_dir, tmp_path):
+    work, results, docs = tmp_path / "work", tmp_path / "results", tmp_path / "results.md"
+    docs.write_text("# Results\n<!-- gold:frontier -->\nold\n<!-- /gold:frontier -->\nprose kept\n")
+    args = ["--smoke", "--model", str(tiny_model_dir), "--work-dir", str(work), "--results-dir", str(results)]
+    run = subprocess.run(
+        [sys.executable, str(REPO / "experiments" / "gold.py"), *args, "--docs", str(docs)],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        check=False,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    report = json.loads((work / "pairs" / "report.json").read_text())
+    assert set(report) == {"gold", "flip30", "longer", "half_length"}
+    assert report["longer"]["chosen_longer"] >= 0.5
+    scored = sorted(
+        p.relative_to(results / "scores").as_posix() for p in (results / "scores").rglob("*.json")
+    )
+    # the start, and checkpoints 2 and 4 of each of the four runs
+    assert len(scored) == 1 + 4 * 2 and "start.json" in scored and "gold/seed-1/iopo/step-4.json" in scored
+    one = json.loads((results / "scores" / "gold/seed-1/dpo/step-2.json").read_text())["per_prompt"]
+    assert len(one) == 4 and all(len(v["gold"]) == 2 and len(v["kl"]) == 2 for v in one.values())
+    start = json.loads((results / "scores" / "start.json").read_text())["per_prompt"]
+    assert all(abs(k) < 1e-4 for v in start.values() for k in v["kl"])  # the start's KL to itself
+    frontier = json.loads((results / "frontier.json").read_text())
+    assert set(frontier["frontiers"]) == {"gold", "longer"} and "iopo - dpo" in frontier["contrasts"]["gold"]
+    assert [p["step"] for p in frontier["frontiers"]["gold"]["dpo"]["points"]] == [0, 2, 4]
+    assert (results / "frontier.png").is_file()
+    text = docs.read_text()
+    assert "\nold\n" not in text and "| gold | dpo | 2 |" in text and "prose kept" in text
+    # Again: nothing trained or scored anew.
+    again = subprocess.run(
+        [sys.executable, str(REPO / "experiments" / "gold.py"), *args, "--docs", ""],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert again.returncode == 0 and "iopo train" not in again.stdout and "KL" not in again.stdout
