@@ -285,13 +285,19 @@ def curves(folders: list[Path]) -> dict:
 def judged(eval_folders: list[Path]) -> dict:
     """{judge: {model: win/tie/lose over seeds}} from the eval folders of one baseline (one folder per seed)."""
     outcomes: dict[tuple[str, str], list[list[list[str]]]] = {}
+    positions: dict[tuple[str, str], list[float]] = {}
+    checks: dict[str, list[dict]] = {}
     for folder in eval_folders:
         found = _read(folder / "eval.json")
         for judge, entry in found["judges"].items():
+            if entry.get("check"):
+                checks.setdefault(judge, []).append(entry["check"])
             for model, tables in entry["models"].items():
                 table = tables.get("table1")
                 if table and "outcomes" in table:
                     outcomes.setdefault((judge, model), []).append(table["outcomes"])
+                if table and table.get("first_position_share") is not None:
+                    positions.setdefault((judge, model), []).append(table["first_position_share"])
     out: dict = {}
     for (judge, model), seeds in outcomes.items():
         # per seed: prompts x answers -> one array of per-prompt shares (equal weight per prompt)
@@ -307,6 +313,16 @@ def judged(eval_folders: list[Path]) -> dict:
         row["win_minus_lose"] = _mean(np.concatenate(wl))
         row["win_minus_lose_ci"] = two_level_bootstrap(wl, _mean, seed=7, groups=same)
         row["win_minus_lose_seed_t"] = _seed_t(wl, _mean)
+        if (
+            judge,
+            model,
+        ) in positions:  # how often the judge picked the first answer shown (both orders asked)
+            row["first_position_share"] = float(np.mean(positions[(judge, model)]))
+        if checks.get(judge):  # iopo eval's check of the judge on labelled pairs, per seed's eval
+            row["judge_check"] = {
+                "agreement": [c["agreement"] for c in checks[judge]],
+                "informative": all(c["informative"] for c in checks[judge]),
+            }
         out.setdefault(judge, {})[model] = row
     return out
 
@@ -336,6 +352,9 @@ def online_summary(folders_by_method: dict[str, list[Path]]) -> dict:
             for r in summary.get("rounds", []):
                 scores = r.get("scores") or {}
                 values = {
+                    "trained_pairs": r.get("trained_pairs"),
+                    "kept_pairs": (r.get("pairs") or {}).get("kept"),
+                    "margin_sd": _round_margin_sd(folder, int(r["round"])),
                     "margin_reward": scores.get("margin_reward"),
                     "pairwise_accuracy": scores.get("pairwise_accuracy"),
                     "win_rate": (scores.get("judged") or {}).get("win"),
@@ -352,6 +371,13 @@ def online_summary(folders_by_method: dict[str, list[Path]]) -> dict:
             "rounds": {k: {m: _t_interval(v) for m, v in vals.items()} for k, vals in sorted(rounds.items())},
         }
     return out
+
+
+def _round_margin_sd(folder: Path, round_: int) -> float | None:
+    """The standard deviation of a round's per-pair test margins (Fig. 4's spread), when the round kept them."""
+    path = folder / f"round_{round_}" / "scores.json"
+    margins = _read(path).get("margins") if path.is_file() else None
+    return float(np.std(_finite_margins(margins, path))) if margins else None
 
 
 def _last_round_scores(folder: Path) -> dict:
@@ -528,6 +554,11 @@ def write_results(suite, tables: list[str], results_dir: Path, docs: Path | None
             results.setdefault("data", {})[name] = {k: v for k, v in data.items() if k != "spec"} | {
                 "test_prompt_of_pair": test_groups(suite, name).tolist()
             }
+    for rm_eval in sorted((suite.work / "rm").glob("*/eval.json")):  # the judge's own held-out accuracy
+        found = _read(rm_eval)
+        results.setdefault("reward_model", {})[rm_eval.parent.name] = {
+            k: found.get(k) for k in ("pairwise_accuracy", "n_pairs", "pairwise_accuracy_ci") if k in found
+        }
     for name, value in results.items():
         if name == "compute_seconds" or value is None:
             continue
@@ -878,14 +909,17 @@ def write_docs(docs: Path, results: dict, figures: list[str], results_dir: Path)
             f" Not counted above: {extra['runs']} finished runs the plan no longer lists (an earlier sweep grid),"
             f" {extra['seconds'] / 60:.0f} min of wall time."
         )
-    text = docs.read_text(encoding="utf-8") if docs.is_file() else ""
     for name, body in blocks.items():
-        pattern = re.compile(rf"<!-- suite:{name} -->.*?<!-- /suite:{name} -->", re.S)
-        block = f"<!-- suite:{name} -->\n{body}\n<!-- /suite:{name} -->"
-        if pattern.search(text):
-            text = pattern.sub(lambda _m, b=block: b, text)
-        else:
-            text += f"\n{block}\n"
+        replace_block(docs, name, body)
+
+
+def replace_block(docs: Path, name: str, body: str, prefix: str = "suite") -> None:
+    """docs' text between <!-- PREFIX:NAME --> and <!-- /PREFIX:NAME --> becomes body (appended when absent); the
+    prose around it is left as it is."""
+    text = docs.read_text(encoding="utf-8") if docs.is_file() else ""
+    pattern = re.compile(rf"<!-- {prefix}:{name} -->.*?<!-- /{prefix}:{name} -->", re.S)
+    block = f"<!-- {prefix}:{name} -->\n{body}\n<!-- /{prefix}:{name} -->"
+    text = pattern.sub(lambda _m: block, text) if pattern.search(text) else text + f"\n{block}\n"
     docs.parent.mkdir(parents=True, exist_ok=True)
     docs.write_text(text, encoding="utf-8")
 
@@ -968,3 +1002,48 @@ def regrade(suite, results_dir: Path) -> dict:
         json.dumps(_strip(out), indent=1, allow_nan=False), encoding="utf-8"
     )
     return out
+
+
+def regraded_markdown(out: dict) -> str:
+    """Each contrast against DPO (and IOPO's bias changes): the committed pair-level interval beside the prompt-level
+    one, the seed-level t interval and the family's Bonferroni interval."""
+
+    def cell(row: dict, key: str, digits: int) -> list[str]:
+        def ci(c):
+            return f"[{c[0]:+.{digits}f}, {c[1]:+.{digits}f}]"
+
+        return [
+            f"{row[key]:+.{digits}f}",
+            ci(row[f"{key}_ci"]),
+            ci(row[f"{key}_seed_t"]),
+            ci(row[f"{key}_family_ci"]),
+        ]
+
+    lines = [
+        "| table | contrast | metric | estimate | pairs drawn alone (committed) | whole prompts | seed t | "
+        "Bonferroni (family) |",
+        "|---|---|---|---:|---|---|---|---|",
+    ]
+    for table, conditions in out["tables"].items():
+        for condition, rows in conditions.items():
+            for method, row in rows.items():
+                if "minus_dpo" not in row:
+                    continue
+                for key, digits in (("margin_reward", 3), ("pairwise_accuracy", 3)):
+                    old = row["pair_bootstrap"].get("minus_dpo", {}).get(f"{key}_ci")
+                    est, prompt, seed_t, family = cell(row["minus_dpo"], key, digits)
+                    old_text = f"[{old[0]:+.{digits}f}, {old[1]:+.{digits}f}]" if old else "-"
+                    name = table if condition == "clean" else f"{table} ({condition})"
+                    lines.append(
+                        f"| {name} | {method} − dpo | {key.replace('_', ' ')} | {est} | {old_text} | {prompt} | "
+                        f"{seed_t} | {family} |"
+                    )
+    for condition, rows in out.get("bias_change", {}).items():
+        for method, row in rows.items():
+            for key in ("margin_reward", "pairwise_accuracy"):
+                est, prompt, seed_t, family = cell(row, key, 3)
+                lines.append(
+                    f"| bias ({condition}) | {method}'s change − dpo's | {key.replace('_', ' ')} | {est} | - | "
+                    f"{prompt} | {seed_t} | {family} |"
+                )
+    return "\n".join(lines)

@@ -12,11 +12,10 @@ largest KL both reach.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import numpy as np
-from analysis import N_BOOT, _quantiles, _t_interval
+from analysis import N_BOOT, _quantiles, _t_interval, replace_block
 
 PRIMARY = (
     "gold reward of a method minus DPO's at the largest KL both frontiers reach (each frontier: the best gold reward "
@@ -299,11 +298,7 @@ def write_gold_results(spec: dict, work: Path, results: Path, runs, docs: Path |
     (results / "frontier.json").write_text(json.dumps(res, indent=1, allow_nan=False), encoding="utf-8")
     make_figure(res, results / "frontier.png")
     if docs is not None and docs.is_file():
-        text = docs.read_text(encoding="utf-8")
         for name, body in (("frontier", frontier_markdown(res)), ("contrasts", contrast_markdown(res))):
-            pattern = re.compile(rf"<!-- gold:{name} -->.*?<!-- /gold:{name} -->", re.S)
-            block = f"<!-- gold:{name} -->\n{body}\n<!-- /gold:{name} -->"
-            text = pattern.sub(lambda _m, b=block: b, text) if pattern.search(text) else text + f"\n{block}\n"
-        docs.write_text(text, encoding="utf-8")
+            replace_block(docs, name, body, prefix="gold")
     print(f"[gold] results in {results}")
     return res

@@ -517,11 +517,18 @@ def main(argv: list[str] | None = None) -> int:
     results = Path(args.results_dir or REPO / spec["results_dir"])
     suite = Suite(spec, work, args.model, llm=not args.no_llm_judge)
 
-    from analysis import regrade, write_results  # experiments/analysis.py, beside this file
+    from analysis import (  # experiments/analysis.py, beside this file
+        regrade,
+        regraded_markdown,
+        replace_block,
+        write_results,
+    )
 
     try:
         if args.regrade:
-            regrade(suite, results)
+            out = regrade(suite, results)
+            if args.docs:
+                replace_block(Path(args.docs), "regraded", regraded_markdown(out))
             print(f"[suite] {results / 'regraded.json'}")
             return 0
         if args.list or args.show:

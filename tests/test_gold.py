@@ -118,7 +118,7 @@ def test_smoke_testbed_samples_trains_scores_and_reports(tiny_model_dir, tmp_pat
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = json.loads((work / "pairs" / "report.json").read_text())
-    assert set(report) == {"gold", "flip30", "longer", "half_length"}
+    assert set(report) == {"gold", "flip30", "longer", "half_length", "flip50"}
     assert report["longer"]["chosen_longer"] >= 0.5
     scored = sorted(
         p.relative_to(results / "scores").as_posix() for p in (results / "scores").rglob("*.json")

@@ -144,5 +144,10 @@ def test_iopo_eval_checks_each_judge_and_stores_it(work, tmp_path, capsys):  # n
         lc = result["judges"][name]["models"][label]["table1"]["length_controlled"]
         assert lc["n"] == result["judges"][name]["models"][label]["table1"]["n"]
     assert "length-controlled win rate" in printed
-    # Six pairs cannot show any judge informative: the tiny judges are flagged, and the run's card says so.
+    # Six pairs cannot show any judge informative: the tiny judge is flagged, and the report says so beside its row.
     assert not result["judges"]["loc"]["check"]["informative"]
+    from iopo.report.markdown import write_report
+
+    report = write_report([str(out)], tmp_path / "r" / "report.md").read_text()
+    assert "loc **(uninformative)** (local)" in report and "agrees with the split's labels on" in report
+    assert "length-controlled win rate" in report

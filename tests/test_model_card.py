@@ -100,3 +100,12 @@ def test_an_eval_adds_its_judged_tables_to_the_runs_card(tmp_path, tiny_model_di
     low, high = table["ci"]["win"]
     assert f"{table['win']:.3f} [{low:.3f}, {high:.3f}]" in text
     assert f"pairwise accuracy {result['metrics']['run']['pairwise_accuracy']:.4f}" in text
+    # The judge's check on the split's labelled pairs is in the card's row; a flagged judge is named so.
+    check = result["judges"]["rm"]["check"]
+    assert (
+        f"| rm (reward_model){'' if check['informative'] else ' (uninformative)'} | {check['agreement']:.3f} |"
+        in text
+    )
+    assert check["informative"] or "**rm is uninformative**" in text
+    lc = table["length_controlled"]
+    assert f"| {lc['win_rate']:.3f} |" in text

@@ -145,6 +145,9 @@ def _eval_section(ev: dict) -> list[str]:
         ]
         for judge, entry, model, t in t1_rows:
             notes = ""
+            check = entry.get("check") or {}
+            if check and not check.get("informative", True):
+                judge = f"{judge} **(uninformative)**"
             if "mean_reward" in t:
                 mr = t["mean_reward"]
                 notes = f"mean reward {number(mr.get('model'))} vs {number(mr.get('baseline'))}; tie margin {t.get('tie_margin')}"
@@ -152,6 +155,15 @@ def _eval_section(ev: dict) -> list[str]:
                 notes = f"first answer preferred in {number(t.get('first_position_share'))} of verdicts"
             elif "human" in t:
                 notes = f"{t['human']['pairs_rated']} of {t['human']['pairs']} pairs rated; raters' votes per pair"
+            lc = t.get("length_controlled") or {}
+            if lc.get("n"):
+                notes += f"; length-controlled win rate {number(lc.get('win_rate'))}"
+            if check.get("pairs"):
+                notes += (
+                    f"; agrees with the split's labels on {number(check.get('agreement'))} "
+                    f"[{number(check['agreement_ci'][0])}, {number(check['agreement_ci'][1])}] of "
+                    f"{check['pairs']} labelled pairs"
+                )
             lines.append(
                 f"| {model} | {judge} ({entry.get('type')}) | {interval(t, 'win')} | {interval(t, 'tie')} | {interval(t, 'lose')} | "
                 f"{t.get('n')} | {t.get('invalid')} | {number(t.get('order_disagreement')) if 'order_disagreement' in t else '-'} | {notes} |"
