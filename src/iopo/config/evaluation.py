@@ -72,6 +72,14 @@ JUDGE_TYPES: dict[str, JudgeType] = {
         score_verdict="rubric",
         annotates_by="pairwise",
     ),
+    "function": JudgeType(
+        can=("score",),
+        default_modes=("score",),
+        modes_fixed=True,
+        score_verdict="gap",
+        annotates_by="score",
+        needs=(("function", "a function judge needs function: 'module:callable' or 'file.py:callable'"),),
+    ),
 }
 JudgeTypeName = Literal[tuple(JUDGE_TYPES)]  # type: ignore[valid-type]
 
@@ -79,7 +87,13 @@ JudgeTypeName = Literal[tuple(JUDGE_TYPES)]  # type: ignore[valid-type]
 class JudgeConfig(Part):
     type: JudgeTypeName = Field(
         description="reward_model: a sequence-classification reward model; openai: an LLM behind an "
-        "OpenAI-compatible server; local: a causal LM in process, from its next-token probabilities of A and B."
+        "OpenAI-compatible server; local: a causal LM in process, from its next-token probabilities of A and B; "
+        "function: a Python callable that scores an answer (a rule, a lexicon, a gold reward)."
+    )
+    function: str | None = Field(
+        None,
+        description="function: a Python callable f(prompt, answer) -> float that scores an answer, named "
+        "'module:callable' or 'path/to/file.py:callable' (its verdict is the score gap, as for a reward model).",
     )
     model: str | None = Field(
         None, description="reward_model/local: hub id or folder (an `iopo train-rm` output for reward_model)."

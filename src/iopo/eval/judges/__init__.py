@@ -1,4 +1,4 @@
-"""Judges by name (reward_model, openai, local) and the cached runner that asks them only what the store lacks."""
+"""Judges by name (reward_model, openai, local, function) and the cached runner that asks them only what the store lacks."""
 
 from __future__ import annotations
 
@@ -26,8 +26,14 @@ def _local(name: str, cfg, dtype: str, trust_remote_code: bool) -> Judge:
     return LocalJudge(name, cfg, dtype, trust_remote_code)
 
 
+def _function(name: str, cfg, dtype: str, trust_remote_code: bool) -> Judge:
+    from iopo.eval.judges.function import FunctionJudge
+
+    return FunctionJudge(name, cfg)
+
+
 # One constructor per judge type of the config's JUDGE_TYPES (its facts: what the judge answers and how).
-BUILDERS = {"openai": _openai, "reward_model": _reward_model, "local": _local}
+BUILDERS = {"openai": _openai, "reward_model": _reward_model, "local": _local, "function": _function}
 
 
 def build_judge(name: str, cfg, dtype: str = "float32", trust_remote_code: bool = False) -> Judge:
