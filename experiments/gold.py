@@ -250,7 +250,12 @@ def write_pairs(spec: dict, work: Path, records: list[dict]) -> dict[str, dict]:
 # ---------------------------------------------------------------- runs
 
 
+ONLINE_ONLY_OFF = ("save_total_limit", "eval_steps")  # train-only settings an `iopo online` run does not take
+
+
 def train_runs(spec: dict, work: Path, model: str | None, pairs: dict, tables: list[str]) -> list[Run]:
+    """`iopo train` per table x annotator x seed x method, or `iopo online` for a method with `rounds` (its
+    checkpoints: one per round, kept)."""
     runs = []
     for table in tables:
         t = spec["tables"][table]
@@ -259,12 +264,22 @@ def train_runs(spec: dict, work: Path, model: str | None, pairs: dict, tables: l
                 for method in t["methods"]:
                     key = f"{annotator}/seed-{seed}/{method}"
                     folder = work / "runs" / key
-                    settings = {
+                    own = spec["methods"][method]
+                    common = {
                         **spec["common"],
                         **({"model.name_or_path": model} if model else {}),
-                        **spec["methods"][method],
+                        **own,
                         "data.path": pairs[annotator]["file"],
                         "data.test_path": _rel(work / "pairs" / "test.jsonl"),
+                    }
+                    if "rounds" in own:  # online: a checkpoint per round of steps_per_round steps, all kept
+                        for name in ONLINE_ONLY_OFF:
+                            common.pop(name, None)
+                        settings = {**common, "keep_checkpoints": own["rounds"], "seed": seed}
+                        runs.append(Run(key, "online", settings | {"output_dir": _rel(folder)}, folder))
+                        continue
+                    settings = {
+                        **common,
                         "optim.max_steps": spec["steps"],
                         "save_steps": spec["save_steps"],
                         "eval_reference_cache": _rel(work / "reference-logps"),
@@ -274,6 +289,11 @@ def train_runs(spec: dict, work: Path, model: str | None, pairs: dict, tables: l
                     }
                     runs.append(Run(key, "train", settings, folder))
     return runs
+
+
+def gold_judge(prompt, answer: str) -> float:
+    """The gold reward as an iopo function judge (judge.type=function): the online rounds' annotator."""
+    return gold_reward(answer)
 
 
 # ---------------------------------------------------------------- evaluation: gold reward and sampled KL
@@ -355,13 +375,16 @@ class Scorer:
         return out
 
 
-def checkpoints_of(folder: Path) -> list[tuple[int, Path]]:
+def checkpoints_of(run: Run) -> list[tuple[int, Path]]:
+    """(optimizer step, checkpoint folder) of a finished run: its checkpoints/step-N, or an online run's kept
+    round_k/checkpoint (step k x steps_per_round)."""
     from iopo.io.checkpoint import list_checkpoints
 
-    found = []
-    for path in list_checkpoints(folder):
-        found.append((int(path.name.split("-")[1]), path))
-    return sorted(found)
+    if run.command == "online":
+        per_round = int(run.settings["steps_per_round"])
+        rounds = [p for p in run.folder.glob("round_*") if (p / "checkpoint").is_dir()]
+        return sorted((int(p.name.split("_")[1]) * per_round, p / "checkpoint") for p in rounds)
+    return sorted((int(path.name.split("-")[1]), path) for path in list_checkpoints(run.folder))
 
 
 def evaluate_runs(spec: dict, work: Path, results: Path, runs: list[Run], scorer) -> float:
@@ -373,7 +396,7 @@ def evaluate_runs(spec: dict, work: Path, results: Path, runs: list[Run], scorer
     for run in runs:
         if run.done() is None:
             continue
-        for step, path in checkpoints_of(run.folder):
+        for step, path in checkpoints_of(run):
             todo.append(
                 (f"{run.key}/step-{step}", str(path), results / "scores" / run.key / f"step-{step}.json")
             )

@@ -123,14 +123,18 @@ def test_smoke_testbed_samples_trains_scores_and_reports(tiny_model_dir, tmp_pat
     scored = sorted(
         p.relative_to(results / "scores").as_posix() for p in (results / "scores").rglob("*.json")
     )
-    # the start, and checkpoints 2 and 4 of each of the four runs
-    assert len(scored) == 1 + 4 * 2 and "start.json" in scored and "gold/seed-1/iopo/step-4.json" in scored
+    # the start, checkpoints 2 and 4 of each of the four offline runs, and the online run's two rounds (steps 2, 4)
+    assert len(scored) == 1 + 5 * 2 and "start.json" in scored and "gold/seed-1/iopo/step-4.json" in scored
+    assert "gold/seed-1/iter_dpo_gold/step-4.json" in scored
+    manifest = json.loads((work / "runs/gold/seed-1/iter_dpo_gold/round_2/manifest.json").read_text())
+    assert manifest["judge"]["type"] == "function" and manifest["stages"]["judge"]["done"]
     one = json.loads((results / "scores" / "gold/seed-1/dpo/step-2.json").read_text())["per_prompt"]
     assert len(one) == 4 and all(len(v["gold"]) == 2 and len(v["kl"]) == 2 for v in one.values())
     start = json.loads((results / "scores" / "start.json").read_text())["per_prompt"]
     assert all(abs(k) < 1e-4 for v in start.values() for k in v["kl"])  # the start's KL to itself
     frontier = json.loads((results / "frontier.json").read_text())
     assert set(frontier["frontiers"]) == {"gold", "longer"} and "iopo - dpo" in frontier["contrasts"]["gold"]
+    assert "iter_dpo_gold - dpo" in frontier["contrasts"]["gold"]
     assert [p["step"] for p in frontier["frontiers"]["gold"]["dpo"]["points"]] == [0, 2, 4]
     assert (results / "frontier.png").is_file()
     text = docs.read_text()
