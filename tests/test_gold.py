@@ -16,6 +16,7 @@ sys.path.insert(0, str(REPO / "experiments"))
 
 import gold  # noqa: E402
 import gold_analysis  # noqa: E402
+import suite  # noqa: E402
 
 pytest.importorskip("vaderSentiment")
 SPEC = gold.load_spec(REPO / "experiments" / "gold.yaml", smoke=False)
@@ -102,6 +103,21 @@ def test_frontier_reading_is_monotone_and_matched_contrast_of_a_method_with_itse
     }
     diff = gold_analysis.matched_contrast(start, a, b, prompts)
     assert diff["matched"] == pytest.approx(0.2) and diff["matched_ci"][0] > 0
+
+
+def test_every_planned_run_is_a_valid_iopo_command(tmp_path):
+    """Each run of every table of gold.yaml parses as its command's config (a typo fails here, not hours in)."""
+    from iopo.config import OnlineConfig, TrainConfig, load_config
+
+    pairs = {name: {"file": "pairs.jsonl"} for name in SPEC["annotators"]}
+    runs = gold.train_runs(SPEC, tmp_path, None, pairs, list(SPEC["tables"]))
+    assert {r.command for r in runs} == {"train", "online"}
+    for run in runs:
+        schema = OnlineConfig if run.command == "online" else TrainConfig
+        cfg = load_config(None, suite._overrides(run.settings), schema)
+        assert cfg.seed == run.settings["seed"]
+    online = {r.settings["method"] for r in runs if r.command == "online"}
+    assert online == {"iter_dpo", "spin", "xpo"}
 
 
 @pytest.mark.slow
