@@ -130,6 +130,32 @@ def test_groups(suite, dataset: str) -> np.ndarray:
     return np.array([index.setdefault(k, len(index)) for k in keys])
 
 
+def test_longer_chosen(suite, dataset: str) -> np.ndarray:
+    """Per test pair (file order): 1.0 when the labelled chosen answer is the longer (characters), 0.0 when the
+    rejected is, NaN for equal lengths."""
+    from iopo.data.loading import answer_chars
+
+    out = []
+    for line in Path(suite.files(dataset)["test"]).read_text(encoding="utf-8").splitlines():
+        if line:
+            row = json.loads(line)
+            a, b = answer_chars(row["chosen"]), answer_chars(row["rejected"])
+            out.append(np.nan if a == b else float(a > b))
+    return np.array(out)
+
+
+def longer_preference(evals: list[dict], longer_chosen: np.ndarray) -> list[np.ndarray]:
+    """Per seed and test pair: 1 when the model's implicit reward prefers the longer answer, 0 when the shorter;
+    pairs of equal length are left out (NaN, skipped by the means)."""
+    return [
+        np.where(np.isnan(longer_chosen), np.nan, (e["margins"] > 0) == (longer_chosen == 1.0)) for e in evals
+    ]
+
+
+def _nanmean(values: np.ndarray) -> float:
+    return float(np.nanmean(values))
+
+
 def _groups_for(groups, runs: list[dict]):
     """`groups` when every run's margins cover the whole test split in its order, else None (pairs drawn alone)."""
     if groups is None or any(len(r["margins"]) != len(groups) for r in runs):
@@ -979,6 +1005,48 @@ def regrade(suite, results_dir: Path) -> dict:
                 )
             out["tables"].setdefault(table, {})[condition] = rows
     clean = evals.get(("offline", "clean"))
+    if (
+        clean and "bias" in datasets
+    ):  # the length preference: share of test pairs whose longer answer the model prefers
+        longer = test_longer_chosen(suite, datasets["bias"])
+        g = groups[datasets["bias"]]
+        shares: dict = {}
+        for (table, condition), runs in evals.items():
+            if table not in ("offline", "bias"):
+                continue
+            for m, ev in runs.items():
+                if m in ("dpo", "iopo_equal_compute"):
+                    prefs = [p.astype(float) for p in longer_preference(ev, longer)]
+                    row = {"share": _nanmean(np.concatenate(prefs))}
+                    row["ci"] = two_level_bootstrap(prefs, _nanmean, groups=g)
+                    row["seed_t"] = _seed_t(prefs, _nanmean)
+                    if table == "bias":
+                        base = [p.astype(float) for p in longer_preference(clean[m], longer)]
+                        shift = [a - b for a, b in zip(prefs, base, strict=True)]
+                        row["shift_from_clean"] = _nanmean(np.concatenate(shift))
+                        row["shift_ci"] = two_level_bootstrap(shift, _nanmean, groups=g)
+                        row["_shift"] = shift
+                    shares.setdefault(condition, {})[m] = row
+        for condition, rows in shares.items():
+            if condition != "clean" and {"dpo", "iopo_equal_compute"} <= set(rows):
+                dpo, iopo = rows["dpo"], rows["iopo_equal_compute"]
+                rows["iopo_shift_over_dpo_shift"] = iopo["shift_from_clean"] / dpo["shift_from_clean"]
+                diff = [a - b for a, b in zip(iopo["_shift"], dpo["_shift"], strict=True)]
+                rows["iopo_shift_minus_dpo_shift"] = {
+                    "value": _nanmean(np.concatenate(diff)),
+                    "ci": two_level_bootstrap(diff, _nanmean, groups=g),
+                }
+        for rows in shares.values():
+            for row in rows.values():
+                if isinstance(row, dict):
+                    row.pop("_shift", None)
+        out["length_preference"] = {
+            "what": "share of clean test pairs (of unequal lengths) where the model's implicit reward prefers the "
+            "longer answer; shift = the same method's share minus its share trained on clean labels",
+            "pairs_of_unequal_length": int(np.sum(~np.isnan(longer))),
+            "test_pairs_longer_chosen": _nanmean(longer),
+            "by_condition": shares,
+        }
     if clean and any(t == "bias" for t, _ in evals):
         conditions = [c for t, c in evals if t == "bias"]
         change: dict = {}
@@ -1002,6 +1070,34 @@ def regrade(suite, results_dir: Path) -> dict:
         json.dumps(_strip(out), indent=1, allow_nan=False), encoding="utf-8"
     )
     return out
+
+
+def length_preference_markdown(out: dict) -> str:
+    """The bias table's length metric: how often each model prefers the longer answer, per annotator."""
+    lp = out["length_preference"]
+    lines = [
+        "| training labels | DPO: prefers the longer | shift from clean | IOPO (equal compute) | shift from clean | "
+        "IOPO's shift − DPO's | IOPO's shift / DPO's |",
+        "|---|---|---|---|---|---|---|",
+    ]
+
+    def ci(c):
+        return f"[{c[0]:.3f}, {c[1]:.3f}]"
+
+    for condition, rows in lp["by_condition"].items():
+        dpo, iopo = rows.get("dpo"), rows.get("iopo_equal_compute")
+        if not dpo or not iopo:
+            continue
+        cells = [f"{dpo['share']:.3f} {ci(dpo['ci'])}"]
+        cells.append(f"{dpo['shift_from_clean']:+.3f} {ci(dpo['shift_ci'])}" if "shift_ci" in dpo else "—")
+        cells.append(f"{iopo['share']:.3f} {ci(iopo['ci'])}")
+        cells.append(f"{iopo['shift_from_clean']:+.3f} {ci(iopo['shift_ci'])}" if "shift_ci" in iopo else "—")
+        d = rows.get("iopo_shift_minus_dpo_shift")
+        cells.append(f"{d['value']:+.3f} {ci(d['ci'])}" if d else "—")
+        ratio = rows.get("iopo_shift_over_dpo_shift")
+        cells.append(f"{ratio:.2f}" if ratio is not None else "—")
+        lines.append(f"| {condition} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def regraded_markdown(out: dict) -> str:

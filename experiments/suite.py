@@ -518,6 +518,7 @@ def main(argv: list[str] | None = None) -> int:
     suite = Suite(spec, work, args.model, llm=not args.no_llm_judge)
 
     from analysis import (  # experiments/analysis.py, beside this file
+        length_preference_markdown,
         regrade,
         regraded_markdown,
         replace_block,
@@ -529,6 +530,8 @@ def main(argv: list[str] | None = None) -> int:
             out = regrade(suite, results)
             if args.docs:
                 replace_block(Path(args.docs), "regraded", regraded_markdown(out))
+                if out.get("length_preference"):
+                    replace_block(Path(args.docs), "length_preference", length_preference_markdown(out))
             print(f"[suite] {results / 'regraded.json'}")
             return 0
         if args.list or args.show:
