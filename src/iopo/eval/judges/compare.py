@@ -1,5 +1,6 @@
 """One model's answers against a baseline's, by one judge: Table 1 (win : tie : lose, both orders or a reward gap)
-and Table 2 (the 0-3 rubric), with bootstrap intervals over prompts and the length-controlled win rate beside. Used by `iopo eval` and the online rounds."""
+and Table 2 (the 0-3 rubric), with bootstrap intervals over prompts and the length-controlled win rate beside. Used
+by `iopo eval` and the online rounds."""
 
 from __future__ import annotations
 
