@@ -4,6 +4,7 @@ random model (--smoke: every kind of run, its results, its resumption, its refus
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -296,3 +297,33 @@ def test_smoke_suite_runs_every_table_resumes_and_reports(tiny_model_dir, tmp_pa
     assert changed.returncode == 1
     assert "sweep/sft/lr-0.001/seed-1 finished with other settings" in changed.stderr
     assert (work / "sweep/sft/lr-0.001/seed-1/final").is_dir()
+
+
+def test_regrade_rebuilds_the_splits_and_widens_the_committed_intervals(tmp_path, monkeypatch):
+    """--regrade from the committed files: the rebuilt PKU test split matches data.json's checksum (36 prompts),
+    the estimates equal the committed ones, and drawing whole prompts widens the intervals."""
+    results = REPO / "experiments" / "results"
+    monkeypatch.setattr(analysis, "N_BOOT", 300)
+    shutil.copytree(results, tmp_path / "results", ignore=shutil.ignore_patterns("gold", "*.png"))
+    spec = suite.load_spec(REPO / "experiments" / "suite.yaml", smoke=False)
+    out = analysis.regrade(suite.Suite(spec, tmp_path / "work", None, llm=False), tmp_path / "results")
+    assert out["prompts"]["pku"] == 36
+    committed = json.loads((results / "offline.json").read_text())["conditions"]["clean"]["methods"]
+    rows = out["tables"]["offline"]["clean"]
+    widths = []
+    for method, row in rows.items():
+        assert row["pairwise_accuracy"] == pytest.approx(committed[method]["pairwise_accuracy"])
+        if "minus_dpo" in row:
+            assert row["minus_dpo"]["margin_reward"] == pytest.approx(
+                committed[method]["minus_dpo"]["margin_reward"]
+            )
+            new, old = (
+                row["minus_dpo"]["margin_reward_ci"],
+                committed[method]["minus_dpo"]["margin_reward_ci"],
+            )
+            widths.append((new[1] - new[0]) / (old[1] - old[0]))
+    assert np.median(widths) > 1.3
+    # the length metric of the bias table: DPO's shift toward the longer answer under the length-biased annotator
+    longer = out["length_preference"]["by_condition"]["longer"]
+    assert longer["dpo"]["shift_from_clean"] > longer["iopo_equal_compute"]["shift_from_clean"] > 0
+    assert (tmp_path / "results" / "regraded.json").is_file()
