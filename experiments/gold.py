@@ -269,7 +269,7 @@ def train_runs(spec: dict, work: Path, model: str | None, pairs: dict, tables: l
                         **spec["common"],
                         **({"model.name_or_path": model} if model else {}),
                         **own,
-                        "data.path": pairs[annotator]["file"],
+                        "data.path": _rel(work / "pairs" / f"{annotator}.jsonl"),
                         "data.test_path": _rel(work / "pairs" / "test.jsonl"),
                     }
                     if "rounds" in own:  # online: a checkpoint per round of steps_per_round steps, all kept

@@ -231,7 +231,9 @@ def make_figure(res: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     annotators = list(res["frontiers"])
-    fig, axes = plt.subplots(1, len(annotators), figsize=(4.2 * len(annotators), 3.8), squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(annotators), figsize=(max(7.0, 4.2 * len(annotators)), 4.2), squeeze=False
+    )
     colors = {"dpo": "#1f77b4", "iopo": "#d62728", "ipo": "#2ca02c", "hinge": "#9467bd"}
     for ax, annotator in zip(axes[0], annotators, strict=True):
         for method, f in res["frontiers"][annotator].items():
@@ -266,7 +268,8 @@ def make_figure(res: dict, path: Path) -> None:
         ax.legend(fontsize=8, loc="lower right")
     axes[0][0].set_ylabel("gold reward (VADER compound), held-out prompts")
     fig.suptitle(
-        "Reward-KL frontier, gold-reward testbed (points: checkpoints by optimizer step; 95% intervals)",
+        "Reward-KL frontier, gold-reward testbed\n(points: checkpoints, labelled by optimizer step; bars: 95% "
+        "intervals over seeds and prompts)",
         fontsize=10,
     )
     fig.tight_layout()
