@@ -264,7 +264,8 @@ def train_runs(spec: dict, work: Path, model: str | None, pairs: dict, tables: l
                 for method in t["methods"]:
                     key = f"{annotator}/seed-{seed}/{method}"
                     folder = work / "runs" / key
-                    own = spec["methods"][method]
+                    own = dict(spec["methods"][method])
+                    factor = own.pop("steps_factor", 1)  # IOPO at equal policy steps: both players' steps
                     common = {
                         **spec["common"],
                         **({"model.name_or_path": model} if model else {}),
@@ -280,8 +281,8 @@ def train_runs(spec: dict, work: Path, model: str | None, pairs: dict, tables: l
                         continue
                     settings = {
                         **common,
-                        "optim.max_steps": spec["steps"],
-                        "save_steps": spec["save_steps"],
+                        "optim.max_steps": spec["steps"] * factor,
+                        "save_steps": spec["save_steps"] * factor,
                         "eval_reference_cache": _rel(work / "reference-logps"),
                         "seed": seed,
                         "output_dir": _rel(folder),
