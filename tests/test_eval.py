@@ -421,7 +421,7 @@ def test_plot_and_report_from_run_and_eval_folders(work, tmp_path):
 
 
 class _Stub(BaseHTTPRequestHandler):
-    plan: list = []  # what to answer, one entry per request: an int status, "garbage", "sleep" or a reply text
+    plan: list = []  # one entry per request: an int status, "garbage", "sleep", "500 once another is in flight" or a reply
     seen: list = []
 
     def do_POST(self):  # noqa: N802
@@ -433,6 +433,13 @@ class _Stub(BaseHTTPRequestHandler):
 
             time.sleep(1.5)
             action = '{"winner": "A"}'
+        if action == "500 once another is in flight":  # both requests sent, however loaded the machine is
+            import time
+
+            deadline = time.time() + 10
+            while len(type(self).seen) < 2 and time.time() < deadline:
+                time.sleep(0.01)
+            action = 500
         if isinstance(action, int):
             self.send_response(action)
             self.send_header("Content-Type", "application/json")
@@ -700,7 +707,7 @@ def test_answers_in_flight_when_another_request_fails_are_still_handed_on(stub):
     handed on (and stored by the runner) before the failure is raised; a job not yet sent is never sent."""
     from iopo.io.openai_client import ServerError
 
-    _Stub.plan = [500, "sleep"]
+    _Stub.plan = ["500 once another is in flight", "sleep"]
     judge = _openai_judge(stub, max_retries=0, concurrency=2)
     got = []
     with pytest.raises(ServerError, match="HTTP 500"):
