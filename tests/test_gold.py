@@ -109,6 +109,9 @@ def test_every_planned_run_is_a_valid_iopo_command(tmp_path):
     """Each run of every table of gold.yaml parses as its command's config (a typo fails here, not hours in)."""
     from iopo.config import OnlineConfig, TrainConfig, load_config
 
+    assert all(
+        isinstance(name, str) for name in [*SPEC["tables"], *SPEC["methods"], *SPEC["annotators"]]
+    )  # no YAML null
     pairs = {name: {"file": "pairs.jsonl"} for name in SPEC["annotators"]}
     runs = gold.train_runs(SPEC, tmp_path, None, pairs, list(SPEC["tables"]))
     assert {r.command for r in runs} == {"train", "online"}
