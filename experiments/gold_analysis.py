@@ -80,9 +80,12 @@ def frontier(start: dict, points: dict[int, list[dict]], prompts: list[str]) -> 
     return {"points": out}
 
 
-def _prompt_seed_bootstrap(matrices: list[np.ndarray], statistic, seed: int = 0) -> list[float]:
+def _prompt_seed_bootstrap(
+    matrices: list[np.ndarray], statistic, seed: int = 0, family: int = 1
+) -> list[float]:
     """95% interval of statistic(matrices) where each matrix is (seeds, prompts): each draw takes seeds with
-    replacement (the same draw for every matrix of equal seed count) and one draw of prompts shared by all."""
+    replacement (the same draw for every matrix of equal seed count) and one draw of prompts shared by all.
+    family > 1: the Bonferroni interval, at level 1 - 0.05/family."""
     rng = np.random.default_rng(seed)
     n_prompts = matrices[0].shape[1]
     values = np.empty(N_BOOT)
@@ -99,6 +102,9 @@ def _prompt_seed_bootstrap(matrices: list[np.ndarray], statistic, seed: int = 0)
     values = values[np.isfinite(values)]
     if len(values) < N_BOOT * 0.9:
         return [float("nan"), float("nan")]
+    if family > 1:
+        alpha = 0.05 / (2 * family)
+        return [float(q) for q in np.quantile(values, [alpha, 1 - alpha])]
     return _quantiles(values)
 
 
@@ -120,7 +126,7 @@ def _gold_at(kl: np.ndarray, gold: np.ndarray, at: float) -> float:
 
 
 def matched_contrast(
-    start: dict, a: dict[int, list[dict]], b: dict[int, list[dict]], prompts: list[str]
+    start: dict, a: dict[int, list[dict]], b: dict[int, list[dict]], prompts: list[str], family: int = 1
 ) -> dict:
     """Method a minus method b: the two frontiers' gold at the largest KL both reach (the primary contrast), and the
     gold rewards and KLs of the two last checkpoints (KL not matched), paired by prompt and seed."""
@@ -159,6 +165,8 @@ def matched_contrast(
     return {
         "matched": point,
         "matched_ci": _prompt_seed_bootstrap(flat, matched),
+        "matched_family_ci": _prompt_seed_bootstrap(flat, matched, family=family),
+        "family": family,
         "matched_kl": target_kl(flat),
         "last_gold": last(flat),
         "last_gold_ci": _prompt_seed_bootstrap(flat, last),
@@ -176,14 +184,17 @@ def gold_results(spec: dict, results: Path, runs) -> dict | None:
     out: dict = {"primary": PRIMARY, "prompts": len(prompts), "frontiers": {}, "contrasts": {}}
     for (annotator, method), steps in sorted(points.items()):
         out["frontiers"].setdefault(annotator, {})[method] = frontier(start, steps, prompts)
-    for (annotator, method), steps in sorted(points.items()):
-        if method == "dpo":
-            continue
-        base = points.get((annotator, "dpo"))
-        if base is not None and len(next(iter(base.values()))) == len(next(iter(steps.values()))):
-            out["contrasts"].setdefault(annotator, {})[f"{method} - dpo"] = matched_contrast(
-                start, steps, base, prompts
-            )
+    pairs = [
+        (annotator, method, steps, points[(annotator, "dpo")])
+        for (annotator, method), steps in sorted(points.items())
+        if method != "dpo"
+        and (annotator, "dpo") in points
+        and len(next(iter(points[(annotator, "dpo")].values()))) == len(next(iter(steps.values())))
+    ]
+    for annotator, method, steps, base in pairs:  # every primary contrast read is one of the family
+        out["contrasts"].setdefault(annotator, {})[f"{method} - dpo"] = matched_contrast(
+            start, steps, base, prompts, family=len(pairs)
+        )
     return out
 
 
@@ -212,13 +223,15 @@ def frontier_markdown(res: dict) -> str:
 
 def contrast_markdown(res: dict) -> str:
     lines = [
-        "| annotator | contrast | seeds | gold at matched KL (**primary**) | at KL | gold, last checkpoints | KL, last checkpoints |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| annotator | contrast | seeds | gold at matched KL (**primary**) | Bonferroni over the contrasts | at KL | "
+        "gold, last checkpoints | KL, last checkpoints |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for annotator, contrasts in res["contrasts"].items():
         for name, c in contrasts.items():
             lines.append(
-                f"| {annotator} | {name} | {c['seeds'][0]} | {_ci(c['matched'], c['matched_ci'])} | {c['matched_kl']:.2f} | "
+                f"| {annotator} | {name} | {c['seeds'][0]} | {_ci(c['matched'], c['matched_ci'])} | {_ci(c['matched'], c['matched_family_ci'])} ({c['family']}) | "
+                f"{c['matched_kl']:.2f} | "
                 f"{_ci(c['last_gold'], c['last_gold_ci'])} | {_ci(c['last_kl'], c['last_kl_ci'], 2)} |"
             )
     return "\n".join(lines)
