@@ -182,11 +182,13 @@ def gold_results(spec: dict, results: Path, runs) -> dict | None:
         return None
     prompts = sorted(start)
     out: dict = {"primary": PRIMARY, "prompts": len(prompts), "frontiers": {}, "contrasts": {}}
-    for (annotator, method), steps in sorted(points.items()):
+    order = {name: i for i, name in enumerate(spec.get("annotators", {}))}  # gold.yaml's order: clean first
+    points = dict(sorted(points.items(), key=lambda kv: (order.get(kv[0][0], len(order)), kv[0])))
+    for (annotator, method), steps in points.items():
         out["frontiers"].setdefault(annotator, {})[method] = frontier(start, steps, prompts)
     pairs = [
         (annotator, method, steps, points[(annotator, "dpo")])
-        for (annotator, method), steps in sorted(points.items())
+        for (annotator, method), steps in points.items()
         if method != "dpo"
         and (annotator, "dpo") in points
         and len(next(iter(points[(annotator, "dpo")].values()))) == len(next(iter(steps.values())))
@@ -245,7 +247,7 @@ def make_figure(res: dict, path: Path) -> None:
 
     annotators = list(res["frontiers"])
     fig, axes = plt.subplots(
-        1, len(annotators), figsize=(max(7.0, 4.2 * len(annotators)), 4.2), squeeze=False
+        1, len(annotators), figsize=(max(7.0, 4.2 * len(annotators)), 4.2), squeeze=False, sharey=True
     )
     colors = {"dpo": "#1f77b4", "iopo": "#d62728", "ipo": "#2ca02c", "hinge": "#9467bd"}
     for ax, annotator in zip(axes[0], annotators, strict=True):
