@@ -243,16 +243,23 @@ def bias_change(suite, table: str = "bias", clean_table: str = "offline") -> dic
     if suite.spec["tables"].get(clean_table, {}).get("dataset") != t["dataset"]:
         return {}  # no clean runs on the same test pairs to compare with
 
-    out: dict = {}
     groups = test_groups(suite, t["dataset"])
-    family = 2 * len(t.get("conditions") or {})  # IOPO's change minus DPO's, per condition, two metrics
+    pairs_by_condition: dict = {}
     for condition in t.get("conditions") or {}:
-        pairs = {}
         for method in t["methods"]:
             _, clean = table_runs(suite, clean_table, "", method, seeds)
             _, corrupted = table_runs(suite, table, condition, method, seeds)
             if clean is not None and corrupted is not None:
-                pairs[method] = (corrupted, clean)
+                pairs_by_condition.setdefault(condition, {})[method] = (corrupted, clean)
+    # family: IOPO's change minus DPO's, per condition, two metrics
+    return bias_rows(pairs_by_condition, groups, 2 * len(t.get("conditions") or {}))
+
+
+def bias_rows(pairs_by_condition: dict, groups, family: int) -> dict:
+    """{condition: {method: (corrupted evals, clean evals)}} -> per condition and method its change from clean
+    ("minus_clean") and, beside DPO, that change minus DPO's ("minus_dpo_change", with the family's interval)."""
+    out: dict = {}
+    for condition, pairs in pairs_by_condition.items():
         rows = {
             m: {"minus_clean": paired_difference(c, c0, _groups_for(groups, c + c0))}
             for m, (c, c0) in pairs.items()
@@ -520,19 +527,7 @@ def offline_table(suite, table: str) -> dict | None:
                 methods[method]["is_weights"] = is_weight_stats(folders)
             seconds = [done_record(suite.work, f)["seconds"] for f in folders]
             methods[method]["seconds_per_run"] = float(np.mean(seconds))
-        vs = "dpo" if "dpo" in evals_of else None
-        family = 2 * (len(evals_of) - 1)  # every method against DPO, two metrics: the cells read together
-        for method, evals in evals_of.items():
-            if vs and method != vs:
-                g = _groups_for(groups, evals + evals_of[vs])
-                methods[method]["minus_dpo"] = paired_difference(evals, evals_of[vs], g, family)
-        base = READING_BASE if READING_BASE in evals_of else None
-        readings = [m for m in evals_of if base and m != base and _is_reading(suite, m)]
-        for method in readings:
-            g = _groups_for(groups, evals_of[method] + evals_of[base])
-            methods[method]["minus_reading_base"] = paired_difference(
-                evals_of[method], evals_of[base], g, 2 * len(readings)
-            )
+        add_contrasts(suite, methods, evals_of, groups)
         if not methods:
             continue  # nothing finished on every seed yet: no empty table
         out["conditions"][condition or "clean"] = {
@@ -547,6 +542,24 @@ def offline_table(suite, table: str) -> dict | None:
                 if all(done_record(suite.work, f) for f in folders):
                     out["judged"].setdefault(f"vs {baseline}", {}).update(judged(folders))
     return out if out["conditions"] else None
+
+
+def add_contrasts(suite, rows: dict, evals_of: dict, groups) -> None:
+    """Into each method's row: "minus_dpo" (every method against DPO, two metrics: a family of 2 x (methods - 1)
+    cells) and, for the ablations of our reading, "minus_reading_base" (IOPO at the same compute)."""
+    family = 2 * (len(evals_of) - 1)
+    if "dpo" in evals_of:
+        for method, evals in evals_of.items():
+            if method != "dpo":
+                g = _groups_for(groups, evals + evals_of["dpo"])
+                rows[method]["minus_dpo"] = paired_difference(evals, evals_of["dpo"], g, family)
+    base = READING_BASE if READING_BASE in evals_of else None
+    readings = [m for m in evals_of if base and m != base and _is_reading(suite, m)]
+    for method in readings:
+        g = _groups_for(groups, evals_of[method] + evals_of[base])
+        rows[method]["minus_reading_base"] = paired_difference(
+            evals_of[method], evals_of[base], g, 2 * len(readings)
+        )
 
 
 def write_results(suite, tables: list[str], results_dir: Path, docs: Path | None) -> dict:
@@ -961,6 +974,56 @@ def _committed_evals(margins: list, seeds: int) -> list[dict]:
     return [{"margins": part} for part in np.split(values, seeds)]
 
 
+def length_preference(
+    suite, clean: dict, corrupted: dict, dataset: str, groups, methods: tuple[str, str]
+) -> dict:
+    """How often each model's implicit reward prefers the longer answer of a clean test pair, trained on clean labels
+    and under each corrupted annotator; each shift from clean, and the second method's shift minus the first's
+    (and their ratio). clean: {method: evals}; corrupted: {condition: {method: evals}}."""
+    longer = test_longer_chosen(suite, dataset)
+
+    def shares_of(evals):
+        return [p.astype(float) for p in longer_preference(evals, longer)]
+
+    def summary(values) -> dict:
+        return {
+            "share": _nanmean(np.concatenate(values)),
+            "ci": two_level_bootstrap(values, _nanmean, groups=groups),
+            "seed_t": _seed_t(values, _nanmean),
+        }
+
+    first, second = methods
+    by_condition: dict = {"clean": {m: summary(shares_of(clean[m])) for m in methods if m in clean}}
+    for condition, runs in corrupted.items():
+        rows, shifts = {}, {}
+        for m in methods:
+            if m not in runs or m not in clean:
+                continue
+            prefs = shares_of(runs[m])
+            shifts[m] = [a - b for a, b in zip(prefs, shares_of(clean[m]), strict=True)]
+            rows[m] = summary(prefs) | {
+                "shift_from_clean": _nanmean(np.concatenate(shifts[m])),
+                "shift_ci": two_level_bootstrap(shifts[m], _nanmean, groups=groups),
+            }
+        if len(shifts) == 2:
+            diff = [a - b for a, b in zip(shifts[second], shifts[first], strict=True)]
+            rows["iopo_shift_over_dpo_shift"] = (
+                rows[second]["shift_from_clean"] / rows[first]["shift_from_clean"]
+            )
+            rows["iopo_shift_minus_dpo_shift"] = {
+                "value": _nanmean(np.concatenate(diff)),
+                "ci": two_level_bootstrap(diff, _nanmean, groups=groups),
+            }
+        by_condition[condition] = rows
+    return {
+        "what": "share of clean test pairs (of unequal lengths) where the model's implicit reward prefers the "
+        "longer answer; shift = the same method's share minus its share trained on clean labels",
+        "pairs_of_unequal_length": int(np.sum(~np.isnan(longer))),
+        "test_pairs_longer_chosen": _nanmean(longer),
+        "by_condition": by_condition,
+    }
+
+
 def regrade(suite, results_dir: Path) -> dict:
     """Every offline and bias contrast again, from the committed per-pair margins, with whole prompts resampled (the
     same draw for all seeds), the seed-level t interval, and the Bonferroni interval of each family of cells read
@@ -988,84 +1051,25 @@ def regrade(suite, results_dir: Path) -> dict:
             runs = {m: _committed_evals(v, seeds) for m, v in entry["margins"].items()}
             evals[(table, condition)] = runs
             rows = {m: method_summary(ev, g) for m, ev in runs.items()}
-            family = 2 * (len(runs) - 1)
-            for m, ev in runs.items():
-                if m != "dpo" and "dpo" in runs:
-                    rows[m]["minus_dpo"] = paired_difference(ev, runs["dpo"], g, family)
-                old = found["conditions"][condition]["methods"][m]
-                rows[m]["pair_bootstrap"] = {  # the committed intervals: pairs drawn as if independent
+            add_contrasts(suite, rows, runs, g)
+            for m, row in rows.items():
+                old = entry["methods"][m]
+                row["pair_bootstrap"] = {  # the committed intervals: pairs drawn as if independent
                     k: old[k] for k in ("margin_reward_ci", "pairwise_accuracy_ci")
                 } | ({"minus_dpo": old["minus_dpo"]} if "minus_dpo" in old else {})
-            readings = [
-                m for m in runs if m != READING_BASE and READING_BASE in runs and _is_reading(suite, m)
-            ]
-            for m in readings:
-                rows[m]["minus_reading_base"] = paired_difference(
-                    runs[m], runs[READING_BASE], g, 2 * len(readings)
-                )
             out["tables"].setdefault(table, {})[condition] = rows
     clean = evals.get(("offline", "clean"))
-    if (
-        clean and "bias" in datasets
-    ):  # the length preference: share of test pairs whose longer answer the model prefers
-        longer = test_longer_chosen(suite, datasets["bias"])
+    corrupted = {c: runs for (t, c), runs in evals.items() if t == "bias"}
+    if clean and corrupted:
         g = groups[datasets["bias"]]
-        shares: dict = {}
-        for (table, condition), runs in evals.items():
-            if table not in ("offline", "bias"):
-                continue
-            for m, ev in runs.items():
-                if m in ("dpo", "iopo_equal_compute"):
-                    prefs = [p.astype(float) for p in longer_preference(ev, longer)]
-                    row = {"share": _nanmean(np.concatenate(prefs))}
-                    row["ci"] = two_level_bootstrap(prefs, _nanmean, groups=g)
-                    row["seed_t"] = _seed_t(prefs, _nanmean)
-                    if table == "bias":
-                        base = [p.astype(float) for p in longer_preference(clean[m], longer)]
-                        shift = [a - b for a, b in zip(prefs, base, strict=True)]
-                        row["shift_from_clean"] = _nanmean(np.concatenate(shift))
-                        row["shift_ci"] = two_level_bootstrap(shift, _nanmean, groups=g)
-                        row["_shift"] = shift
-                    shares.setdefault(condition, {})[m] = row
-        for condition, rows in shares.items():
-            if condition != "clean" and {"dpo", "iopo_equal_compute"} <= set(rows):
-                dpo, iopo = rows["dpo"], rows["iopo_equal_compute"]
-                rows["iopo_shift_over_dpo_shift"] = iopo["shift_from_clean"] / dpo["shift_from_clean"]
-                diff = [a - b for a, b in zip(iopo["_shift"], dpo["_shift"], strict=True)]
-                rows["iopo_shift_minus_dpo_shift"] = {
-                    "value": _nanmean(np.concatenate(diff)),
-                    "ci": two_level_bootstrap(diff, _nanmean, groups=g),
-                }
-        for rows in shares.values():
-            for row in rows.values():
-                if isinstance(row, dict):
-                    row.pop("_shift", None)
-        out["length_preference"] = {
-            "what": "share of clean test pairs (of unequal lengths) where the model's implicit reward prefers the "
-            "longer answer; shift = the same method's share minus its share trained on clean labels",
-            "pairs_of_unequal_length": int(np.sum(~np.isnan(longer))),
-            "test_pairs_longer_chosen": _nanmean(longer),
-            "by_condition": shares,
+        out["length_preference"] = length_preference(
+            suite, clean, corrupted, datasets["bias"], g, ("dpo", "iopo_equal_compute")
+        )
+        pairs_by_condition = {
+            condition: {m: (ev, clean[m]) for m, ev in runs.items() if m in clean}
+            for condition, runs in corrupted.items()
         }
-    if clean and any(t == "bias" for t, _ in evals):
-        conditions = [c for t, c in evals if t == "bias"]
-        change: dict = {}
-        for condition in conditions:
-            corrupted = evals[("bias", condition)]
-            if "dpo" not in corrupted:
-                continue
-            for m, ev in corrupted.items():
-                if m == "dpo" or m not in clean:
-                    continue
-                change.setdefault(condition, {})[m] = change_difference(
-                    ev,
-                    clean[m],
-                    corrupted["dpo"],
-                    clean["dpo"],
-                    groups[datasets["bias"]],
-                    2 * len(conditions),
-                )
-        out["bias_change"] = change
+        out["bias_change"] = bias_rows(pairs_by_condition, g, 2 * len(corrupted))
     (results_dir / "regraded.json").write_text(
         json.dumps(_strip(out), indent=1, allow_nan=False), encoding="utf-8"
     )
@@ -1136,8 +1140,10 @@ def regraded_markdown(out: dict) -> str:
                     )
     for condition, rows in out.get("bias_change", {}).items():
         for method, row in rows.items():
+            if "minus_dpo_change" not in row:
+                continue
             for key in ("margin_reward", "pairwise_accuracy"):
-                est, prompt, seed_t, family = cell(row, key, 3)
+                est, prompt, seed_t, family = cell(row["minus_dpo_change"], key, 3)
                 lines.append(
                     f"| bias ({condition}) | {method}'s change − dpo's | {key.replace('_', ' ')} | {est} | - | "
                     f"{prompt} | {seed_t} | {family} |"

@@ -5,12 +5,12 @@ is flagged uninformative: `iopo eval` stores the check beside its verdicts and s
 
 from __future__ import annotations
 
-import math
-
 from iopo.core import stats
-from iopo.eval.judges import run_judge
+from iopo.data.tokenize import prompt_key
+from iopo.eval.judges.compare import judge_against
 
-VERDICT_VALUE = {"win": 1.0, "tie": 0.5, "lose": 0.0}
+# A verdict for the labelled chosen answer against the rejected one; a rubric's "bad" (both scored 0) is a tie here.
+VERDICT_VALUE = {"win": 1.0, "tie": 0.5, "bad": 0.5, "lose": 0.0}
 
 
 def answer_text(answer) -> str:
@@ -20,50 +20,38 @@ def answer_text(answer) -> str:
     return "\n".join(m["content"] for m in answer if isinstance(m.get("content"), str))
 
 
-def labelled_items(pairs, limit: int) -> tuple[list[tuple], list[int]]:
-    """(prompt, chosen, rejected) of the first `limit` labelled pairs, and the prompt index of each."""
-    items, prompt_of, index = [], [], {}
-    for pair in pairs[:limit]:
-        key = repr(pair.prompt)
-        items.append((pair.prompt, answer_text(pair.chosen), answer_text(pair.rejected)))
-        prompt_of.append(index.setdefault(key, len(index)))
-    return items, prompt_of
-
-
 def check_judge(judge, store, session: str, jcfg, pairs, *, boot: dict, progress) -> dict:
-    """The judge's agreement with the labels of the first jcfg.check_pairs pairs and its first-position share
-    (pairwise: both orders, MT-Bench's rule; score: the higher score wins, within tie_margin a tie)."""
-    items, prompt_of = labelled_items(pairs, jcfg.check_pairs)
-    if not items:
+    """The judge's agreement with the labels of the first jcfg.check_pairs pairs and its first-position share: the
+    chosen answers judged against the rejected ones exactly as `iopo eval` judges a model against its baseline
+    (judge_against: both orders and MT-Bench's rule for a pairwise judge, else its scores' verdict), then grouped by
+    prompt for the interval."""
+    labelled = pairs[: jcfg.check_pairs]
+    if not labelled:
         return stats.judge_check([], None, 0, boot["confidence"], boot["seed"], jcfg.position_limit)
-    first_share = None
-    if "pairwise" in judge.modes:
-        asked = items + [(p, r, c) for p, c, r in items]
-        results, counts = run_judge(judge, store, "pairwise", asked, session, progress)
-        half = len(items)
-        verdicts = [
-            stats.pairwise_outcome(results[i].get("winner"), results[half + i].get("winner"))[0]
-            for i in range(half)
-        ]
-        first = [r.get("winner") == "A" for r in results if r.get("valid") and r.get("winner") in ("A", "B")]
-        first_share = sum(first) / len(first) if first else math.nan
-    else:
-        asked = [(p, c) for p, c, _ in items] + [(p, r) for p, _, r in items]
-        results, counts = run_judge(judge, store, "score", asked, session, progress)
-        scores = [r.get("score") if r.get("valid") else None for r in results]
-        half = len(items)
-        verdicts = [
-            stats.score_gap_outcome(scores[i], scores[half + i], jcfg.tie_margin) for i in range(half)
-        ]
-    by_prompt: list[list[float]] = [[] for _ in range(max(prompt_of) + 1)]
+    chosen = [{"prompt": p.prompt, "answer": answer_text(p.chosen)} for p in labelled]
+    rejected = [{"prompt": p.prompt, "answer": answer_text(p.rejected)} for p in labelled]
+    modes = ["pairwise"] if "pairwise" in judge.modes else ["score"]
+    tables = judge_against(
+        judge, store, session, jcfg, chosen, rejected, n=1, boot=boot, progress=progress, modes=modes
+    )
+    table = tables.get("table1") or tables["table2"]
+    verdicts = [group[0] for group in table["outcomes"]]  # n=1: one verdict per labelled pair
+    index: dict[str, int] = {}
+    prompt_of = [index.setdefault(prompt_key(p.prompt), len(index)) for p in labelled]
+    by_prompt: list[list[float]] = [[] for _ in index]
     for verdict, k in zip(verdicts, prompt_of, strict=True):
         if verdict in VERDICT_VALUE:
             by_prompt[k].append(VERDICT_VALUE[verdict])
     out = stats.judge_check(
-        by_prompt, first_share, boot["n_boot"], boot["confidence"], boot["seed"], jcfg.position_limit
+        by_prompt,
+        table.get("first_position_share"),
+        boot["n_boot"],
+        boot["confidence"],
+        boot["seed"],
+        jcfg.position_limit,
     )
     out["invalid"] = sum(v not in VERDICT_VALUE for v in verdicts)
-    out["requests"] = counts
+    out["requests"] = table["requests"]
     return out
 
 
