@@ -22,7 +22,6 @@ Results: experiments/gold_analysis.py.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import random
@@ -33,7 +32,15 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from suite import REPO, Run, SuiteError, _merge, _rel, execute  # noqa: E402  experiments/suite.py
+from suite import (  # noqa: E402  experiments/suite.py
+    Run,
+    SuiteError,
+    _merge,
+    _rel,
+    execute,
+    experiment_parser,
+    resolve_spec,
+)
 
 SUBJECTS = """
 the new Batman movie
@@ -439,28 +446,9 @@ def prepare(spec: dict, work: Path, model: str | None) -> tuple[dict, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("tables", nargs="*", help="tables of gold.yaml (default: all)")
-    parser.add_argument("--spec", default=str(REPO / "experiments" / "gold.yaml"))
-    parser.add_argument("--work-dir", help="default: the spec's work_dir")
-    parser.add_argument("--results-dir", help="default: the spec's results_dir")
-    parser.add_argument("--docs", default=str(REPO / "docs" / "results.md"), help="'' = do not touch it")
-    parser.add_argument("--model", help="the starting model (default: the embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--smoke", action="store_true", help="the spec's tiny sizes (use with --model)")
-    parser.add_argument("--list", action="store_true", help="list the runs and their state, run nothing")
-    parser.add_argument("--report-only", action="store_true", help="write the results from what is done")
-    parser.add_argument("--rerun", action="store_true", help="run again finished runs whose settings changed")
+    parser = experiment_parser(__doc__, "gold.yaml")
     args = parser.parse_args(argv)
-
-    spec = load_spec(Path(args.spec), args.smoke)
-    tables = args.tables or list(spec["tables"])
-    unknown = [t for t in tables if t not in spec["tables"]]
-    if unknown:
-        parser.error(f"unknown table(s) {unknown}; gold.yaml has {list(spec['tables'])}")
-    work = Path(args.work_dir or REPO / spec["work_dir"]).resolve()
-    results = Path(args.results_dir or REPO / spec["results_dir"])
+    spec, tables, work, results = resolve_spec(parser, args, load_spec)
     from gold_analysis import write_gold_results
 
     try:

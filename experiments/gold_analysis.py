@@ -232,8 +232,8 @@ def contrast_markdown(res: dict) -> str:
     for annotator, contrasts in res["contrasts"].items():
         for name, c in contrasts.items():
             lines.append(
-                f"| {annotator} | {name} | {c['seeds'][0]} | {_ci(c['matched'], c['matched_ci'])} | {_ci(c['matched'], c['matched_family_ci'])} ({c['family']}) | "
-                f"{c['matched_kl']:.2f} | "
+                f"| {annotator} | {name} | {c['seeds'][0]} | {_ci(c['matched'], c['matched_ci'])} | "
+                f"{_ci(c['matched'], c['matched_family_ci'])} ({c['family']}) | {c['matched_kl']:.2f} | "
                 f"{_ci(c['last_gold'], c['last_gold_ci'])} | {_ci(c['last_kl'], c['last_kl_ci'], 2)} |"
             )
     return "\n".join(lines)

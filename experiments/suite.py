@@ -485,36 +485,45 @@ def _llm_server(stack: ExitStack) -> str | None:
     return stack.enter_context(running_llama_server(find_embedded_gguf(), threads=2, parallel=2, ctx=2048))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("tables", nargs="*", help="tables of suite.yaml (default: all)")
-    parser.add_argument("--spec", default=str(REPO / "experiments" / "suite.yaml"))
+def experiment_parser(doc: str, spec_name: str) -> argparse.ArgumentParser:
+    """The arguments every experiment command takes (suite.py, gold.py): its tables, spec, folders, model, sizes."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("tables", nargs="*", help=f"tables of {spec_name} (default: all)")
+    parser.add_argument("--spec", default=str(REPO / "experiments" / spec_name))
     parser.add_argument("--work-dir", help="runs folder (default: the spec's work_dir)")
     parser.add_argument("--results-dir", help="results folder (default: the spec's results_dir)")
     parser.add_argument("--docs", default=str(REPO / "docs" / "results.md"), help="'' = do not touch it")
-    parser.add_argument("--model", help="model for every run (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--model", help="the starting model (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--smoke", action="store_true", help="the spec's tiny sizes (use with --model)")
-    parser.add_argument("--no-llm-judge", action="store_true", help="skip the LLM judge (llama-server)")
     parser.add_argument("--list", action="store_true", help="list the runs and their state, run nothing")
-    parser.add_argument("--show", help="print one run's command (TABLE/.../seed-N/METHOD)")
     parser.add_argument("--report-only", action="store_true", help="write the results from finished runs")
     parser.add_argument("--rerun", action="store_true", help="run again finished runs whose settings changed")
+    return parser
+
+
+def resolve_spec(parser: argparse.ArgumentParser, args, load) -> tuple[dict, list[str], Path, Path]:
+    """(spec as `load(path, smoke)` reads it, the tables asked (unknown ones stop the command), work folder,
+    results folder)."""
+    spec = load(Path(args.spec), args.smoke)
+    tables = args.tables or list(spec["tables"])
+    unknown = [t for t in tables if t not in spec["tables"]]
+    if unknown:
+        parser.error(f"unknown table(s) {unknown}; {Path(args.spec).name} has {list(spec['tables'])}")
+    work = Path(args.work_dir or REPO / spec["work_dir"]).resolve()
+    return spec, tables, work, Path(args.results_dir or REPO / spec["results_dir"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = experiment_parser(__doc__, "suite.yaml")
+    parser.add_argument("--no-llm-judge", action="store_true", help="skip the LLM judge (llama-server)")
+    parser.add_argument("--show", help="print one run's command (TABLE/.../seed-N/METHOD)")
     parser.add_argument(
         "--regrade",
         action="store_true",
         help="every committed offline and bias contrast again, whole prompts resampled: results/regraded.json",
     )
     args = parser.parse_args(argv)
-
-    spec = load_spec(Path(args.spec), args.smoke)
-    tables = args.tables or list(spec["tables"])
-    unknown = [t for t in tables if t not in spec["tables"]]
-    if unknown:
-        parser.error(f"unknown table(s) {unknown}; suite.yaml has {list(spec['tables'])}")
-    work = Path(args.work_dir or REPO / spec["work_dir"]).resolve()
-    results = Path(args.results_dir or REPO / spec["results_dir"])
+    spec, tables, work, results = resolve_spec(parser, args, load_spec)
     suite = Suite(spec, work, args.model, llm=not args.no_llm_judge)
 
     from analysis import (  # experiments/analysis.py, beside this file

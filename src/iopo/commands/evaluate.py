@@ -231,10 +231,10 @@ def _evaluate(cfg: EvalConfig, models, baseline, pairs, data, out_dir: Path, sta
             del model
             gc.collect()
 
+        boot = {"n_boot": cfg.bootstrap, "confidence": cfg.confidence, "seed": cfg.seed}
         for name, jcfg in cfg.judges.items():
             tick = time.perf_counter()
             judge = build_judge(name, jcfg, cfg.dtype, cfg.trust_remote_code)
-            boot = {"n_boot": cfg.bootstrap, "confidence": cfg.confidence, "seed": cfg.seed}
             try:
                 entry = {"type": jcfg.type, "judge_id": judge.judge_id, "modes": judge.modes, "models": {}}
                 if jcfg.check_pairs and pairs:  # checked before it speaks

@@ -33,7 +33,8 @@ def load_function(spec: str, name: str):
             path = Path(module_name).expanduser().resolve()
             if not path.is_file():
                 raise ConfigError(f"judge '{name}': function file {path} not found")
-            sys.path.insert(0, str(path.parent))  # its own imports of files beside it
+            if str(path.parent) not in sys.path:  # its own imports of files beside it
+                sys.path.insert(0, str(path.parent))
             loaded = importlib.util.spec_from_file_location(f"iopo_judge_{path.stem}", path)
             module = importlib.util.module_from_spec(loaded)
             loaded.loader.exec_module(module)
