@@ -91,3 +91,53 @@ def test_train_rm_shared_equals_plain_on_the_same_data_and_seed(tmp_path, tiny_m
     assert results["shared"]["pairwise_accuracy"] == results["plain"]["pairwise_accuracy"]
     assert results["shared"]["margins"] == pytest.approx(results["plain"]["margins"], abs=1e-4)
     assert any(abs(m) > 1e-3 for m in results["plain"]["margins"])  # the model learned something to compare
+
+
+def test_train_rm_trainable_layers_trains_only_the_top_blocks_and_the_head(tmp_path, tiny_model_dir):
+    """trainable_layers=1 on a 2-block model: the embeddings and block 0 keep the starting weights bit for bit;
+    block 1, the final norm and the new score head move. On a model without such blocks, or asking for more blocks
+    than it has, one line names the setting."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from iopo.cli import main as iopo_main
+    from iopo.config import ConfigError
+    from iopo.io.models import freeze_lower_layers
+
+    from tiny import write_pairs
+
+    data = write_pairs(tmp_path / "pairs.jsonl", n=30)
+    out = tmp_path / "rm"
+    args = [
+        "train-rm",
+        f"model={tiny_model_dir}",
+        f"data={data}",
+        "data.max_length=64",
+        "data.max_prompt_length=32",
+        "data.test_size=6",
+        "optim.max_steps=3",
+        "optim.learning_rate=3e-3",
+        "trainable_layers=1",
+        f"output_dir={out}",
+        "progress_bar=false",
+        "tensorboard=false",
+    ]
+    assert iopo_main(args) == 0
+    start = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    trained = load_file(str(out / "final" / "model.safetensors"))
+    assert start["model.layers.0.mlp.up_proj.weight"].shape  # the tiny model has blocks 0 and 1
+    for name, value in trained.items():
+        if name.startswith("score."):
+            continue
+        before = start[name]
+        moved = not torch.equal(value, before)
+        top = name.startswith("model.layers.1.") or name == "model.norm.weight"
+        assert moved == top, name
+    assert AutoModelForCausalLM.from_pretrained(tiny_model_dir).config.num_hidden_layers == 2
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with pytest.raises(ConfigError, match="has 2 decoder blocks"):
+        freeze_lower_layers(model, 3)
+    assert (
+        iopo_main(args[:-4] + ["trainable_layers=1", "model.lora=true", f"output_dir={tmp_path / 'x'}"]) == 2
+    )

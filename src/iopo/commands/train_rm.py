@@ -21,6 +21,7 @@ from iopo.engine.session import holding, load_inputs, plain_accelerator
 from iopo.io import checkpoint, runfolder
 from iopo.io.jsonio import write_json
 from iopo.io.log import get_logger
+from iopo.io.runlog import mark_phase
 from iopo.report.card import model_card, publish
 
 log = get_logger(__name__)
@@ -41,6 +42,7 @@ def _prepare_dir(cfg: TrainRMConfig) -> Path:
 
 def train_rm(cfg: TrainRMConfig) -> dict:
     """Train, report held-out accuracy, save final/ (a standard sequence-classification folder) and eval.json."""
+    mark_phase("load")
     accelerator = plain_accelerator(cfg.mixed_precision)
     set_seed(cfg.seed)
     tokenizer, train_pairs, test_pairs, rejects, report = load_inputs(cfg, accelerator)  # before any folder
@@ -61,6 +63,7 @@ def _train_rm(cfg: TrainRMConfig, accelerator, tokenizer, train_pairs, test_pair
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        mark_phase("export")
         final = run_dir / "final"
         inner = accelerator.unwrap_model(model).model
         if cfg.model.lora:
@@ -79,6 +82,7 @@ def _train_rm(cfg: TrainRMConfig, accelerator, tokenizer, train_pairs, test_pair
         log.info(
             f"reward model saved to {final}; held-out pairwise accuracy {shown}; {time.time() - started:.0f}s"
         )
+    mark_phase("done")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results

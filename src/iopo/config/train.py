@@ -359,6 +359,13 @@ class TrainRMConfig(Part):
         "2 x data.max_length tokens, the head reading each answer's last token; auto uses it when the model allows "
         "it and the first batch's rewards agree with the plain forward's.",
     )
+    trainable_layers: int | None = Field(
+        None,
+        gt=0,
+        description="Train the score head, the final norm and only the top N decoder blocks; the embeddings and "
+        "the blocks below stay frozen, so the backward stops N blocks from the top (LLaMA-Factory's freeze "
+        "tuning). Unset = every parameter. Not with model.lora.",
+    )
     seed: int = Field(42, ge=0, lt=2**32)
     mixed_precision: Precision = "no"
     logging_steps: int = Field(1, gt=0)
@@ -377,6 +384,10 @@ class TrainRMConfig(Part):
     @model_validator(mode="after")
     def _push(self) -> TrainRMConfig:
         check_push(self)
+        if self.trainable_layers is not None and self.model.lora:
+            raise ValueError(
+                "trainable_layers freezes the lower blocks of a full model; model.lora trains adapters"
+            )
         return self
 
     @model_validator(mode="before")

@@ -158,6 +158,27 @@ def shared_hidden_states(lm, batch: dict) -> torch.Tensor:
     ).last_hidden_state
 
 
+def sequence_rewards(model, batch: dict) -> torch.Tensor:
+    """The scalar rewards (2B,) of a sequence-classification model (one output) on a pair batch, chosen sequences
+    first: a plain batch (collate_pairs) through the model as transformers runs it; a prefix-shared one
+    (collate_shared) through its backbone with the block mask, the head (`score`) reading each sequence's last
+    non-padding token (`last_index`), where the plain forward reads it."""
+    if "last_index" not in batch:
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
+    lm = transformers_model(model)
+    hidden = shared_hidden_states(lm, batch)  # (N, T, H)
+    last = hidden.reshape(-1, hidden.shape[-1])[batch["last_index"]]  # (2B, H)
+    return lm.score(last)[:, 0]
+
+
+def reward_sharing_obstacle(model) -> str | None:
+    """Why a reward model cannot take prefix-shared batches (None when it can)."""
+    lm = transformers_model(model)
+    if not isinstance(getattr(lm, "score", None), torch.nn.Module):
+        return f"its head is not a `score` layer ({type(lm).__name__})"
+    return sharing_obstacle(model)
+
+
 SHARED_ATTENTION = ("sdpa", "eager")  # attention implementations that take a custom 4D mask
 
 

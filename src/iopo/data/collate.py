@@ -3,6 +3,8 @@ log-probs count, prefix-shared batches (each pair's prompt computed once, packed
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from iopo.data.tokenize import TokenizedPair
@@ -150,3 +152,23 @@ def pad_sequences(
         input_ids[row, span] = torch.tensor(seq, dtype=torch.long)
         attention_mask[row, span] = 1
     return input_ids, attention_mask
+
+
+def layouts_gap(forward, sample: list, pad_token_id: int, pack_tokens: int) -> tuple[float, str | None]:
+    """How far the prefix-shared results of `sample` are from the plain layout's: (the largest gap relative to the
+    batch's largest value, None), or (inf, why) when `forward(batch)` refuses the shared batch (a model whose code
+    wants a 2D mask). `forward` runs one batch without autograd (its device, adapter, precision) and gives the
+    chosen and rejected log-probs (a dict, as sequence_logps), or one tensor (a reward model's rewards)."""
+    try:
+        with torch.no_grad():
+            plain = forward(collate_pairs(sample, pad_token_id))
+            shared = forward(collate_shared(sample, pad_token_id, pack_tokens=pack_tokens))
+    except Exception as e:  # a model whose forward refuses a 4D mask or position ids: the plain layout
+        return math.inf, f"its forward refused the shared layout ({type(e).__name__}: {str(e)[:120]})"
+    pairs = (
+        [(plain[k], shared[k]) for k in ("chosen_logps", "rejected_logps")]
+        if isinstance(plain, dict)
+        else [(plain, shared)]
+    )
+    gap = max(float((a - b).abs().max() / (1.0 + a.abs().max())) for a, b in pairs)
+    return gap, None

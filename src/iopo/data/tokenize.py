@@ -164,17 +164,23 @@ def render_prompt(prompt: str | list[dict], tokenizer) -> str:
     return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
 
 
-def answer_ids(prompt: str | list[dict], answer: str, tokenizer, max_length: int) -> list[int]:
-    """Token ids of prompt + answer exactly as training tokenizes a pair (the reward model sees both the same way),
-    cut from the left to max_length so the answer's end, which the reward head reads, is kept."""
+def answer_parts(prompt: str | list[dict], answer: str, tokenizer) -> tuple[list[int], list[int]]:
+    """The prompt's token ids and the answer's (with its end token) exactly as training tokenizes a pair."""
     chosen = answer if isinstance(prompt, str) else [{"role": "assistant", "content": answer}]
     pair = PreferencePair(prompt, chosen, chosen, "answer:0")
     prompt_text, completion_text, _ = _render(pair, tokenizer)
-    ids = _encode(tokenizer, [prompt_text], isinstance(prompt, str))[0]
-    ids = ids + _encode(tokenizer, [completion_text], False)[0]
+    prompt_ids = _encode(tokenizer, [prompt_text], isinstance(prompt, str))[0]
+    completion = _encode(tokenizer, [completion_text], False)[0]
     if isinstance(prompt, str) and tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
-    return ids[-max_length:]
+        completion.append(tokenizer.eos_token_id)
+    return prompt_ids, completion
+
+
+def answer_ids(prompt: str | list[dict], answer: str, tokenizer, max_length: int) -> list[int]:
+    """Token ids of prompt + answer exactly as training tokenizes a pair (the reward model sees both the same way),
+    cut from the left to max_length so the answer's end, which the reward head reads, is kept."""
+    prompt_ids, completion = answer_parts(prompt, answer, tokenizer)
+    return (prompt_ids + completion)[-max_length:]
 
 
 def prompt_as_text(prompt: str | list[dict]) -> str:

@@ -11,52 +11,30 @@ from pathlib import Path
 import torch
 
 from iopo.config import ConfigError, TrainRMConfig
-from iopo.core.logprobs import (
-    shared_hidden_states,
-    shared_tolerance,
-    sharing_obstacle,
-    transformers_model,
-)
+from iopo.core.logprobs import reward_sharing_obstacle, sequence_rewards, shared_tolerance
 from iopo.core.losses import bradley_terry_loss
-from iopo.data.collate import collate_pairs
+from iopo.data.collate import collate_pairs, layouts_gap
 from iopo.data.tokenize import TokenizedPair
-from iopo.engine.batching import layouts_gap, shared_collate
+from iopo.engine.batching import shared_collate
 from iopo.engine.session import make_optimizer, make_scheduler, micro_batch_indices, optimizer_steps
 from iopo.io.log import get_logger
-from iopo.io.models import load_model, resolve_model_path
-from iopo.io.runlog import open_trackers, progress_bar, write_record
+from iopo.io.models import freeze_lower_layers, load_model, resolve_model_path
+from iopo.io.runlog import mark_phase, open_trackers, progress_bar, write_record
 
 log = get_logger(__name__)
 
 
 class PairRewards(torch.nn.Module):
-    """A sequence-classification reward model whose forward gives the rewards (2B,) of a pair batch: chosen
-    sequences first, then rejected. A plain batch (collate_pairs) goes through the model as transformers runs it; a
-    prefix-shared batch (collate_shared: each pair's prompt computed once, pairs packed) through its backbone with
-    the block mask, the head reading each sequence's last non-padding token (`last_index`), where the plain
-    forward reads it. Wrapping the model keeps DDP's hooks on the path of every forward."""
+    """A sequence-classification reward model whose forward gives the rewards (2B,) of a pair batch, chosen
+    sequences first (plain or prefix-shared: core.logprobs.sequence_rewards). Wrapping the model keeps DDP's hooks
+    on the path of every forward."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
     def forward(self, batch: dict) -> torch.Tensor:
-        if "last_index" not in batch:
-            return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[
-                :, 0
-            ]
-        lm = transformers_model(self.model)
-        hidden = shared_hidden_states(lm, batch)  # (N, T, H)
-        last = hidden.reshape(-1, hidden.shape[-1])[batch["last_index"]]  # (2B, H)
-        return lm.score(last)[:, 0]
-
-
-def reward_sharing_obstacle(model) -> str | None:
-    """Why the reward model cannot take prefix-shared batches (None when it can)."""
-    lm = transformers_model(model)
-    if not isinstance(getattr(lm, "score", None), torch.nn.Module):
-        return f"its head is not a `score` layer ({type(lm).__name__})"
-    return sharing_obstacle(model)
+        return sequence_rewards(self.model, batch)
 
 
 def choose_reward_batching(cfg, module: PairRewards, sample: list[TokenizedPair], pad_token_id: int, device):
@@ -138,6 +116,8 @@ def heldout_accuracy(
 def load_backbone(cfg: TrainRMConfig, tokenizer):
     model = load_model(cfg.model, reward_head=True)
     model.config.pad_token_id = tokenizer.pad_token_id  # the head reads the last non-padding token
+    if cfg.trainable_layers:
+        freeze_lower_layers(model, cfg.trainable_layers)
     if cfg.model.lora:
         from peft import LoraConfig, get_peft_model
 
@@ -181,6 +161,7 @@ def train_reward_model(
     pad = tokenizer.pad_token_id
 
     def evaluate_now() -> dict:
+        mark_phase("held-out accuracy")
         return heldout_accuracy(
             accelerator.unwrap_model(model),
             test_pairs,
@@ -196,6 +177,7 @@ def train_reward_model(
 
     model.train()
     position = 0
+    mark_phase("train-rm steps")
     for step in range(1, total + 1):
         tick = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
@@ -225,6 +207,7 @@ def train_reward_model(
             log_record({"step": step, **sums})
         if cfg.eval_steps and step % cfg.eval_steps == 0 and step < total and test_pairs:
             held = evaluate_now()
+            mark_phase("train-rm steps")
             log_record(
                 {
                     "step": step,

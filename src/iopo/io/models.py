@@ -151,6 +151,34 @@ def load_model(cfg: ModelConfig, reward_head: bool = False):
     return model
 
 
+def decoder_blocks(model) -> torch.nn.ModuleList | None:
+    """The model's stack of decoder blocks: its ModuleList of config.num_hidden_layers modules (model.layers in
+    Llama, Qwen, Mistral; transformer.h in GPT-2), or None when it has none that long."""
+    count = getattr(model.config, "num_hidden_layers", None)
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and count and len(module) == count:
+            return module
+    return None
+
+
+def freeze_lower_layers(model, trainable_layers: int) -> int:
+    """Freeze the embeddings and every decoder block but the top `trainable_layers`; the parameters above them (the
+    final norm, a head) stay trainable. Returns the number of trainable parameters."""
+    blocks = decoder_blocks(model)
+    if blocks is None:
+        raise ConfigError(
+            f"trainable_layers: cannot find the decoder blocks of {type(model).__name__} "
+            "(no ModuleList of config.num_hidden_layers modules)"
+        )
+    if trainable_layers > len(blocks):
+        raise ConfigError(f"trainable_layers={trainable_layers}: the model has {len(blocks)} decoder blocks")
+    frozen = [*blocks[: len(blocks) - trainable_layers]]
+    frozen += [m for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+    for module in frozen:
+        module.requires_grad_(False)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 def disable_dropout(model) -> None:
     """Every dropout of the model to 0: nn.Dropout modules and the attention dropout rates HF keeps as attributes."""
     for module in model.modules():
