@@ -3,6 +3,11 @@ prompts, greedy, a fixed number of new tokens) with the default dynamic KV cache
 and whether the tokens are the same), and a float32 vs bf16 linear of the model's MLP size at the row counts of a
 decoding step (GFLOP/s): is decoding bound by compute or by memory here?
 
+Then the product's own path (iopo.eval.generate, what `iopo eval` and the online rounds run) on the same prompts and
+settings each way, float32 (generation.dtype=model, today's) against generation.dtype=bfloat16: the evaluation's
+(configs/eval.yaml: 32 held-out prompts, temperature 0.8, 96 new tokens, batch 16) and an online round's (2 answers
+a prompt); tokens/s counts the answers' tokens, each way run twice in alternating order (the better of the two).
+
 Run: .venv/bin/python benchmarks/generation_speed.py [--new-tokens 64] [--out benchmarks/results/generation_speed.json]
 """
 
@@ -50,6 +55,49 @@ def linear_gflops(rows: int, dtype, repeat: int = 200) -> float:
     return 2 * rows * 576 * 1536 * repeat / (time.perf_counter() - tick) / 1e9
 
 
+def product_path(model, tokenizer) -> dict:
+    """iopo's generate_answers on the evaluation's and an online round's settings, float32 vs bf16 (tokens/s)."""
+    import tempfile
+
+    from iopo.config import DataConfig, GenerationConfig
+    from iopo.data.loading import split_prompts
+    from iopo.eval.generate import generate_answers
+    from iopo.io.models import model_fingerprint
+
+    prompts = split_prompts(DataConfig(max_length=256, max_prompt_length=128), "test", 32)
+    loaded = (model, tokenizer, model_fingerprint(model), "embedded")
+    settings = {
+        "eval": {"temperature": 0.8, "max_new_tokens": 96, "n": 1, "batch_size": 16},
+        "online round": {"temperature": 0.8, "max_new_tokens": 96, "n": 2, "batch_size": 16},
+    }
+    out: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, fields in settings.items():
+            best: dict[str, float] = {}
+            for repeat in range(2):
+                ways = ("model", "bfloat16") if repeat == 0 else ("bfloat16", "model")
+                for dtype in ways:
+                    gen = GenerationConfig(**fields, dtype=dtype)
+                    tick = time.perf_counter()
+                    records, _ = generate_answers(
+                        None,
+                        prompts,
+                        gen,
+                        Path(tmp) / f"{name}-{dtype}-{repeat}.jsonl",
+                        max_prompt_length=128,
+                        loaded=loaded,
+                        progress=False,
+                    )
+                    rate = sum(r["completion_tokens"] for r in records) / (time.perf_counter() - tick)
+                    best[dtype] = max(best.get(dtype, 0.0), rate)
+            out[name] = {
+                "settings": {**fields, "prompts": len(prompts)},
+                "tokens_per_s": {"float32": round(best["model"], 1), "bfloat16": round(best["bfloat16"], 1)},
+                "bf16_speedup": round(best["bfloat16"] / best["model"], 2),
+            }
+    return out
+
+
 def main() -> None:
     import torch
 
@@ -77,6 +125,7 @@ def main() -> None:
     static, static_tokens = generate_rate(
         model, ids, mask, pad, args.new_tokens, cache_implementation="static"
     )
+    product = product_path(model, tokenizer)
     result = {
         "machine": machine(),
         "prompts": len(prompts),
@@ -91,6 +140,7 @@ def main() -> None:
             }
             for rows in (16, 32, 64, 128)
         },
+        "product_path": product,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -134,6 +134,40 @@ def test_greedy_batched_generation_equals_one_by_one(work, tmp_path):
     assert answers(a) == answers(b)  # left padding and the attention mask do not change greedy answers
 
 
+def test_generation_dtype_generates_from_a_copy_in_that_precision_keyed_apart(work, tmp_path):
+    """generation.dtype=bfloat16: greedy answers equal those of the model loaded in bf16 (the same weights, the same
+    precision); the float32 model the caller holds is untouched; the answers are keyed apart from the model
+    precision's, whose keys stay what they were; a server backend refuses it in one line."""
+    import torch
+
+    from iopo.eval.generate import in_precision, settings_of
+    from iopo.io.models import load_inference_model, resolve_model
+
+    greedy = ["generation.temperature=0", "generation.n=1"]
+    fp32, bf16 = tmp_path / "fp32.jsonl", tmp_path / "bf16.jsonl"
+    _generate(work, fp32, *greedy)
+    _generate(work, bf16, *greedy, "generation.dtype=bfloat16")
+    loaded_bf16 = tmp_path / "loaded.jsonl"
+    _generate(work, loaded_bf16, *greedy, "dtype=bfloat16")
+    answers = lambda path: {r["prompt_id"]: r["answer"] for r in _records(path)}  # noqa: E731
+    assert answers(bf16) == answers(loaded_bf16)
+    assert {r["key"] for r in _records(bf16)}.isdisjoint(r["key"] for r in _records(fp32))
+    assert all(r["settings"]["dtype"] == "bfloat16" for r in _records(bf16))
+    assert all("dtype" not in r["settings"] for r in _records(fp32))
+
+    model, _ = load_inference_model(resolve_model(str(work["base"])), "float32")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    copy = in_precision(model, "bfloat16")
+    assert copy is not model and next(copy.parameters()).dtype == torch.bfloat16
+    assert all(torch.equal(v, before[k]) and v.dtype == torch.float32 for k, v in model.state_dict().items())
+    assert in_precision(model, "model") is model and in_precision(model, "float32") is model
+    from iopo.config import GenerationConfig
+
+    assert "dtype" not in settings_of(GenerationConfig(), 128)
+    with pytest.raises(ValueError, match="applies to backend=hf"):
+        GenerationConfig(backend="openai", dtype="bfloat16")
+
+
 # ---------------------------------------------------------------- reward model
 
 
@@ -164,6 +198,58 @@ def test_train_rm_saves_a_standard_reward_model_and_reports_accuracy(work):
     again = heldout_accuracy(PairRewards(model), test, 4, tokenizer.pad_token_id, "cpu")
     assert again["pairwise_accuracy"] == result["pairwise_accuracy"]
     assert again["margins"] == pytest.approx(result["margins"], abs=1e-4)
+
+
+def test_reward_model_judge_shares_prompts_and_scores_as_the_plain_forward(work):
+    """The reward-model judge scores two answers to one prompt as one prefix-shared sequence: every score equals the
+    plain forward of that answer alone (transformers' own path); an answer cut by max_length, a third answer to a
+    prompt and a lone prompt's answer go as plain rows. Every item gets exactly one score."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from iopo.data.tokenize import answer_ids, answer_parts
+    from iopo.eval.judges.reward_model import RewardModelJudge
+
+    judge = RewardModelJudge(
+        "rm", JudgeConfig(type="reward_model", model=str(work["rm"] / "final"), batch_size=4)
+    )
+    long_answer = " ".join(["word"] * 400)
+    items = [
+        ("What is a cat?", "A small animal."),
+        ("What is a cat?", "A cat is a pet that purrs and sleeps a lot."),
+        ("What is a cat?", "Cats."),
+        ("Name a colour.", "Blue."),
+        ("Name a colour.", "Red, or maybe green."),
+        ("Why is the sky blue?", "Scattering."),
+        ("Name a colour.", long_answer),
+    ]
+    got = {}
+    plain = AutoModelForSequenceClassification.from_pretrained(work["rm"] / "final").eval()
+    plain.config.pad_token_id = judge.tokenizer.pad_token_id
+    for i, result, _ in judge.score(items):
+        assert i not in got
+        got[i] = result["score"]
+    assert sorted(got) == list(range(len(items)))
+    with torch.no_grad():
+        for i, (prompt, answer) in enumerate(items):
+            ids = torch.tensor([answer_ids(prompt, answer, judge.tokenizer, judge.cfg.max_length)])
+            alone = float(plain(input_ids=ids).logits[0, 0])
+            assert got[i] == pytest.approx(alone, abs=1e-4), items[i]
+    assert len(answer_ids(*items[-1], judge.tokenizer, judge.cfg.max_length)) == judge.cfg.max_length
+    assert judge.shares is True
+    widths = []
+    backbone = judge.model.model
+    real = backbone.forward
+
+    def spy(*args, **kwargs):
+        widths.append(tuple((kwargs.get("input_ids") if "input_ids" in kwargs else args[0]).shape))
+        return real(*args, **kwargs)
+
+    backbone.forward = spy  # again: the two shared pairs packed in one row, the three others in plain rows
+    assert dict((i, r["score"]) for i, r, _ in judge.score(items)) == got
+    parts = [answer_parts(p, a, judge.tokenizer) for p, a in items]
+    packed = sum(len(parts[i][0]) + len(parts[i][1]) + len(parts[j][1]) for i, j in ((0, 1), (3, 4)))
+    assert widths == [(1, packed), (3, judge.cfg.max_length)]
 
 
 def test_bradley_terry_loss_by_hand():

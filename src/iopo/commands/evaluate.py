@@ -31,6 +31,7 @@ from iopo.io import runfolder
 from iopo.io.jsonio import write_json
 from iopo.io.log import PLAIN, get_logger
 from iopo.io.models import load_inference_model, model_fingerprint, resolve_model
+from iopo.io.runlog import mark_phase
 from iopo.io.store import Store, has_ratings
 from iopo.rate.book import RatingBook
 from iopo.rate.tables import book_summary, format_human
@@ -176,6 +177,7 @@ def _evaluate(cfg: EvalConfig, models, baseline, pairs, data, out_dir: Path, sta
         ref_logps, pair_tokens, base_tokenizer = None, None, None
         for source in [baseline, *models]:
             tick = time.perf_counter()
+            mark_phase(f"metrics {source.label}")
             model, tokenizer = load_inference_model(source, cfg.dtype, cfg.trust_remote_code)
             fingerprint = model_fingerprint(model)
             if cfg.metrics and pairs:
@@ -211,6 +213,7 @@ def _evaluate(cfg: EvalConfig, models, baseline, pairs, data, out_dir: Path, sta
                     results["metrics"][source.label] = metrics
             timings[f"metrics {source.label}"] = time.perf_counter() - tick
             tick = time.perf_counter()
+            mark_phase(f"generate {source.label}")
             records, timing = generate_answers(
                 None,
                 prompts,
@@ -234,14 +237,19 @@ def _evaluate(cfg: EvalConfig, models, baseline, pairs, data, out_dir: Path, sta
         boot = {"n_boot": cfg.bootstrap, "confidence": cfg.confidence, "seed": cfg.seed}
         for name, jcfg in cfg.judges.items():
             tick = time.perf_counter()
+            mark_phase(f"judge {name}")
             judge = build_judge(name, jcfg, cfg.dtype, cfg.trust_remote_code)
             try:
                 entry = {"type": jcfg.type, "judge_id": judge.judge_id, "modes": judge.modes, "models": {}}
                 if jcfg.check_pairs and pairs:  # checked before it speaks
+                    checking = time.perf_counter()
+                    mark_phase(f"check {name}")
                     entry["check"] = check_judge(
                         judge, store, session, jcfg, pairs, boot=boot, progress=cfg.progress_bar
                     )
                     log.info(check_line(name, entry["check"]))
+                    timings[f"check {name}"] = time.perf_counter() - checking
+                    mark_phase(f"judge {name}")
                 for source in models:
                     entry["models"][source.label] = judge_against(
                         judge,
@@ -258,7 +266,7 @@ def _evaluate(cfg: EvalConfig, models, baseline, pairs, data, out_dir: Path, sta
             finally:
                 judge.close()
                 gc.collect()
-            timings[f"judge {name}"] = time.perf_counter() - tick
+            timings[f"judge {name}"] = time.perf_counter() - tick - timings.get(f"check {name}", 0.0)
         results["ledger"] = {"this_run": store.ledger(session), "all_runs": store.ledger()}
     finally:
         store.close()

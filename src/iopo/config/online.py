@@ -147,6 +147,10 @@ class OnlineConfig(TrainingParts):
             )
         if self.generation.engine == "vllm" and self.model.lora:
             raise ValueError("generation.engine=vllm takes full weights; with model.lora use engine=hf")
+        if self.generation.engine == "vllm" and self.generation.dtype != "model":
+            raise ValueError(
+                "generation.dtype applies to engine=hf; vLLM generates in the policy's precision"
+            )
         if online.judged and self.reference == "previous_round" and self.model.lora:
             raise ValueError(
                 "reference=previous_round is not supported with model.lora yet (the reference would need a third "

@@ -34,7 +34,21 @@ def settings_of(gen: GenerationConfig, max_prompt_length: int) -> dict:
     }
     if gen.backend == "hf":
         out["batch_size"] = gen.batch_size  # batch composition changes padding and the sampling stream
+    if gen.dtype != "model":
+        out["dtype"] = gen.dtype  # absent for the model's own precision: the keys of earlier answers stay
     return out
+
+
+def in_precision(model, dtype: str):
+    """The model to generate with: itself for dtype=model or when it is already in that precision, else a copy
+    cast to it (the caller's model, trained or evaluated in its own precision, is untouched)."""
+    import copy
+
+    from iopo.io.models import DTYPES
+
+    if dtype == "model" or next(model.parameters()).dtype == DTYPES[dtype]:
+        return model
+    return copy.deepcopy(model).to(DTYPES[dtype])
 
 
 def record_key(fingerprint: str, settings: dict, prompt_id: str, sample: int) -> str:
@@ -180,16 +194,19 @@ def generate_hf(
         total, sum(k in done for b in batches for k in keys_of(b)), meta["model"], progress
     )
     device = next(model.parameters()).device
+    generator = None
     for index, batch in enumerate(batches):
         if all(k in done for k in keys_of(batch)):
             continue
+        if generator is None:
+            generator = in_precision(model, gen.dtype)  # only once there is something to generate
         input_ids, attention_mask = pad_sequences([ids for _, ids in batch], pad, "left")  # (B, T)
         width = input_ids.shape[1]
         # Seeded by the batch's place in the plan, so a resumed run samples the same.
         torch.manual_seed(gen.seed + index)
         sampling = gen.temperature > 0
         with torch.inference_mode():
-            out = model.generate(
+            out = generator.generate(
                 input_ids=input_ids.to(device),
                 attention_mask=attention_mask.to(device),
                 do_sample=sampling,
