@@ -11,6 +11,7 @@
 # (with resume=false) to start it over, or output_dir=... for another run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+# The main job needs iopo alone; llama.cpp (compiled on first install) only for the opt-in LLM judge.
+if [ "${QUICKSTART_LLM_JUDGE:-0}" = "1" ]; then bash scripts/setup.sh llama; else bash scripts/setup.sh ""; fi
 .venv/bin/iopo train --config configs/quickstart.yaml resume=true "$@"
 exec bash scripts/evaluate_quickstart.sh

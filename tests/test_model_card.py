@@ -8,7 +8,8 @@ import json
 import pytest
 import yaml
 
-from iopo.report.card import base_license, model_card, wilson_interval
+from iopo.core.stats import wilson_interval
+from iopo.report.card import base_license, model_card
 
 from tiny import make_cfg
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from accelerate.utils import set_seed
 
 from iopo.config import TrainRMConfig, dump_config
+from iopo.core.stats import wilson_interval
 from iopo.data.loading import keep_rejects
 from iopo.engine.reward import train_reward_model
 from iopo.engine.session import holding, load_inputs, plain_accelerator
@@ -74,9 +75,10 @@ def _train_rm(cfg: TrainRMConfig, accelerator, tokenizer, train_pairs, test_pair
         publish(final, run_dir, card, cfg, f"iopo reward model: {run_dir.name}")
         write_json(run_dir / "eval.json", results)
         accuracy = results.get("pairwise_accuracy")
+        interval = wilson_interval(accuracy, results.get("n_pairs"))
         shown = (
-            f"{accuracy:.4f} on {results['n_pairs']} held-out pairs"
-            if accuracy is not None
+            f"{accuracy:.4f} [{interval[0]:.3f}, {interval[1]:.3f}] (95% Wilson) on {results['n_pairs']} held-out pairs"
+            if accuracy is not None and interval
             else "n/a (no test pairs)"
         )
         log.info(

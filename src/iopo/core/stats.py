@@ -294,3 +294,12 @@ def judge_check(
         "informative": not reasons,
         "reasons": reasons,
     }
+
+
+def wilson_interval(accuracy: float | None, n: int | None, z: float = 1.959964) -> tuple[float, float] | None:
+    """The 95% Wilson interval of a share `accuracy` of n pairs."""
+    if accuracy is None or not n:
+        return None
+    centre = (accuracy + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(accuracy * (1 - accuracy) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)

@@ -13,6 +13,7 @@ import torch
 from iopo.config import ConfigError, TrainRMConfig
 from iopo.core.logprobs import reward_sharing_obstacle, sequence_rewards, shared_tolerance
 from iopo.core.losses import bradley_terry_loss
+from iopo.core.stats import wilson_interval
 from iopo.data.collate import collate_pairs, layouts_gap
 from iopo.data.tokenize import TokenizedPair
 from iopo.engine.batching import shared_collate
@@ -239,6 +240,8 @@ def train_reward_model(
             }
         )
         results |= held
+        interval = wilson_interval(held["pairwise_accuracy"], held["n_pairs"])
+        results["pairwise_accuracy_ci"] = list(interval) if interval else None  # 95% Wilson
     if writer is not None:
         writer.close()
     return model, results

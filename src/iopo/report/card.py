@@ -7,12 +7,12 @@ pushes the folder to the Hub when asked."""
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import yaml
 
 from iopo.core.formatting import number, rate_interval
+from iopo.core.stats import wilson_interval
 from iopo.io import runfolder
 from iopo.io.hub import push_folder
 from iopo.io.log import get_logger
@@ -64,15 +64,6 @@ def _dataset_id(path: str | None) -> str | None:
     if Path(path).expanduser().exists() or path.startswith((".", "/", "~")):
         return None
     return path
-
-
-def wilson_interval(accuracy: float | None, n: int | None, z: float = 1.959964) -> tuple[float, float] | None:
-    """The 95% Wilson interval of a share `accuracy` of n pairs."""
-    if accuracy is None or not n:
-        return None
-    centre = (accuracy + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(accuracy * (1 - accuracy) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def model_card(kind: str, config: dict, data_report: dict | None, results: dict | None) -> str:
