@@ -42,10 +42,30 @@ def test_cli_trains_exports_and_evaluates(tmp_path, tiny_model_dir):
     assert again.returncode == 2
     assert again.stderr.strip().count("\n") == 0 and "resume=true" in again.stderr
 
-    # resume=true on a finished run: nothing left to train, exports and evaluates again.
+    # resume=true on a finished run: nothing left to train, exports and evaluates again, reading the policy's test
+    # log-probs that the first run kept for these weights (the same metrics, nothing computed twice).
+    first = json.loads((run / "eval.json").read_text())
     resumed = iopo("train", *base_args(tmp_path, tiny_model_dir, data), "resume=true")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from" in resumed.stdout
+    again_eval = json.loads((run / "eval.json").read_text())
+    assert {k: again_eval[k] for k in ("margin_reward", "pairwise_accuracy")} == {
+        k: first[k] for k in ("margin_reward", "pairwise_accuracy")
+    }
+    # read, not computed: plant chosen = rejected + 5 in the kept file of the final weights, resume once more
+    import torch
+
+    kept = max((run / "logps").glob("*.pt"), key=lambda p: p.stat().st_mtime_ns)
+    logps = torch.load(kept, weights_only=True)
+    logps["chosen_logps"] = logps["rejected_logps"] + 5.0
+    torch.save(logps, kept)
+    ref = torch.load(run / "eval_reference_logps.pt", weights_only=True)
+    planted = iopo("train", *base_args(tmp_path, tiny_model_dir, data), "resume=true")
+    assert planted.returncode == 0, planted.stderr[-2000:]
+    margins = 0.5 * (5.0 - (ref["chosen_logps"] - ref["rejected_logps"]))  # loss.beta=0.5
+    assert json.loads((run / "eval.json").read_text())["margin_reward"] == pytest.approx(
+        float(margins.mean()), abs=1e-5
+    )
 
 
 def test_cli_bad_row_is_one_line_naming_file_row_field(tmp_path, tiny_model_dir):

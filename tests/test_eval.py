@@ -252,6 +252,30 @@ def test_reward_model_judge_shares_prompts_and_scores_as_the_plain_forward(work)
     assert widths == [(1, packed), (3, judge.cfg.max_length)]
 
 
+def test_a_judge_dtype_loads_its_model_in_that_precision_and_is_another_judge(work):
+    """judges.NAME.dtype=bfloat16: the reward model is loaded in bf16 (whatever the evaluation's dtype), its
+    identity differs from the float32 judge's (stored verdicts never mix), its rewards are the float32 ones up to
+    bf16 rounding; a judge that runs no model here refuses the setting in one line."""
+    import torch
+
+    from iopo.eval.judges import build_judge
+
+    items = [("What is a cat?", "A small animal."), ("What is a cat?", "Cats purr.")]
+    rm = str(work["rm"] / "final")
+    fp32 = build_judge("rm", JudgeConfig(type="reward_model", model=rm), "float32")
+    bf16 = build_judge("rm", JudgeConfig(type="reward_model", model=rm, dtype="bfloat16"), "float32")
+    assert next(bf16.model.parameters()).dtype == torch.bfloat16
+    assert next(fp32.model.parameters()).dtype == torch.float32
+    assert fp32.judge_id != bf16.judge_id
+    a = {i: r["score"] for i, r, _ in fp32.score(items)}
+    b = {i: r["score"] for i, r, _ in bf16.score(items)}
+    assert a.keys() == b.keys() == {0, 1}
+    for i in a:
+        assert b[i] == pytest.approx(a[i], abs=0.05 * (1 + abs(a[i])))
+    with pytest.raises(ValueError, match="dtype applies to a judge that runs a model here"):
+        JudgeConfig(type="openai", base_url="http://127.0.0.1:1/v1", dtype="bfloat16")
+
+
 def test_bradley_terry_loss_by_hand():
     import math
 

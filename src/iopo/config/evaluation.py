@@ -60,6 +60,7 @@ class JudgeType:
     ]  # its scores: a reward whose gap decides Table 1, or 0-3 for Table 2
     annotates_by: Literal["score", "pairwise"]  # the online rounds' annotate_by=auto
     needs: tuple[tuple[str, str], ...] = ()  # (setting, why) it cannot do without
+    holds_model: bool = False  # it runs a model in this process (its `dtype` applies)
 
 
 JUDGE_TYPES: dict[str, JudgeType] = {
@@ -70,6 +71,7 @@ JUDGE_TYPES: dict[str, JudgeType] = {
         score_verdict="gap",
         annotates_by="score",
         needs=(("model", "a reward_model judge needs model (e.g. the final/ folder of `iopo train-rm`)"),),
+        holds_model=True,
     ),
     "openai": JudgeType(
         can=("pairwise", "score"),
@@ -85,6 +87,7 @@ JUDGE_TYPES: dict[str, JudgeType] = {
         modes_fixed=False,
         score_verdict="rubric",
         annotates_by="pairwise",
+        holds_model=True,
     ),
     "function": JudgeType(
         can=("score",),
@@ -145,6 +148,11 @@ class JudgeConfig(Part):
     price_per_1k_completion_tokens: float = Field(0.0, ge=0)
     batch_size: int = Field(8, gt=0, description="reward_model/local: answers per forward.")
     max_length: int = Field(1024, gt=0, description="reward_model/local: tokens per judged text (left-cut).")
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None,
+        description="reward_model/local: the precision the judge's model is loaded in; unset = the evaluation's "
+        "dtype. Part of the judge's identity (its weights' fingerprint), so its stored verdicts never mix.",
+    )
     check_pairs: int = Field(
         64,
         ge=0,
@@ -166,6 +174,9 @@ class JudgeConfig(Part):
         for setting, why in facts.needs:
             if not getattr(self, setting):
                 raise ValueError(why)
+        if self.dtype and not facts.holds_model:
+            holders = ", ".join(name for name, kind in JUDGE_TYPES.items() if kind.holds_model)
+            raise ValueError(f"dtype applies to a judge that runs a model here ({holders}), not {self.type}")
         odd = [m for m in self.modes or () if m not in facts.can]
         if odd and not facts.modes_fixed:
             raise ValueError(

@@ -100,10 +100,17 @@ def policy_metrics(
     session: Session, test_pairs, ref_logps: dict, label: str | None = None, keep_in: Path | None = None
 ) -> dict:
     """Margin reward and pairwise accuracy of the policy vs the reference log-probs `ref_logps` of `test_pairs`.
-    `keep_in`: also keep the policy's log-probs there for `iopo eval` (keep_logps)."""
-    policy = session_logps(session, test_pairs, label)
-    if keep_in is not None:
-        keep_logps(session, keep_in, test_pairs, policy)
+    `keep_in`: the policy's log-probs are read from there when an earlier run kept them for these weights and pairs
+    (a finished run resumed only to export and score), else computed and kept there for `iopo eval` (keep_logps)."""
+    key = _kept_key(session, test_pairs) if keep_in is not None else None
+    alone = (
+        session.accelerator.num_processes == 1
+    )  # with several, every process computes (the batches are shared)
+    policy, _ = refcache.read_logps([keep_in], key, len(test_pairs)) if key and alone else (None, None)
+    if policy is None:
+        policy = session_logps(session, test_pairs, label)
+        if key is not None:
+            refcache.write_logps(keep_in, key, policy)
     return offline_metrics(
         policy["chosen_logps"],
         policy["rejected_logps"],
@@ -114,10 +121,17 @@ def policy_metrics(
 
 
 def keep_logps(session: Session, run_dir: Path, pairs, logps: dict) -> None:
-    """Keep the policy's log-probs of `pairs` in run_dir/logps/, keyed as `iopo eval` keys a model it loads
-    (refcache.logps_key: the weights' fingerprint, float32, the pairs), so that evaluating the exported model on
-    the same split reads them instead of computing them again. Only where the key can match: float32 training,
-    full weights, not sharded, on the main process (else nothing is kept and the eval computes)."""
+    """Keep the policy's log-probs of `pairs` in run_dir/logps/ (see _kept_key)."""
+    key = _kept_key(session, pairs)
+    if key is not None:
+        refcache.write_logps(run_dir, key, logps)
+
+
+def _kept_key(session: Session, pairs) -> str | None:
+    """The key under which the policy's log-probs of `pairs` are kept, as `iopo eval` keys a model it loads
+    (refcache.logps_key: the weights' fingerprint, float32, the pairs), so that evaluating the exported model on the
+    same split reads them instead of computing them again. Only where the key can match: float32 training, full
+    weights, not sharded, on the main process (else None: nothing is kept or read, the log-probs are computed)."""
     cfg, policy = session.cfg, session.policy
     if (
         cfg.mixed_precision != "no"
@@ -125,9 +139,8 @@ def keep_logps(session: Session, run_dir: Path, pairs, logps: dict) -> None:
         or sharding.is_fsdp(policy.module)
         or not session.accelerator.is_main_process
     ):
-        return
-    fingerprint = model_fingerprint(language_model(policy.module))
-    refcache.write_logps(run_dir, refcache.logps_key(fingerprint, "float32", pairs), logps)
+        return None
+    return refcache.logps_key(model_fingerprint(language_model(policy.module)), "float32", pairs)
 
 
 def model_logps(

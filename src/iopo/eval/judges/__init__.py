@@ -38,7 +38,7 @@ BUILDERS = {"openai": _openai, "reward_model": _reward_model, "local": _local, "
 
 def build_judge(name: str, cfg, dtype: str = "float32", trust_remote_code: bool = False) -> Judge:
     """The judge of a JudgeConfig, picked by its type; it carries its type's facts (`judge.facts`)."""
-    judge = BUILDERS[cfg.type](name, cfg, dtype, trust_remote_code)
+    judge = BUILDERS[cfg.type](name, cfg, cfg.dtype or dtype, trust_remote_code)
     judge.facts = cfg.facts
     return judge
 
