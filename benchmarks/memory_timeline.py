@@ -11,7 +11,7 @@ its RSS and its high-water mark. This script samples the RSS of that process and
 in it, or the high-water mark when the mark rose during the phase (the kernel's exact peak, which a 0.2 s sample
 can miss).
 
-Runs: `quickstart` is configs/quickstart.yaml as it is (full fine-tuning IOPO, 12 steps, evals at steps 4, 8, 12,
+Runs: `quickstart` is configs/quickstart.yaml as it is (full fine-tuning IOPO, 12 steps, its evals during training,
 checkpoint, export); `lora-iopo` and `lora-dpo` are the same data and batches with model.lora=true, 4 steps each
 (IOPO: 2 per adapter), evaluated at the end only.
 

@@ -27,9 +27,10 @@ def _read(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def load_scores(results: Path, runs) -> tuple[dict, dict]:
-    """(start: {prompt: {gold, kl, chars}}, points: {(annotator, method): {step: [per seed: {prompt: ...}]}}).
-    Only steps that every seed of the method has scored count."""
+def load_scores(results: Path, runs) -> tuple[dict, dict, dict]:
+    """(start: {prompt: {gold, kl, chars}}, points: {(annotator, method): {step: [per seed: {prompt: ...}]}}, the
+    seeds of each (annotator, method) in the order of its lists). Only steps that every seed of the method has
+    scored count."""
     start = (
         _read(results / "scores" / "start.json")["per_prompt"]
         if (results / "scores" / "start.json").is_file()
@@ -56,7 +57,12 @@ def load_scores(results: Path, runs) -> tuple[dict, dict]:
         }
         if complete:
             points[key] = dict(sorted(complete.items()))
-    return start, points
+    return start, points, {key: sorted(seeds) for key, seeds in seeds_of.items()}
+
+
+def on_seeds(steps: dict[int, list[dict]], have: list[int], keep: list[int]) -> dict[int, list[dict]]:
+    """A method's checkpoints restricted to the seeds `keep` (in that order), from lists in the order `have`."""
+    return {step: [per_seed[have.index(k)] for k in keep] for step, per_seed in steps.items()}
 
 
 def _matrix(per_seed: list[dict], prompts: list[str], field: str) -> np.ndarray:
@@ -177,7 +183,7 @@ def matched_contrast(
 
 
 def gold_results(spec: dict, results: Path, runs) -> dict | None:
-    start, points = load_scores(results, runs)
+    start, points, seeds = load_scores(results, runs)
     if start is None or not points:
         return None
     prompts = sorted(start)
@@ -186,13 +192,19 @@ def gold_results(spec: dict, results: Path, runs) -> dict | None:
     points = dict(sorted(points.items(), key=lambda kv: (order.get(kv[0][0], len(order)), kv[0])))
     for (annotator, method), steps in points.items():
         out["frontiers"].setdefault(annotator, {})[method] = frontier(start, steps, prompts)
-    pairs = [
-        (annotator, method, steps, points[(annotator, "dpo")])
-        for (annotator, method), steps in points.items()
-        if method != "dpo"
-        and (annotator, "dpo") in points
-        and len(next(iter(points[(annotator, "dpo")].values()))) == len(next(iter(steps.values())))
-    ]
+    pairs = []  # each method against DPO under the same annotator, paired on the seeds both ran
+    for (annotator, method), steps in points.items():
+        base = (annotator, "dpo")
+        common = sorted(set(seeds[(annotator, method)]) & set(seeds.get(base, ())))
+        if method != "dpo" and base in points and common:
+            pairs.append(
+                (
+                    annotator,
+                    method,
+                    on_seeds(steps, seeds[(annotator, method)], common),
+                    on_seeds(points[base], seeds[base], common),
+                )
+            )
     for annotator, method, steps, base in pairs:  # every primary contrast read is one of the family
         out["contrasts"].setdefault(annotator, {})[f"{method} - dpo"] = matched_contrast(
             start, steps, base, prompts, family=len(pairs)
@@ -249,7 +261,18 @@ def make_figure(res: dict, path: Path) -> None:
     fig, axes = plt.subplots(
         1, len(annotators), figsize=(max(7.0, 4.2 * len(annotators)), 4.2), squeeze=False, sharey=True
     )
-    colors = {"dpo": "#1f77b4", "iopo": "#d62728", "ipo": "#2ca02c", "hinge": "#9467bd"}
+    colors = {
+        "dpo": "#1f77b4",
+        "iopo": "#d62728",
+        "ipo": "#2ca02c",
+        "hinge": "#9467bd",
+        "iopo_equal_steps": "#ff9896",
+        "iter_dpo_gold": "#17becf",
+        "sppo": "#8c564b",
+        "inpo": "#e377c2",
+        "spin_online": "#7f7f7f",
+        "xpo_online": "#bcbd22",
+    }
     for ax, annotator in zip(axes[0], annotators, strict=True):
         for method, f in res["frontiers"][annotator].items():
             pts = f["points"]

@@ -392,6 +392,8 @@ def test_the_vllm_engine_without_vllm_is_one_line(work, tmp_path, capsys):
     assert not (tmp_path / "v").exists()  # refused before anything was written
     with pytest.raises(ConfigError, match="engine=vllm takes full weights"):
         online_cfg(work, tmp_path / "w", "generation.engine=vllm", "model.lora=true")
+    with pytest.raises(ConfigError, match="generation.dtype applies to engine=hf"):
+        online_cfg(work, tmp_path / "w", "generation.engine=vllm", "generation.dtype=bfloat16")
 
 
 class LengthJudge:
