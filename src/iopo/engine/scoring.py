@@ -103,9 +103,8 @@ def policy_metrics(
     `keep_in`: the policy's log-probs are read from there when an earlier run kept them for these weights and pairs
     (a finished run resumed only to export and score), else computed and kept there for `iopo eval` (keep_logps)."""
     key = _kept_key(session, test_pairs) if keep_in is not None else None
-    alone = (
-        session.accelerator.num_processes == 1
-    )  # with several, every process computes (the batches are shared)
+    # with several processes every one computes (they share the batches), so nothing is read
+    alone = session.accelerator.num_processes == 1
     policy, _ = refcache.read_logps([keep_in], key, len(test_pairs)) if key and alone else (None, None)
     if policy is None:
         policy = session_logps(session, test_pairs, label)

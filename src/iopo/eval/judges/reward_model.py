@@ -62,13 +62,15 @@ class RewardModelJudge:
                 by_prompt.setdefault(tuple(prompt_ids), []).append(i)
         twos = [(m[k], m[k + 1]) for m in by_prompt.values() for k in range(0, len(m) - 1, 2)]
         twos.sort(key=lambda t: -(len(parts[t[0]][0]) + len(parts[t[0]][1]) + len(parts[t[1]][1])))
-        as_pair = [TokenizedPair(parts[a][0], parts[a][1], parts[b][1], f"answer:{a}") for a, b in twos]
         per_batch = max(1, self.cfg.batch_size // 2)
-        if as_pair and self.shares is None:  # decided once, on the first batch that could share
+        if twos and self.shares is None:  # decided once, on the first batch that could share
             self.shares = reward_sharing_obstacle(self.model) is None
             if self.shares:
+                sample = [
+                    TokenizedPair(parts[a][0], parts[a][1], parts[b][1], "") for a, b in twos[:per_batch]
+                ]
                 gap, _ = layouts_gap(
-                    lambda batch: sequence_rewards(self.model, batch), as_pair[:per_batch], pad, 2 * limit
+                    lambda batch: sequence_rewards(self.model, batch), sample, pad, 2 * limit
                 )
                 self.shares = gap <= shared_tolerance(self.model.dtype != torch.float32)
         if not self.shares:
