@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from tiny import build_tokenizer, save_tiny
+from tiny import build_tokenizer, save_tiny, train_rm_args
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -36,20 +36,7 @@ def work(tmp_path_factory, tiny_model_dir):
 
     root = tmp_path_factory.mktemp("online")
     data = write_pairs(root / "pairs.jsonl", n=36)
-    rm_args = [
-        "train-rm",
-        f"model={tiny_model_dir}",
-        f"data={data}",
-        "data.max_length=64",
-        "data.max_prompt_length=32",
-        "data.test_size=6",
-        "optim.max_steps=4",
-        "optim.learning_rate=3e-3",
-        f"output_dir={root / 'rm'}",
-        "progress_bar=false",
-        "tensorboard=false",
-    ]
-    assert iopo_main(rm_args) == 0
+    assert iopo_main(train_rm_args(tiny_model_dir, data, root / "rm")) == 0
     return {"root": root, "data": data, "base": tiny_model_dir, "rm": root / "rm" / "final"}
 
 

@@ -14,7 +14,7 @@ import pytest
 from iopo.cli import main as iopo_main
 from iopo.config import GenerateConfig, JudgeConfig, load_config
 
-from tiny import save_tiny, write_pairs
+from tiny import save_tiny, train_rm_args, write_pairs
 
 TINY_DATA = ["data.max_length=64", "data.max_prompt_length=32", "data.test_size=6"]
 
@@ -25,18 +25,7 @@ def work(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("eval")
     data = write_pairs(root / "pairs.jsonl", n=30)
     other = save_tiny(root / "other", seed=1)
-    rm_args = [
-        "train-rm",
-        f"model={tiny_model_dir}",
-        f"data={data}",
-        *TINY_DATA,
-        "optim.max_steps=6",
-        "optim.learning_rate=3e-3",
-        f"output_dir={root / 'rm'}",
-        "progress_bar=false",
-        "tensorboard=false",
-    ]
-    assert iopo_main(rm_args) == 0
+    assert iopo_main(train_rm_args(tiny_model_dir, data, root / "rm", "optim.max_steps=6")) == 0
     return {"root": root, "data": data, "base": tiny_model_dir, "other": other, "rm": root / "rm"}
 
 

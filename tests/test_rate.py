@@ -18,7 +18,7 @@ from iopo.cli import main as iopo_main
 from iopo.rate.book import RatingBook, RatingError
 from iopo.rate.tables import book_summary, write_outputs
 
-from tiny import save_tiny, write_pairs
+from tiny import save_tiny, train_rm_args, write_pairs
 
 MARKUP = ' <b>bold</b><script>window.__pwned = 1</script><img src=x onerror="window.__pwned = 2">'
 MARKUP_ANSWER = (
@@ -38,18 +38,7 @@ def built(tmp_path_factory, tiny_model_dir):
     rows = [json.loads(line) for line in data.read_text().splitlines()]
     data.write_text("".join(json.dumps({**r, "prompt": r["prompt"] + MARKUP}) + "\n" for r in rows))
     other = save_tiny(root / "other", seed=1)
-    rm = [
-        "train-rm",
-        f"model={tiny_model_dir}",
-        f"data={data}",
-        *TINY,
-        "optim.max_steps=4",
-        "optim.learning_rate=3e-3",
-        f"output_dir={root / 'rm'}",
-        "progress_bar=false",
-        "tensorboard=false",
-    ]
-    assert iopo_main(rm) == 0
+    assert iopo_main(train_rm_args(tiny_model_dir, data, root / "rm", *TINY)) == 0
     ev = root / "ev"
     args = [
         "eval",

@@ -66,27 +66,13 @@ def test_train_rm_shared_equals_plain_on_the_same_data_and_seed(tmp_path, tiny_m
     """Four optimizer steps each way on the same data and seed: the same held-out accuracy and margins (float32)."""
     from iopo.cli import main as iopo_main
 
-    from tiny import write_pairs
+    from tiny import train_rm_args, write_pairs
 
     data = write_pairs(tmp_path / "pairs.jsonl", n=30)
     results = {}
     for batching in ("plain", "shared"):
         out = tmp_path / batching
-        args = [
-            "train-rm",
-            f"model={tiny_model_dir}",
-            f"data={data}",
-            "data.max_length=64",
-            "data.max_prompt_length=32",
-            "data.test_size=6",
-            "optim.max_steps=4",
-            "optim.learning_rate=3e-3",
-            f"batching={batching}",
-            f"output_dir={out}",
-            "progress_bar=false",
-            "tensorboard=false",
-        ]
-        assert iopo_main(args) == 0
+        assert iopo_main(train_rm_args(tiny_model_dir, data, out, f"batching={batching}")) == 0
         results[batching] = json.loads((out / "eval.json").read_text())
     assert results["shared"]["pairwise_accuracy"] == results["plain"]["pairwise_accuracy"]
     assert results["shared"]["margins"] == pytest.approx(results["plain"]["margins"], abs=1e-4)
@@ -104,24 +90,11 @@ def test_train_rm_trainable_layers_trains_only_the_top_blocks_and_the_head(tmp_p
     from iopo.config import ConfigError
     from iopo.io.models import freeze_lower_layers
 
-    from tiny import write_pairs
+    from tiny import train_rm_args, write_pairs
 
     data = write_pairs(tmp_path / "pairs.jsonl", n=30)
     out = tmp_path / "rm"
-    args = [
-        "train-rm",
-        f"model={tiny_model_dir}",
-        f"data={data}",
-        "data.max_length=64",
-        "data.max_prompt_length=32",
-        "data.test_size=6",
-        "optim.max_steps=3",
-        "optim.learning_rate=3e-3",
-        "trainable_layers=1",
-        f"output_dir={out}",
-        "progress_bar=false",
-        "tensorboard=false",
-    ]
+    args = train_rm_args(tiny_model_dir, data, out, "optim.max_steps=3", "trainable_layers=1")
     assert iopo_main(args) == 0
     start = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
     trained = load_file(str(out / "final" / "model.safetensors"))

@@ -166,3 +166,22 @@ def run_iopo(*args, cwd=None):
     return subprocess.run(
         [sys.executable, "-m", "iopo", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=300
     )
+
+
+def train_rm_args(model_dir, data, output_dir, *extra: str) -> list[str]:
+    """`iopo train-rm` arguments of a quick tiny reward model (4 steps at lr 3e-3, 6 test pairs; later entries win),
+    shared by the tests that need a trained reward model."""
+    return [
+        "train-rm",
+        f"model={model_dir}",
+        f"data={data}",
+        "data.max_length=64",
+        "data.max_prompt_length=32",
+        "data.test_size=6",
+        "optim.max_steps=4",
+        "optim.learning_rate=3e-3",
+        f"output_dir={output_dir}",
+        "progress_bar=false",
+        "tensorboard=false",
+        *extra,
+    ]

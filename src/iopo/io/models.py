@@ -161,9 +161,9 @@ def decoder_blocks(model) -> torch.nn.ModuleList | None:
     return None
 
 
-def freeze_lower_layers(model, trainable_layers: int) -> int:
+def freeze_lower_layers(model, trainable_layers: int) -> None:
     """Freeze the embeddings and every decoder block but the top `trainable_layers`; the parameters above them (the
-    final norm, a head) stay trainable. Returns the number of trainable parameters."""
+    final norm, a head) stay trainable."""
     blocks = decoder_blocks(model)
     if blocks is None:
         raise ConfigError(
@@ -176,7 +176,6 @@ def freeze_lower_layers(model, trainable_layers: int) -> int:
     frozen += [m for m in model.modules() if isinstance(m, torch.nn.Embedding)]
     for module in frozen:
         module.requires_grad_(False)
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def disable_dropout(model) -> None:
