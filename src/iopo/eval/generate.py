@@ -18,7 +18,10 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 from iopo.config import ConfigError, GenerationConfig
+from iopo.io.log import get_logger
 from iopo.io.store import text_key
+
+log = get_logger(__name__)
 
 
 def settings_of(gen: GenerationConfig, max_prompt_length: int) -> dict:
@@ -150,6 +153,29 @@ def _stop_ids(model, tokenizer) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+def _generate(model, input_ids, attention_mask, gen: GenerationConfig, device, pad: int, stop: list[int]):
+    """New tokens (B*n, <= max_new_tokens) from transformers' own `generate`, row b*n + j sample j of prompt b."""
+    import torch
+
+    sampling = gen.temperature > 0
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            do_sample=sampling,
+            temperature=gen.temperature if sampling else None,
+            top_p=gen.top_p if sampling else None,
+            # plain temperature + top_p sampling, whatever the model's defaults
+            top_k=0 if sampling else None,
+            max_new_tokens=gen.max_new_tokens,
+            num_return_sequences=gen.n,
+            pad_token_id=pad,
+            eos_token_id=stop,
+            use_cache=True,
+        )
+    return out[:, input_ids.shape[1] :].cpu()
+
+
 def generate_hf(
     model,
     tokenizer,
@@ -171,6 +197,7 @@ def generate_hf(
 
     from iopo.data.collate import pad_sequences
     from iopo.data.tokenize import render_prompt
+    from iopo.eval.sampling import CacheUnsupported, lean_obstacle, sample_answers
 
     stop = _stop_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
@@ -194,34 +221,39 @@ def generate_hf(
         total, sum(k in done for b in batches for k in keys_of(b)), meta["model"], progress
     )
     device = next(model.parameters()).device
-    generator = None
+    generator, obstacle = None, None  # obstacle: why the lean loop does not run (then transformers' generate)
+    said = False
     for index, batch in enumerate(batches):
         if all(k in done for k in keys_of(batch)):
             continue
         if generator is None:
             generator = in_precision(model, gen.dtype)  # only once there is something to generate
+            obstacle = lean_obstacle(generator)
         input_ids, attention_mask = pad_sequences([ids for _, ids in batch], pad, "left")  # (B, T)
-        width = input_ids.shape[1]
+        new_tokens = None
         # Seeded by the batch's place in the plan, so a resumed run samples the same.
         torch.manual_seed(gen.seed + index)
-        sampling = gen.temperature > 0
-        with torch.inference_mode():
-            out = generator.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=attention_mask.to(device),
-                do_sample=sampling,
-                temperature=gen.temperature if sampling else None,
-                top_p=gen.top_p if sampling else None,
-                top_k=0
-                if sampling
-                else None,  # plain temperature + top_p sampling, whatever the model's defaults
-                max_new_tokens=gen.max_new_tokens,
-                num_return_sequences=gen.n,
-                pad_token_id=pad,
-                eos_token_id=stop,
-                use_cache=True,
-            )
-        new_tokens = out[:, width:].cpu()  # (B*n, new), row b*n + j is sample j of prompt b
+        if obstacle is None:
+            try:
+                new_tokens = sample_answers(
+                    generator,
+                    input_ids.to(device),
+                    attention_mask.to(device),
+                    n=gen.n,
+                    max_new_tokens=gen.max_new_tokens,
+                    temperature=gen.temperature,
+                    top_p=gen.top_p,
+                    stop=stop,
+                    pad=pad,
+                ).cpu()  # (B*n, max_new_tokens), row b*n + j is sample j of prompt b
+            except CacheUnsupported as why:
+                obstacle = str(why)
+                torch.manual_seed(gen.seed + index)  # nothing was drawn; the same stream for generate
+        if new_tokens is None:
+            if not said:
+                log.info(f"generate {meta['model']}: transformers' generate, not the lean loop ({obstacle})")
+                said = True
+            new_tokens = _generate(generator, input_ids, attention_mask, gen, device, pad, stop)
         records = []
         for row in range(new_tokens.shape[0]):
             entry, ids = batch[row // gen.n]
