@@ -154,7 +154,9 @@ def pad_sequences(
     return input_ids, attention_mask
 
 
-def layouts_gap(forward, sample: list, pad_token_id: int, pack_tokens: int) -> tuple[float, str | None]:
+def layouts_gap(
+    forward, sample: list, pad_token_id: int, pack_tokens: int | None
+) -> tuple[float, str | None]:
     """How far the prefix-shared results of `sample` are from the plain layout's: (the largest gap relative to the
     batch's largest value, None), or (inf, why) when `forward(batch)` refuses the shared batch (a model whose code
     wants a 2D mask). `forward` runs one batch without autograd (its device, adapter, precision) and gives the

@@ -132,10 +132,21 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _sha256_files(paths: list[Path]) -> list[str]:
+    """sha256_file of each path, a few files at a time (hashlib and file reads release the GIL: a checkpoint's
+    weights and optimizer states hash in about half the time on two cores)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if len(paths) < 2:
+        return [sha256_file(p) for p in paths]
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        return list(pool.map(sha256_file, paths))
+
+
 def write_checksums(folder: Path) -> None:
     """sha256 of every file of a checkpoint, written last (the checkpoint is complete when this file is)."""
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS)
-    sums = {str(p.relative_to(folder)): sha256_file(p) for p in files}
+    sums = {str(p.relative_to(folder)): digest for p, digest in zip(files, _sha256_files(files), strict=True)}
     (folder / CHECKSUMS).write_text(json.dumps(sums, indent=1), encoding="utf-8")
 
 
@@ -149,11 +160,14 @@ def damage_of(folder: Path) -> str | None:
         sums = json.loads(sums_file.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return f"{CHECKSUMS} is unreadable"
-    for name, expected in sums.items():
-        path = folder / name
-        if not path.is_file():
+    if not isinstance(sums, dict) or not all(isinstance(v, str) for v in sums.values()):
+        return f"{CHECKSUMS} is unreadable"
+    for name in sums:
+        if not (folder / name).is_file():
             return f"{name} is missing"
-        if sha256_file(path) != expected:
+    names = list(sums)
+    for name, digest in zip(names, _sha256_files([folder / n for n in names]), strict=True):
+        if digest != sums[name]:
             return f"{name} does not match its checksum"
     return None
 

@@ -69,17 +69,18 @@ class RewardModelJudge:
                 sample = [
                     TokenizedPair(parts[a][0], parts[a][1], parts[b][1], "") for a, b in twos[:per_batch]
                 ]
-                gap, _ = layouts_gap(
-                    lambda batch: sequence_rewards(self.model, batch), sample, pad, 2 * limit
-                )
+                gap, _ = layouts_gap(lambda batch: sequence_rewards(self.model, batch), sample, pad, None)
                 self.shares = gap <= shared_tolerance(self.model.dtype != torch.float32)
         if not self.shares:
             twos = []
         paired = {i for two in twos for i in two}
         for start in range(0, len(twos), per_batch):
             chunk = twos[start : start + per_batch]
+            # One pair a row, not packed: the pairs come sorted by length (little padding), and packing several
+            # into one long row makes the attention quadratic in the row (the check's 64 hh-rlhf pairs: 75 s
+            # packed up to 2 x max_length, 61 s one a row, float32, this CPU).
             batch = collate_shared(
-                [TokenizedPair(parts[a][0], parts[a][1], parts[b][1], "") for a, b in chunk], pad, 2 * limit
+                [TokenizedPair(parts[a][0], parts[a][1], parts[b][1], "") for a, b in chunk], pad
             )
             tick = time.perf_counter()
             rewards = sequence_rewards(self.model, batch).float()  # (2B,): first answers, then second ones
