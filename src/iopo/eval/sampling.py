@@ -43,7 +43,8 @@ READ_OR_INERT = {
 
 def lean_obstacle(model) -> str | None:
     """Why the lean loop cannot stand in for `generate` on this model (None when it can): it needs transformers'
-    own decoder-only modelling code and a generation config that asks for nothing beyond temperature and top-p
+    own decoder-only modelling code (taking position ids) and a generation config that asks for nothing beyond
+    temperature and top-p
     (the caller sets those, and top_k=0)."""
     from iopo.core.logprobs import transformers_model
 
@@ -52,6 +53,8 @@ def lean_obstacle(model) -> str | None:
         return f"its modelling code ({type(lm).__module__}) is not transformers' own"
     if getattr(lm.config, "is_encoder_decoder", False):
         return "it is an encoder-decoder model"
+    if "position_ids" not in inspect.signature(lm.forward).parameters:
+        return "its forward takes no position_ids"
     config = getattr(lm, "generation_config", None)
     if config is not None:
         extra = sorted(set(config.to_diff_dict()) - READ_OR_INERT)
