@@ -44,8 +44,7 @@ READ_OR_INERT = {
 def lean_obstacle(model) -> str | None:
     """Why the lean loop cannot stand in for `generate` on this model (None when it can): it needs transformers'
     own decoder-only modelling code (taking position ids) and a generation config that asks for nothing beyond
-    temperature and top-p
-    (the caller sets those, and top_k=0)."""
+    temperature and top-p (the caller sets those, and top_k=0)."""
     from iopo.core.logprobs import transformers_model
 
     lm = transformers_model(model)
