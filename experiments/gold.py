@@ -482,7 +482,10 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"[gold] done: {spent / 60:.1f} min of work this time, {(time.time() - started) / 60:.1f} min"
             )
-        write_gold_results(spec, work, results, runs, Path(args.docs) if args.docs else None)
+        # The results come from every table's runs, not only the tables this command ran: the runs of the others
+        # that finished earlier are still evidence (a command for one table must not drop the rest).
+        every = train_runs(spec, work, args.model, pairs, list(spec["tables"])) if pairs else []
+        write_gold_results(spec, work, results, every, Path(args.docs) if args.docs else None)
     except SuiteError as e:
         print(f"[gold] error: {e}", file=sys.stderr)
         return 1

@@ -158,12 +158,14 @@ def test_smoke_testbed_samples_trains_scores_and_reports(tiny_model_dir, tmp_pat
     assert (results / "frontier.png").is_file()
     text = docs.read_text()
     assert "\nold\n" not in text and "| gold | dpo | 2 |" in text and "prose kept" in text
-    # Again: nothing trained or scored anew.
+    # Again, one table only: nothing trained or scored anew, and the results still hold the other table's runs.
     again = subprocess.run(
-        [sys.executable, str(REPO / "experiments" / "gold.py"), *args, "--docs", ""],
+        [sys.executable, str(REPO / "experiments" / "gold.py"), "online", *args, "--docs", ""],
         capture_output=True,
         text=True,
         timeout=600,
         check=False,
     )
     assert again.returncode == 0 and "iopo train" not in again.stdout and "KL" not in again.stdout
+    frontier = json.loads((results / "frontier.json").read_text())
+    assert {"iopo - dpo", "iter_dpo_gold - dpo"} <= set(frontier["contrasts"]["gold"])
