@@ -395,6 +395,41 @@ def checkpoints_of(run: Run) -> list[tuple[int, Path]]:
     return sorted((int(path.name.split("-")[1]), path) for path in list_checkpoints(run.folder))
 
 
+def record_of(results: Path, run: Run) -> dict | None:
+    """The committed record of a run trained and scored earlier, perhaps in another checkout (the runs folder is not
+    committed): results/scores/RUN/run.json, when every checkpoint it lists has its score file. Such a run is not
+    trained again."""
+    path = results / "scores" / run.key / "run.json"
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text(encoding="utf-8"))
+    steps = record.get("checkpoints") or []
+    if not steps or any(not (path.parent / f"step-{s}.json").is_file() for s in steps):
+        return None
+    return record
+
+
+def write_record(results: Path, run: Run) -> None:
+    """Commit a finished, fully scored run's record beside its scores: the command, its wall and CPU seconds, its
+    checkpoints (what `record_of` reads back in a fresh checkout, and what the results count as compute)."""
+    from iopo.io.jsonio import write_json
+
+    done = run.done()
+    steps = [step for step, _ in checkpoints_of(run)]
+    folder = results / "scores" / run.key
+    if done is None or not steps or any(not (folder / f"step-{s}.json").is_file() for s in steps):
+        return
+    record = {k: done.get(k) for k in ("command", "seconds", "cpu_seconds", "finished")}
+    write_json(folder / "run.json", {**record, "checkpoints": steps})
+
+
+def forget_scores(results: Path, run: Run) -> None:
+    """A run trained again: its earlier score files and record (written by this command) no longer describe it."""
+    folder = results / "scores" / run.key
+    for path in [*folder.glob("step-*.json"), folder / "run.json"]:
+        path.unlink(missing_ok=True)
+
+
 def evaluate_runs(spec: dict, work: Path, results: Path, runs: list[Run], scorer) -> float:
     """Score the starting model and every checkpoint of every finished run that has no score file yet."""
     from iopo.io.jsonio import write_json
@@ -458,12 +493,18 @@ def main(argv: list[str] | None = None) -> int:
             prompts = None
         else:
             prompts, pairs = prepare(spec, work, args.model)
-        runs = train_runs(spec, work, args.model, pairs, tables) if pairs else []
+        runs = train_runs(spec, work, args.model, pairs, tables)
         if args.list:
             for run in runs:
-                done = run.done()
+                done, record = run.done(), record_of(results, run)
                 scored = len(list((results / "scores" / run.key).glob("step-*.json")))
-                state = f"done {done['seconds']:.0f}s, {scored} checkpoints scored" if done else "to run"
+                state = (
+                    f"done {done['seconds']:.0f}s, {scored} checkpoints scored"
+                    if done
+                    else f"scored earlier, {scored} checkpoints (committed record)"
+                    if record
+                    else "to run"
+                )
                 print(f"{run.key:40s} {state}")
             return 0
         if not args.report_only:
@@ -476,15 +517,27 @@ def main(argv: list[str] | None = None) -> int:
                 return held[0]
 
             for run in runs:
-                spent += execute(run, args.rerun)
-                spent += evaluate_runs(spec, work, results, [run], scorer)
+                record = record_of(results, run)
+                if run.done() is None and record is not None:
+                    if record.get("command") in (None, run.argv()[3:]):
+                        continue  # trained and scored earlier: its committed scores stand
+                    if not args.rerun:
+                        raise SuiteError(
+                            f"{run.key} was scored with other settings than gold.yaml's now "
+                            f"({results / 'scores' / run.key / 'run.json'}); pass --rerun to train it again"
+                        )
+                seconds = execute(run, args.rerun)
+                if seconds:
+                    forget_scores(results, run)
+                spent += seconds + evaluate_runs(spec, work, results, [run], scorer)
+                write_record(results, run)
             spent += evaluate_runs(spec, work, results, runs, scorer)
             print(
                 f"[gold] done: {spent / 60:.1f} min of work this time, {(time.time() - started) / 60:.1f} min"
             )
         # The results come from every table's runs, not only the tables this command ran: the runs of the others
         # that finished earlier are still evidence (a command for one table must not drop the rest).
-        every = train_runs(spec, work, args.model, pairs, list(spec["tables"])) if pairs else []
+        every = train_runs(spec, work, args.model, pairs, list(spec["tables"]))
         write_gold_results(spec, work, results, every, Path(args.docs) if args.docs else None)
     except SuiteError as e:
         print(f"[gold] error: {e}", file=sys.stderr)

@@ -315,26 +315,38 @@ def make_figure(res: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def compute(results: Path) -> dict:
+    """What the scored runs cost, from the committed records beside their scores (gold.py's run.json: wall and CPU
+    seconds of the training command) and every score file's seconds. Runs trained before the records were kept
+    count in `before_records` (compute-before-records.json: their total, not per run)."""
+    records = [_read(p) for p in (results / "scores").rglob("run.json")]
+    timed = [r for r in records if r.get("seconds") is not None]
+    scored = [_read(p) for p in (results / "scores").rglob("step-*.json")]
+    out = {
+        "training_runs": len(timed),
+        "training_seconds": sum(r["seconds"] for r in timed),
+        "training_cpu_seconds": sum(r.get("cpu_seconds") or 0.0 for r in timed),
+        "scoring_seconds": sum(s["seconds"] for s in scored),
+        "checkpoints_scored": len(scored),
+    }
+    before = results / "compute-before-records.json"
+    if before.is_file():
+        out["before_records"] = _read(before)
+    return out
+
+
 def write_gold_results(spec: dict, work: Path, results: Path, runs, docs: Path | None) -> dict | None:
     res = gold_results(spec, results, runs)
     if res is None:
         print("[gold] nothing scored yet: no results written")
         return None
-    pairs = work / "pairs" / "report.json"
+    pairs, earlier = work / "pairs" / "report.json", results / "frontier.json"
     if pairs.is_file():
         res["annotators"] = {k: {f: v for f, v in r.items() if f != "file"} for k, r in _read(pairs).items()}
-    compute = {}
-    for run in runs:
-        done = run.done()
-        if done:
-            compute[run.key] = {"seconds": done["seconds"], "cpu_seconds": done.get("cpu_seconds")}
-    scored = [_read(p) for p in (results / "scores").rglob("step-*.json")]
-    res["compute"] = {
-        "training_runs": len(compute),
-        "training_seconds": sum(c["seconds"] for c in compute.values()),
-        "scoring_seconds": sum(s["seconds"] for s in scored),
-        "checkpoints_scored": len(scored),
-    }
+    elif earlier.is_file() and "annotators" in _read(earlier):
+        # A fresh checkout whose pairs are not sampled yet: the annotators' report the results already hold.
+        res["annotators"] = _read(earlier)["annotators"]
+    res["compute"] = compute(results)
     results.mkdir(parents=True, exist_ok=True)
     (results / "frontier.json").write_text(json.dumps(res, indent=1, allow_nan=False), encoding="utf-8")
     make_figure(res, results / "frontier.png")

@@ -4,6 +4,7 @@ whole pipeline on a tiny random model (--smoke: samples, pairs, runs, every chec
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -123,6 +124,40 @@ def test_every_planned_run_is_a_valid_iopo_command(tmp_path):
     assert online == {"iter_dpo", "spin", "xpo"}
 
 
+def test_committed_record_stands_for_a_run_only_with_every_checkpoint_scored(tmp_path):
+    """A run trained and scored in another checkout (its runs folder gone) is not trained again when its record and
+    every score it lists are committed; its record carries its time into the results' compute."""
+    work, results = tmp_path / "work", tmp_path / "results"
+    (run,) = [r for r in gold.train_runs(SPEC, work, None, {}, ["core"]) if r.key == "gold/seed-1/dpo"]
+    scores = results / "scores" / run.key
+    assert gold.record_of(results, run) is None  # nothing trained
+    # Trained (done.json, as suite.execute writes it) with checkpoints 8 and 16, only step 8 scored: no record yet.
+    run.state.mkdir(parents=True)
+    done = {"command": run.argv()[3:], "seconds": 120.0, "cpu_seconds": 230.0, "finished": 1.0}
+    (run.state / "done.json").write_text(json.dumps(done))
+    for step in (8, 16):
+        (run.folder / "checkpoints" / f"step-{step}").mkdir(parents=True)
+        (run.folder / "checkpoints" / f"step-{step}" / "trainer_state.json").write_text("{}")
+    assert [s for s, _ in gold.checkpoints_of(run)] == [8, 16]
+    scores.mkdir(parents=True)
+    (scores / "step-8.json").write_text(json.dumps({"seconds": 30.0, "per_prompt": {}}))
+    gold.write_record(results, run)
+    assert not (scores / "run.json").exists()
+    (scores / "step-16.json").write_text(json.dumps({"seconds": 31.0, "per_prompt": {}}))
+    gold.write_record(results, run)
+    record = gold.record_of(results, run)
+    assert record["checkpoints"] == [8, 16] and record["command"] == run.argv()[3:]
+    cost = gold_analysis.compute(results)
+    assert (
+        cost["training_runs"] == 1 and cost["training_seconds"] == 120.0 and cost["scoring_seconds"] == 61.0
+    )
+    # A listed score missing: the record no longer stands; a run trained again forgets its old scores.
+    (scores / "step-16.json").unlink()
+    assert gold.record_of(results, run) is None
+    gold.forget_scores(results, run)
+    assert list(scores.iterdir()) == []
+
+
 @pytest.mark.slow
 def test_smoke_testbed_samples_trains_scores_and_reports(tiny_model_dir, tmp_path):
     work, results, docs = tmp_path / "work", tmp_path / "results", tmp_path / "results.md"
@@ -140,7 +175,9 @@ def test_smoke_testbed_samples_trains_scores_and_reports(tiny_model_dir, tmp_pat
     assert set(report) == {"gold", "flip30", "longer", "half_length", "flip50"}
     assert report["longer"]["chosen_longer"] >= 0.5
     scored = sorted(
-        p.relative_to(results / "scores").as_posix() for p in (results / "scores").rglob("*.json")
+        p.relative_to(results / "scores").as_posix()
+        for p in (results / "scores").rglob("*.json")
+        if p.name != "run.json"
     )
     # the start, checkpoints 2 and 4 of each of the four offline runs, and the online run's two rounds (steps 2, 4)
     assert len(scored) == 1 + 5 * 2 and "start.json" in scored and "gold/seed-1/iopo/step-4.json" in scored
@@ -169,3 +206,29 @@ def test_smoke_testbed_samples_trains_scores_and_reports(tiny_model_dir, tmp_pat
     assert again.returncode == 0 and "iopo train" not in again.stdout and "KL" not in again.stdout
     frontier = json.loads((results / "frontier.json").read_text())
     assert {"iopo - dpo", "iter_dpo_gold - dpo"} <= set(frontier["contrasts"]["gold"])
+    # A fresh checkout: the runs folder is gone, the committed scores and records remain. Nothing is trained or
+    # scored again, and the results (contrasts, compute) are the same.
+    assert len(list((results / "scores").rglob("run.json"))) == 5
+    assert frontier["compute"]["training_runs"] == 5 and frontier["compute"]["training_seconds"] > 0
+    for folder in ("runs", "_suite"):
+        shutil.rmtree(work / folder)
+    listed = subprocess.run(
+        [sys.executable, str(REPO / "experiments" / "gold.py"), "--list", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert listed.stdout.count("committed record") == 5, listed.stdout + listed.stderr
+    fresh = subprocess.run(
+        [sys.executable, str(REPO / "experiments" / "gold.py"), *args, "--docs", ""],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert fresh.returncode == 0 and "iopo train" not in fresh.stdout and "KL" not in fresh.stdout, (
+        fresh.stdout
+    )
+    again = json.loads((results / "frontier.json").read_text())
+    assert again["contrasts"] == frontier["contrasts"] and again["compute"] == frontier["compute"]
