@@ -109,7 +109,8 @@ def timed(run) -> tuple[float, float]:
 
 def preference_step(agent, env, batch: dict, loss_fn, optimizer, bf16: bool) -> None:
     """One optimizer step of `agent` against the frozen `env` (a reference or the other player), as the trainer
-    does it: env forward without autograd in eval mode, agent forward and backward, update."""
+    does it: env forward without autograd in eval mode, agent forward and backward of the mean of the loss's
+    per-pair values (the trainer's `reduce="pairs"`), update."""
     import torch
 
     from iopo.core.logprobs import sequence_logps
@@ -130,6 +131,6 @@ def preference_step(agent, env, batch: dict, loss_fn, optimizer, bf16: bool) -> 
             out["rejected_lengths"],
             beta=0.1,
         )
-    loss.backward()
+    loss.mean().backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -1,14 +1,15 @@
 """iopo's DPO and IOPO steps against TRL's DPOTrainer, side by side on the same real batches, in one run.
 
     .venv/bin/pip install -e ".[bench]"      # TRL, pinned
-    .venv/bin/python benchmarks/speed_vs_trl.py [--batches 8] [--out benchmarks/results/speed_vs_trl.json]
+    .venv/bin/python benchmarks/speed_vs_trl.py [--batches 8] [--precisions float32 bf16] [--out FILE]
 
 The embedded SmolLM2-135M-Instruct (its real 49k vocabulary), full fine-tuning, AdamW; hh-rlhf harmless-base
 multi-turn pairs from the package, 4 pairs per step at max_length 256 (iopo: max_prompt_length 128). Each
 configuration runs in its own worker process (so its peak RSS is its own) and keeps its model between steps; the
 parent has two workers step batch k in turn (the order flips every batch): iopo's DPO step with TRL's, then iopo's
 IOPO step (agent forward+backward, env forward; the agent alternates) with TRL's; float32, then bf16 autocast.
-iopo uses its defaults (prefix sharing and packing); TRL 1.16's DPOTrainer its own (padding, both rows).
+iopo uses its defaults (prefix sharing and packing); TRL 1.16's DPOTrainer its own (padding, both rows). Both
+sides update with fused AdamW (the trainer's and TRL's default).
 
 Per configuration: seconds per step (median, the first step dropped), real (non-padding) tokens per second as each
 side tokenizes them, peak RSS, the useful FLOP rate (common.useful_flops: the least the same math needs, prompt
@@ -26,6 +27,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from common import (
@@ -78,7 +80,9 @@ def iopo_worker(kind: str, precision: str, batches: int):
             "protagonist": SequenceLogProbs(model.train()),
             "adversary": SequenceLogProbs(other.train()),
         }
-    optimizers = {n: torch.optim.AdamW(m.parameters(), lr=1e-7) for n, m in players.items()}
+    # Fused AdamW, as the trainer builds it (iopo.engine.session.make_optimizer) and as TRL 1.16 defaults to
+    # (optim="adamw_torch_fused"); torch's default on CPU is the per-tensor loop, several times slower.
+    optimizers = {n: torch.optim.AdamW(m.parameters(), lr=1e-7, fused=True) for n, m in players.items()}
 
     def step(k: int) -> dict:
         batch_pairs = pair_batches[k]
@@ -238,10 +242,17 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "speed_vs_trl.json"))
     parser.add_argument("--worker")
     parser.add_argument("--precision", default="float32")
+    parser.add_argument(
+        "--precisions",
+        nargs="+",
+        default=["float32", "bf16"],
+        help="the precisions to measure; the other ones' results already in --out are kept (with their date)",
+    )
     opts = parser.parse_args()
     if opts.worker:
         return worker_main(opts.worker, opts.precision, opts.batches)
     import torch
+    import transformers
     import trl
 
     torch.set_num_threads(os.cpu_count() or 1)  # as the workers
@@ -254,15 +265,22 @@ def main() -> None:
         }
         for name, dtype in (("float32", torch.float32), ("bf16", torch.bfloat16))
     }
+    out = Path(opts.out)
+    kept = json.loads(out.read_text(encoding="utf-8")) if out.is_file() else {}
     results: dict = {
+        "date": time.strftime("%Y-%m-%d"),
         "machine": machine(),
         "matmul_gflops": matmul,
         "trl": trl.__version__,
+        "transformers": transformers.__version__,
         "model": "SmolLM2-135M-Instruct (embedded), full fine-tuning, AdamW",
         "data": f"hh-rlhf harmless-base (embedded), 4 pairs per step, max_length {MAX_LENGTH}",
         "runs": {},
     }
-    for precision in ("float32", "bf16"):
+    for key, run in kept.get("runs", {}).items():  # an earlier measurement of a precision not measured now
+        if key.split()[0] not in opts.precisions:
+            results["runs"][key] = run
+    for precision in opts.precisions:
         for ours in ("iopo-dpo", "iopo-iopo"):
             workers = [Worker(ours, precision, opts.batches), Worker("trl-dpo", precision, opts.batches)]
             steps: dict[str, list[dict]] = {w.name: [] for w in workers}
@@ -282,6 +300,8 @@ def main() -> None:
             ]
             key = f"{precision} {ours} vs trl"
             results["runs"][key] = {
+                "date": results["date"],
+                "optimizer": "fused AdamW on both sides",
                 ours: summarize(steps[ours], max(matmul[precision].values())),
                 "trl-dpo": summarize(steps["trl-dpo"], max(matmul[precision].values())),
                 "throughput_ratio_paired_median": round(statistics.median(pair), 3) if pair else None,
@@ -290,7 +310,7 @@ def main() -> None:
             print(
                 json.dumps({key: {k: v for k, v in results["runs"][key].items() if k != "steps"}}, indent=1)
             )
-    Path(opts.out).write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+    out.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
     print(f"written to {opts.out}")
 
 

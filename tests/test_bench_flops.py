@@ -1,5 +1,5 @@
-"""The useful-FLOP count of the speed benchmarks (benchmarks/common.py): by hand, and its attention term against the
-(query, key) pairs the prefix-shared layout really lets attend."""
+"""What the speed benchmarks share (benchmarks/common.py): the useful-FLOP count by hand, its attention term against
+the (query, key) pairs the prefix-shared layout really lets attend, and the training step they time."""
 
 import sys
 from pathlib import Path
@@ -9,7 +9,7 @@ import pytest
 from iopo.data import TokenizedPair, collate_shared
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from common import useful_flops  # noqa: E402
+from common import preference_step, useful_flops  # noqa: E402
 
 
 def test_useful_flops_by_hand():
@@ -35,3 +35,26 @@ def test_attention_term_counts_what_the_shared_layout_attends(pack):
     attended = int(mask[real].sum())
     shape = {"body_parameters": 0, "hidden": 1, "layers": 1, "vocabulary": 0}
     assert useful_flops(shape, lengths) == 16 * attended
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_benchmarks_step_trains_the_agent_and_leaves_the_env(bf16):
+    """The step speed_vs_trl.py, step_profile.py and compile_speed.py time: the agent's parameters move, the env's
+    (the other player) do not, with iopo's per-pair IOPO loss, in float32 and under bf16 autocast."""
+    import torch
+
+    from iopo.core.logprobs import SequenceLogProbs
+    from iopo.core.losses import iopo_loss
+
+    from tiny import build_model
+
+    agent, env = build_model(64, seed=0).train(), build_model(64, seed=1).train()
+    pairs = [TokenizedPair([1, 2, 3], [4, 5], [6, 7, 8], "a"), TokenizedPair([9, 10], [11], [12, 13], "b")]
+    batch = collate_shared(pairs, pad_token_id=0, pack_tokens=16)
+    before = {n: [p.detach().clone() for p in m.parameters()] for n, m in (("agent", agent), ("env", env))}
+    optimizer = torch.optim.AdamW(agent.parameters(), lr=1e-2)
+    preference_step(SequenceLogProbs(agent), SequenceLogProbs(env), batch, iopo_loss, optimizer, bf16)
+    moved = [not torch.equal(a, p) for a, p in zip(before["agent"], agent.parameters(), strict=True)]
+    assert sum(moved) > len(moved) // 2
+    assert all(torch.equal(a, p) for a, p in zip(before["env"], env.parameters(), strict=True))
+    assert env.training  # put back in train mode after its eval-mode forward

@@ -234,7 +234,8 @@ def test_reward_model_judge_shares_prompts_and_scores_as_the_plain_forward(work)
         widths.append(tuple((kwargs.get("input_ids") if "input_ids" in kwargs else args[0]).shape))
         return real(*args, **kwargs)
 
-    backbone.forward = spy  # again: the two shared pairs a row each (not packed), the three others in plain rows
+    # Again: the two shared pairs a row each (not packed), the three others in plain rows.
+    backbone.forward = spy
     assert dict((i, r["score"]) for i, r, _ in judge.score(items)) == got
     parts = [answer_parts(p, a, judge.tokenizer) for p, a in items]
     longest = max(len(parts[i][0]) + len(parts[i][1]) + len(parts[j][1]) for i, j in ((0, 1), (3, 4)))
