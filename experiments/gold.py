@@ -395,6 +395,11 @@ def checkpoints_of(run: Run) -> list[tuple[int, Path]]:
     return sorted((int(path.name.split("-")[1]), path) for path in list_checkpoints(run.folder))
 
 
+def scored_all(folder: Path, steps: list[int]) -> bool:
+    """Every one of a run's checkpoints `steps` (none: False) has its score file in `folder`."""
+    return bool(steps) and all((folder / f"step-{s}.json").is_file() for s in steps)
+
+
 def record_of(results: Path, run: Run) -> dict | None:
     """The committed record of a run trained and scored earlier, perhaps in another checkout (the runs folder is not
     committed): results/scores/RUN/run.json, when every checkpoint it lists has its score file. Such a run is not
@@ -403,10 +408,7 @@ def record_of(results: Path, run: Run) -> dict | None:
     if not path.is_file():
         return None
     record = json.loads(path.read_text(encoding="utf-8"))
-    steps = record.get("checkpoints") or []
-    if not steps or any(not (path.parent / f"step-{s}.json").is_file() for s in steps):
-        return None
-    return record
+    return record if scored_all(path.parent, record.get("checkpoints") or []) else None
 
 
 def write_record(results: Path, run: Run) -> None:
@@ -417,7 +419,7 @@ def write_record(results: Path, run: Run) -> None:
     done = run.done()
     steps = [step for step, _ in checkpoints_of(run)]
     folder = results / "scores" / run.key
-    if done is None or not steps or any(not (folder / f"step-{s}.json").is_file() for s in steps):
+    if done is None or not scored_all(folder, steps):
         return
     record = {k: done.get(k) for k in ("command", "seconds", "cpu_seconds", "finished")}
     write_json(folder / "run.json", {**record, "checkpoints": steps})
