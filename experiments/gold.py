@@ -32,6 +32,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gold_analysis import finished_record, scored_all, write_gold_results  # noqa: E402
 from suite import (  # noqa: E402  experiments/suite.py
     Run,
     SuiteError,
@@ -395,20 +396,11 @@ def checkpoints_of(run: Run) -> list[tuple[int, Path]]:
     return sorted((int(path.name.split("-")[1]), path) for path in list_checkpoints(run.folder))
 
 
-def scored_all(folder: Path, steps: list[int]) -> bool:
-    """Every one of a run's checkpoints `steps` (none: False) has its score file in `folder`."""
-    return bool(steps) and all((folder / f"step-{s}.json").is_file() for s in steps)
-
-
 def record_of(results: Path, run: Run) -> dict | None:
     """The committed record of a run trained and scored earlier, perhaps in another checkout (the runs folder is not
     committed): results/scores/RUN/run.json, when every checkpoint it lists has its score file. Such a run is not
     trained again."""
-    path = results / "scores" / run.key / "run.json"
-    if not path.is_file():
-        return None
-    record = json.loads(path.read_text(encoding="utf-8"))
-    return record if scored_all(path.parent, record.get("checkpoints") or []) else None
+    return finished_record(results / "scores" / run.key)
 
 
 def write_record(results: Path, run: Run) -> None:
@@ -486,8 +478,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = experiment_parser(__doc__, "gold.yaml")
     args = parser.parse_args(argv)
     spec, tables, work, results = resolve_spec(parser, args, load_spec)
-    from gold_analysis import write_gold_results
-
     try:
         pairs_report = work / "pairs" / "report.json"
         if args.list or args.report_only:

@@ -27,37 +27,52 @@ def _read(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def load_scores(results: Path, runs) -> tuple[dict, dict, dict]:
+def scored_all(folder: Path, steps: list[int]) -> bool:
+    """Every one of a run's checkpoints `steps` (none: False) has its score file in `folder`."""
+    return bool(steps) and all((folder / f"step-{s}.json").is_file() for s in steps)
+
+
+def finished_record(folder: Path) -> dict | None:
+    """A run's committed record (gold.py writes folder/run.json once the run is trained and every checkpoint it
+    lists is scored), or None while it is not: a run counts in the results, and is not trained again in a fresh
+    checkout, only with it."""
+    path = folder / "run.json"
+    if not path.is_file():
+        return None
+    record = _read(path)
+    return record if scored_all(folder, record.get("checkpoints") or []) else None
+
+
+def load_scores(results: Path, runs) -> tuple[dict, dict, dict, dict]:
     """(start: {prompt: {gold, kl, chars}}, points: {(annotator, method): {step: [per seed: {prompt: ...}]}}, the
-    seeds of each (annotator, method) in the order of its lists). Only steps that every seed of the method has
-    scored count."""
+    seeds in those lists, the seeds planned). A seed counts once its run is finished and every checkpoint scored
+    (its record); a method with fewer finished seeds than planned is reported on those, and says so ("3 of 10"),
+    so seeds can be added a few runs at a time without hiding what is done. Only the checkpoints every counted
+    seed has are read."""
     start = (
         _read(results / "scores" / "start.json")["per_prompt"]
         if (results / "scores" / "start.json").is_file()
         else None
     )
-    found: dict[tuple[str, str], dict[int, dict[int, dict]]] = {}
+    planned: dict[tuple[str, str], set[int]] = {}
+    found: dict[tuple[str, str], dict[int, list[int]]] = {}  # key -> seed -> checkpoints
     for run in runs:
         annotator, seed, method = run.key.split("/")
-        for path in sorted((results / "scores" / run.key).glob("step-*.json")):
-            step = int(path.stem.split("-")[1])
-            found.setdefault((annotator, method), {}).setdefault(step, {})[int(seed.split("-")[1])] = _read(
-                path
-            )["per_prompt"]
-    seeds_of: dict[tuple[str, str], set[int]] = {}
-    for run in runs:
-        annotator, seed, method = run.key.split("/")
-        seeds_of.setdefault((annotator, method), set()).add(int(seed.split("-")[1]))
-    points = {}
-    for key, steps in found.items():
-        complete = {
-            s: [by_seed[k] for k in sorted(by_seed)]
-            for s, by_seed in steps.items()
-            if set(by_seed) == seeds_of[key]
+        planned.setdefault((annotator, method), set()).add(int(seed.split("-")[1]))
+        record = finished_record(results / "scores" / run.key)
+        if record is not None:
+            found.setdefault((annotator, method), {})[int(seed.split("-")[1])] = record["checkpoints"]
+    points, counted = {}, {}
+    for key, by_seed in found.items():
+        seeds = sorted(by_seed)
+        steps = sorted(set.intersection(*(set(v) for v in by_seed.values())))
+        folder = results / "scores" / key[0]
+        points[key] = {
+            step: [_read(folder / f"seed-{k}" / key[1] / f"step-{step}.json")["per_prompt"] for k in seeds]
+            for step in steps
         }
-        if complete:
-            points[key] = dict(sorted(complete.items()))
-    return start, points, {key: sorted(seeds) for key, seeds in seeds_of.items()}
+        counted[key] = seeds
+    return start, points, counted, {key: sorted(seeds) for key, seeds in planned.items()}
 
 
 def on_seeds(steps: dict[int, list[dict]], have: list[int], keep: list[int]) -> dict[int, list[dict]]:
@@ -183,7 +198,7 @@ def matched_contrast(
 
 
 def gold_results(spec: dict, results: Path, runs) -> dict | None:
-    start, points, seeds = load_scores(results, runs)
+    start, points, seeds, planned = load_scores(results, runs)
     if start is None or not points:
         return None
     prompts = sorted(start)
@@ -191,7 +206,9 @@ def gold_results(spec: dict, results: Path, runs) -> dict | None:
     order = {name: i for i, name in enumerate(spec.get("annotators", {}))}  # gold.yaml's order: clean first
     points = dict(sorted(points.items(), key=lambda kv: (order.get(kv[0][0], len(order)), kv[0])))
     for (annotator, method), steps in points.items():
-        out["frontiers"].setdefault(annotator, {})[method] = frontier(start, steps, prompts)
+        f = frontier(start, steps, prompts)
+        f["seeds_planned"] = len(planned[(annotator, method)])
+        out["frontiers"].setdefault(annotator, {})[method] = f
     pairs = []  # each method against DPO under the same annotator, paired on the seeds both ran
     for (annotator, method), steps in points.items():
         base = (annotator, "dpo")
@@ -206,10 +223,15 @@ def gold_results(spec: dict, results: Path, runs) -> dict | None:
                 )
             )
     for annotator, method, steps, base in pairs:  # every primary contrast read is one of the family
-        out["contrasts"].setdefault(annotator, {})[f"{method} - dpo"] = matched_contrast(
-            start, steps, base, prompts, family=len(pairs)
-        )
+        c = matched_contrast(start, steps, base, prompts, family=len(pairs))
+        c["seeds_planned"] = len(set(planned[(annotator, method)]) & set(planned[(annotator, "dpo")]))
+        out["contrasts"].setdefault(annotator, {})[f"{method} - dpo"] = c
     return out
+
+
+def _of(n: int, planned: int | None) -> str:
+    """A seed count, with the planned one where fewer are finished: "3 of 10"."""
+    return f"{n}" if planned is None or n >= planned else f"{n} of {planned}"
 
 
 def _ci(value: float, ci, digits: int = 3) -> str:
@@ -228,8 +250,9 @@ def frontier_markdown(res: dict) -> str:
             for p in f["points"]:
                 if p["step"] == 0 and method != next(iter(methods)):
                     continue
+                seeds = p["seeds"] if p["step"] == 0 else _of(p["seeds"], f.get("seeds_planned"))
                 lines.append(
-                    f"| {annotator} | {'start' if p['step'] == 0 else method} | {p['step']} | {p['seeds']} | "
+                    f"| {annotator} | {'start' if p['step'] == 0 else method} | {p['step']} | {seeds} | "
                     f"{_ci(p['kl'], p['kl_ci'], 2)} | {_ci(p['gold'], p['gold_ci'])} | {p['chars']:.0f} |"
                 )
     return "\n".join(lines)
@@ -244,7 +267,8 @@ def contrast_markdown(res: dict) -> str:
     for annotator, contrasts in res["contrasts"].items():
         for name, c in contrasts.items():
             lines.append(
-                f"| {annotator} | {name} | {c['seeds'][0]} | {_ci(c['matched'], c['matched_ci'])} | "
+                f"| {annotator} | {name} | {_of(c['seeds'][0], c.get('seeds_planned'))} | "
+                f"{_ci(c['matched'], c['matched_ci'])} | "
                 f"{_ci(c['matched'], c['matched_family_ci'])} ({c['family']}) | {c['matched_kl']:.2f} | "
                 f"{_ci(c['last_gold'], c['last_gold_ci'])} | {_ci(c['last_kl'], c['last_kl_ci'], 2)} |"
             )
@@ -290,7 +314,7 @@ def make_figure(res: dict, path: Path) -> None:
                 capsize=2,
                 lw=1.2,
                 color=colors.get(method),
-                label=f"{method} ({pts[-1]['seeds']} seeds)",
+                label=f"{method} ({_of(pts[-1]['seeds'], f.get('seeds_planned'))} seeds)",
             )
             for p in pts[1:]:
                 ax.annotate(

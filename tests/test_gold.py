@@ -106,6 +106,70 @@ def test_frontier_reading_is_monotone_and_matched_contrast_of_a_method_with_itse
     assert diff["matched"] == pytest.approx(0.2) and diff["matched_ci"][0] > 0
 
 
+def test_results_count_a_seed_once_its_run_is_finished_and_say_how_many_of_the_planned(tmp_path):
+    """Seeds come a few runs at a time (the power tables): a method is reported on its finished seeds (a record and
+    every listed checkpoint scored), says "2 of 3" where fewer than planned are, and a half-scored run counts for
+    nothing; contrasts pair only the seeds both methods finished."""
+    rng = np.random.default_rng(1)
+    prompts = ["p0", "p1", "p2", "p3"]
+    results = tmp_path / "results"
+    runs = [
+        r for r in gold.train_runs(SPEC, tmp_path / "work", None, {}, ["core"]) if r.key.startswith("gold/")
+    ]
+    assert sorted(r.key for r in runs) == [f"gold/seed-{k}/{m}" for k in (1, 2, 3) for m in ("dpo", "iopo")]
+
+    def write(key, step, shift):
+        per_prompt = {
+            p: {
+                "gold": list(rng.normal(shift, 0.1, 2)),
+                "kl": list(rng.normal(shift * 10, 1, 2)),
+                "chars": [90, 95],
+            }
+            for p in prompts
+        }
+        folder = results / "scores" / key
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"step-{step}.json").write_text(json.dumps({"seconds": 1.0, "per_prompt": per_prompt}))
+        return per_prompt
+
+    start = {p: {"gold": [0.0, 0.0], "kl": [0.0, 0.0], "chars": [90, 90]} for p in prompts}
+    (results / "scores").mkdir(parents=True)
+    (results / "scores" / "start.json").write_text(json.dumps({"per_prompt": start}))
+    written = {}
+    for k in (1, 2, 3):
+        for method, shift in (("dpo", 0.3), ("iopo", 0.5)):
+            key = f"gold/seed-{k}/{method}"
+            if (k, method) == (3, "iopo"):  # trained, scored at step 8 only, no record: not counted
+                write(key, 8, shift)
+                continue
+            written[key] = {step: write(key, step, shift * step / 16) for step in (8, 16)}
+            record = {"command": None, "seconds": 10.0, "cpu_seconds": 20.0, "checkpoints": [8, 16]}
+            (results / "scores" / key / "run.json").write_text(json.dumps(record))
+    res = gold_analysis.gold_results(SPEC, results, runs)
+    dpo, iopo = res["frontiers"]["gold"]["dpo"], res["frontiers"]["gold"]["iopo"]
+    assert [p["seeds"] for p in dpo["points"]] == [1, 3, 3] and dpo["seeds_planned"] == 3
+    assert [p["seeds"] for p in iopo["points"]] == [1, 2, 2] and iopo["seeds_planned"] == 3
+    # iopo's frontier is the mean over its two finished seeds, not the half-scored third
+    by_seed = [written[f"gold/seed-{k}/iopo"][16] for k in (1, 2)]
+    assert iopo["points"][2]["gold"] == pytest.approx(
+        np.mean([np.mean(s[p]["gold"]) for s in by_seed for p in prompts])
+    )
+    contrast = res["contrasts"]["gold"]["iopo - dpo"]
+    pair = {f"gold/seed-{k}/{m}": written[f"gold/seed-{k}/{m}"] for k in (1, 2) for m in ("dpo", "iopo")}
+    expected = gold_analysis.matched_contrast(
+        start,
+        {s: [pair[f"gold/seed-{k}/iopo"][s] for k in (1, 2)] for s in (8, 16)},
+        {s: [pair[f"gold/seed-{k}/dpo"][s] for k in (1, 2)] for s in (8, 16)},
+        sorted(prompts),
+        family=1,
+    )
+    assert contrast["seeds"] == [2, 2] and contrast["matched"] == pytest.approx(expected["matched"])
+    assert contrast["matched_ci"] == pytest.approx(expected["matched_ci"])
+    assert "| gold | iopo - dpo | 2 of 3 |" in gold_analysis.contrast_markdown(res)
+    table = gold_analysis.frontier_markdown(res)
+    assert "| gold | iopo | 16 | 2 of 3 |" in table and "| gold | dpo | 16 | 3 |" in table
+
+
 def test_every_planned_run_is_a_valid_iopo_command(tmp_path):
     """Each run of every table of gold.yaml parses as its command's config (a typo fails here, not hours in)."""
     from iopo.config import OnlineConfig, TrainConfig, load_config
