@@ -164,7 +164,7 @@ def time_method(model_dir: Path, method: str, args, work: Path) -> dict:
         "steps_timed": len(times),
         "median_s_per_step": round(median, 4),
         "tokens_per_s": round(args.batch * sum(args.lengths) / median, 1),
-        "achieved_tflops": round(flops / median / 1e12, 3),
+        "achieved_tflops": float(f"{flops / median / 1e12:.4g}"),  # 4 digits: a tiny CPU model's is < 0.001
         "mfu": round(flops / median / peak, 4) if peak else None,
         "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
         "batching": "shared" if isinstance(session.collate, functools.partial) else "plain",
