@@ -282,9 +282,13 @@ def make_figure(res: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     annotators = list(res["frontiers"])
+    cols = min(3, len(annotators))  # rows of three panels: five annotators in one row were too narrow to read
+    rows = -(-len(annotators) // cols)
     fig, axes = plt.subplots(
-        1, len(annotators), figsize=(max(7.0, 4.2 * len(annotators)), 4.2), squeeze=False, sharey=True
+        rows, cols, figsize=(max(7.0, 5.2 * cols), 4.6 * rows), squeeze=False, sharey=True
     )
+    for ax in axes.flat[len(annotators) :]:
+        ax.set_visible(False)
     colors = {
         "dpo": "#1f77b4",
         "iopo": "#d62728",
@@ -296,8 +300,10 @@ def make_figure(res: dict, path: Path) -> None:
         "inpo": "#e377c2",
         "spin_online": "#7f7f7f",
         "xpo_online": "#bcbd22",
+        "sppo_online": "#ff7f0e",
+        "inpo_online": "#393b79",
     }
-    for ax, annotator in zip(axes[0], annotators, strict=True):
+    for ax, annotator in zip(axes.flat, annotators, strict=False):
         for method, f in res["frontiers"][annotator].items():
             pts = f["points"]
             kl = np.array([p["kl"] for p in pts])
@@ -328,7 +334,8 @@ def make_figure(res: dict, path: Path) -> None:
         ax.set(title=f"annotator: {annotator}", xlabel="sampled KL to the starting model (nats)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
-    axes[0][0].set_ylabel("gold reward (VADER compound), held-out prompts")
+    for row in axes:
+        row[0].set_ylabel("gold reward (VADER compound), held-out prompts")
     fig.suptitle(
         "Reward-KL frontier, gold-reward testbed\n(points: checkpoints, labelled by optimizer step; bars: 95% "
         "intervals over seeds and prompts)",
