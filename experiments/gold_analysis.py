@@ -55,21 +55,25 @@ def load_scores(results: Path, runs) -> tuple[dict, dict, dict, dict]:
         else None
     )
     planned: dict[tuple[str, str], set[int]] = {}
-    found: dict[tuple[str, str], dict[int, list[int]]] = {}  # key -> seed -> checkpoints
+    found: dict[
+        tuple[str, str], dict[int, tuple[Path, list[int]]]
+    ] = {}  # key -> seed -> (scores, checkpoints)
     for run in runs:
         annotator, seed, method = run.key.split("/")
         planned.setdefault((annotator, method), set()).add(int(seed.split("-")[1]))
-        record = finished_record(results / "scores" / run.key)
+        folder = results / "scores" / run.key
+        record = finished_record(folder)
         if record is not None:
-            found.setdefault((annotator, method), {})[int(seed.split("-")[1])] = record["checkpoints"]
+            found.setdefault((annotator, method), {})[int(seed.split("-")[1])] = (
+                folder,
+                record["checkpoints"],
+            )
     points, counted = {}, {}
     for key, by_seed in found.items():
         seeds = sorted(by_seed)
-        steps = sorted(set.intersection(*(set(v) for v in by_seed.values())))
-        folder = results / "scores" / key[0]
+        steps = sorted(set.intersection(*(set(steps) for _, steps in by_seed.values())))
         points[key] = {
-            step: [_read(folder / f"seed-{k}" / key[1] / f"step-{step}.json")["per_prompt"] for k in seeds]
-            for step in steps
+            step: [_read(by_seed[k][0] / f"step-{step}.json")["per_prompt"] for k in seeds] for step in steps
         }
         counted[key] = seeds
     return start, points, counted, {key: sorted(seeds) for key, seeds in planned.items()}
