@@ -41,6 +41,7 @@ from suite import (  # noqa: E402  experiments/suite.py
     execute,
     experiment_parser,
     resolve_spec,
+    same_command,
 )
 
 SUBJECTS = """
@@ -511,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
             for run in runs:
                 record = record_of(results, run)
                 if run.done() is None and record is not None:
-                    if record.get("command") in (None, run.argv()[3:]):
+                    if record.get("command") is None or same_command(record["command"], run.argv()[3:]):
                         continue  # trained and scored earlier: its committed scores stand
                     if not args.rerun:
                         raise SuiteError(

@@ -387,12 +387,23 @@ class Suite:
         return execute(run, rerun, self.llm_url)
 
 
+def same_command(recorded: list[str], now: list[str]) -> bool:
+    """Whether a recorded iopo command line runs what `now` runs: the same subcommand and the same settings, in any
+    order (each key=value read as iopo reads it, a later one of the same key winning). A spec may then reorder its
+    settings (a YAML anchor shared by several methods does) without asking for finished runs to be trained again."""
+
+    def read(argv: list[str]) -> tuple[str, dict[str, str]]:
+        return argv[0], dict(item.partition("=")[::2] for item in argv[1:])
+
+    return bool(recorded) and bool(now) and read(recorded) == read(now)
+
+
 def execute(run: Run, rerun: bool, llm_url: str | None = None) -> float:
     """Run one iopo command unless it finished with the same settings; its log, wall and CPU seconds in
     work_dir/_suite/RUN/. Returns the seconds it took (0 when skipped)."""
     done = run.done()
     if done is not None:
-        if done["command"] == run.argv()[3:]:
+        if same_command(done["command"], run.argv()[3:]):
             return 0.0
         if not rerun:
             raise SuiteError(

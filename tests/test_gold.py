@@ -222,6 +222,25 @@ def test_committed_record_stands_for_a_run_only_with_every_checkpoint_scored(tmp
     assert list(scores.iterdir()) == []
 
 
+def test_every_committed_record_still_matches_its_planned_command():
+    """gold.yaml may be reorganised (its online methods share a YAML anchor, which reorders their settings) only
+    while every committed run record still reads as the command gold.py would run now: otherwise a fresh checkout
+    would refuse the committed runs or ask for hours of --rerun."""
+    results = REPO / SPEC["results_dir"]
+    runs = gold.train_runs(SPEC, REPO / SPEC["work_dir"], None, {}, list(SPEC["tables"]))
+    records = {  # runs recorded with their command (the earliest records hold none and stand as they are)
+        r.key: (r, record)
+        for r in runs
+        if (p := results / "scores" / r.key / "run.json").is_file()
+        and (record := json.loads(p.read_text()))["command"] is not None
+    }
+    assert len(records) >= 29  # the runs recorded with their command before this check was written
+    for key, (run, record) in records.items():
+        assert suite.same_command(record["command"], run.argv()[3:]), key
+    reordered = [k for k, (run, rec) in records.items() if rec["command"] != run.argv()[3:]]
+    assert "gold/seed-1/sppo_online" in reordered  # the anchor did reorder: the comparison is what keeps them
+
+
 @pytest.mark.slow
 def test_smoke_testbed_samples_trains_scores_and_reports(tiny_model_dir, tmp_path):
     work, results, docs = tmp_path / "work", tmp_path / "results", tmp_path / "results.md"

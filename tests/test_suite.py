@@ -136,6 +136,23 @@ def test_compute_counts_planned_runs_per_table_and_the_rest_apart(tmp_path):
     assert analysis._wall(analysis._seconds(tmp_path))["sweep"] == 150.0  # no plan: every run counts
 
 
+def test_same_command_reads_settings_not_their_order():
+    recorded = ["train", "method=dpo", "loss.beta=0.1", "judge.function=experiments/gold.py:gold_judge"]
+    assert suite.same_command(
+        recorded, ["train", "judge.function=experiments/gold.py:gold_judge", "loss.beta=0.1", "method=dpo"]
+    )
+    assert not suite.same_command(recorded, ["online", *recorded[1:]])  # another subcommand
+    assert not suite.same_command(
+        recorded, ["train", "method=dpo", "loss.beta=0.2", recorded[3]]
+    )  # another value
+    assert not suite.same_command(recorded, recorded[:3])  # a setting dropped
+    assert not suite.same_command(recorded, [*recorded, "seed=2"])  # a setting added
+    # a key given twice means what iopo reads: the later value
+    assert suite.same_command(["train", "loss.beta=0.2"], ["train", "loss.beta=0.1", "loss.beta=0.2"])
+    assert not suite.same_command(["train", "loss.beta=0.1"], ["train", "loss.beta=0.1", "loss.beta=0.2"])
+    assert not suite.same_command([], [])
+
+
 def test_prepare_data_splits_by_prompt_without_duplicates(tmp_path):
     ds = {
         "path": "experiments/data/pku-saferlhf/pku_seferlhf_realign_dpo_5k.json",
