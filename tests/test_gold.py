@@ -104,6 +104,33 @@ def test_frontier_reading_is_monotone_and_matched_contrast_of_a_method_with_itse
     }
     diff = gold_analysis.matched_contrast(start, a, b, prompts)
     assert diff["matched"] == pytest.approx(0.2) and diff["matched_ci"][0] > 0
+    assert diff["matched_per_seed"] == pytest.approx([0.2, 0.2]) and diff["matched_seed_t"] == pytest.approx(
+        [0.2, 0.2]
+    )
+
+
+def test_seed_by_seed_contrast_reads_each_seed_at_its_own_matched_kl():
+    """By hand, one prompt, one sample: seed 1 of a reaches KL 4 with gold 0.5, of b KL 2 with gold 0.4 (its frontier
+    at KL 2: a's 0.25 interpolated -> -0.15); seed 2 of a reaches KL 2 with gold 0.6, of b KL 4 with gold 0.2 (at
+    KL 2: b's 0.1 -> +0.5). The t interval over the two: mean 0.175, half-width 12.706 * sd / sqrt(2)."""
+    start = {"p": {"gold": [0.0], "kl": [0.0]}}
+
+    def at(gold, kl):
+        return {"p": {"gold": [gold], "kl": [kl]}}
+
+    a = {8: [at(0.5, 4.0), at(0.6, 2.0)]}
+    b = {8: [at(0.4, 2.0), at(0.2, 4.0)]}
+    c = gold_analysis.matched_contrast(start, a, b, ["p"])
+    assert c["matched_per_seed"] == pytest.approx([-0.15, 0.5])
+    half = 12.706 * np.std([-0.15, 0.5], ddof=1) / np.sqrt(2)
+    assert c["matched_seed_t"] == pytest.approx([0.175 - half, 0.175 + half], abs=1e-3)
+    # the pooled reading differs: mean curves a (KL 3, gold 0.55) and b (KL 3, gold 0.3) -> +0.25 at KL 3
+    assert c["matched"] == pytest.approx(0.25) and c["matched_kl"] == pytest.approx(3.0)
+    res = {"contrasts": {"gold": {"a - dpo": {**c, "seeds_planned": 2}}}}
+    assert "| gold | a - dpo | 2 | +0.250 [" in gold_analysis.contrast_markdown(res)
+    assert f"| +0.175 [{0.175 - half:+.3f}, {0.175 + half:+.3f}] | 3.00 |" in gold_analysis.contrast_markdown(
+        res
+    )
 
 
 def test_results_count_a_seed_once_its_run_is_finished_and_say_how_many_of_the_planned(tmp_path):
