@@ -167,12 +167,14 @@ def matched_contrast(
         b_ = [(ms[2 + 2 * n_a + 2 * i], ms[3 + 2 * n_a + 2 * i]) for i in range(n_b)]
         return s, a_, b_
 
-    def matched(ms):
-        s, a_, b_ = unpack(ms)
+    def gap(s, a_, b_) -> float:  # a's frontier minus b's at the largest KL both reach
         kl_a, gold_a = _curve(s, a_)
         kl_b, gold_b = _curve(s, b_)
         target = min(kl_a.max(), kl_b.max())
         return _gold_at(kl_a, gold_a, target) - _gold_at(kl_b, gold_b, target)
+
+    def matched(ms):
+        return gap(*unpack(ms))
 
     def target_kl(ms):
         s, a_, b_ = unpack(ms)
@@ -190,13 +192,11 @@ def matched_contrast(
         """Each seed's own primary contrast: that seed's frontier of a against its frontier of b (seeds are paired),
         read at the largest KL both of them reach."""
         s, a_, b_ = unpack(ms)
-        values = []
-        for i in range(a_[0][0].shape[0]):
-            kl_a, gold_a = _curve(s, [(k[i : i + 1], g[i : i + 1]) for k, g in a_])
-            kl_b, gold_b = _curve(s, [(k[i : i + 1], g[i : i + 1]) for k, g in b_])
-            target = min(kl_a.max(), kl_b.max())
-            values.append(_gold_at(kl_a, gold_a, target) - _gold_at(kl_b, gold_b, target))
-        return values
+
+        def row(pairs, i):
+            return [(k[i : i + 1], g[i : i + 1]) for k, g in pairs]
+
+        return [gap(s, row(a_, i), row(b_, i)) for i in range(a_[0][0].shape[0])]
 
     point, seeds_apart = matched(flat), per_seed(flat)
     return {
