@@ -275,6 +275,7 @@ def train_runs(spec: dict, work: Path, model: str | None, pairs: dict, tables: l
                     folder = work / "runs" / key
                     own = dict(spec["methods"][method])
                     factor = own.pop("steps_factor", 1)  # IOPO at equal policy steps: both players' steps
+                    own.pop("diagnostic", None)  # read by the analysis (no contrast), not by iopo
                     common = {
                         **spec["common"],
                         **({"model.name_or_path": model} if model else {}),

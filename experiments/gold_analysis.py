@@ -230,10 +230,12 @@ def gold_results(spec: dict, results: Path, runs) -> dict | None:
         f["seeds_planned"] = len(planned[(annotator, method)])
         out["frontiers"].setdefault(annotator, {})[method] = f
     pairs = []  # each method against DPO under the same annotator, paired on the seeds both ran
+    # a method marked `diagnostic` is drawn and tabled, but is no contrast (and so not one of the family)
+    diagnostic = {name for name, own in spec.get("methods", {}).items() if own.get("diagnostic")}
     for (annotator, method), steps in points.items():
         base = (annotator, "dpo")
         common = sorted(set(seeds[(annotator, method)]) & set(seeds.get(base, ())))
-        if method != "dpo" and base in points and common:
+        if method != "dpo" and method not in diagnostic and base in points and common:
             pairs.append(
                 (
                     annotator,

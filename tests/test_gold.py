@@ -197,6 +197,51 @@ def test_results_count_a_seed_once_its_run_is_finished_and_say_how_many_of_the_p
     assert "| gold | iopo | 16 | 2 of 3 |" in table and "| gold | dpo | 16 | 3 |" in table
 
 
+def test_a_diagnostic_method_is_drawn_and_tabled_but_is_no_contrast_and_not_in_the_family(tmp_path):
+    """`diagnostic: true` (gold.yaml's DPO at half the beta): its runs train with its own settings and without the
+    flag, its frontier is reported, and it adds no "- dpo" contrast, so the Bonferroni family counts only the
+    contrasts read (here IOPO's alone: family 1)."""
+    spec = {
+        **SPEC,
+        "tables": {
+            "t": {"annotators": ["flip30"], "methods": ["dpo", "iopo", "dpo_beta05"], "seeds": [1, 2]}
+        },
+    }
+    assert spec["methods"]["dpo_beta05"]["diagnostic"] is True
+    runs = gold.train_runs(spec, tmp_path / "work", None, {}, ["t"])
+    half = next(r for r in runs if r.key == "flip30/seed-1/dpo_beta05")
+    assert half.settings["loss.beta"] == 0.05 and "diagnostic" not in half.settings
+    assert next(r for r in runs if r.key == "flip30/seed-1/dpo").settings["loss.beta"] == 0.1
+    results = tmp_path / "results"
+    prompts = ["p0", "p1", "p2"]
+    scores = results / "scores"
+    scores.mkdir(parents=True)
+    start = {p: {"gold": [0.0], "kl": [0.0], "chars": [90]} for p in prompts}
+    (scores / "start.json").write_text(json.dumps({"per_prompt": start}))
+    for run in runs:
+        method = run.key.rsplit("/", 1)[1]
+        shift = {"dpo": 0.2, "iopo": 0.3, "dpo_beta05": 0.4}[method]
+        (scores / run.key).mkdir(parents=True)
+        for step in (8, 16, 24, 32):
+            point = {
+                p: {"gold": [shift * step / 32 + i / 100], "kl": [step / 4], "chars": [90]}
+                for i, p in enumerate(prompts)
+            }
+            (scores / run.key / f"step-{step}.json").write_text(
+                json.dumps({"seconds": 1.0, "per_prompt": point})
+            )
+        record = {"command": None, "seconds": 1.0, "cpu_seconds": 1.0, "checkpoints": [8, 16, 24, 32]}
+        (scores / run.key / "run.json").write_text(json.dumps(record))
+    res = gold_analysis.gold_results(spec, results, runs)
+    assert set(res["frontiers"]["flip30"]) == {"dpo", "iopo", "dpo_beta05"}
+    assert res["frontiers"]["flip30"]["dpo_beta05"]["points"][-1]["gold"] == pytest.approx(0.41)
+    assert list(res["contrasts"]["flip30"]) == ["iopo - dpo"]
+    iopo = res["contrasts"]["flip30"]["iopo - dpo"]
+    assert iopo["family"] == 1 and iopo["matched"] == pytest.approx(0.1)
+    assert "dpo_beta05" not in gold_analysis.contrast_markdown(res)
+    assert "| flip30 | dpo_beta05 | 32 | 2 |" in gold_analysis.frontier_markdown(res)
+
+
 def test_every_planned_run_is_a_valid_iopo_command(tmp_path):
     """Each run of every table of gold.yaml parses as its command's config (a typo fails here, not hours in)."""
     from iopo.config import OnlineConfig, TrainConfig, load_config
