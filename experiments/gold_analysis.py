@@ -225,13 +225,14 @@ def gold_results(spec: dict, results: Path, runs) -> dict | None:
     out: dict = {"primary": PRIMARY, "prompts": len(prompts), "frontiers": {}, "contrasts": {}}
     order = {name: i for i, name in enumerate(spec.get("annotators", {}))}  # gold.yaml's order: clean first
     points = dict(sorted(points.items(), key=lambda kv: (order.get(kv[0][0], len(order)), kv[0])))
+    # a method marked `diagnostic` is drawn (dashed) and tabled, but is no contrast (and so not one of the family)
+    diagnostic = {name for name, own in spec.get("methods", {}).items() if own.get("diagnostic")}
     for (annotator, method), steps in points.items():
         f = frontier(start, steps, prompts)
         f["seeds_planned"] = len(planned[(annotator, method)])
+        f["diagnostic"] = method in diagnostic
         out["frontiers"].setdefault(annotator, {})[method] = f
     pairs = []  # each method against DPO under the same annotator, paired on the seeds both ran
-    # a method marked `diagnostic` is drawn and tabled, but is no contrast (and so not one of the family)
-    diagnostic = {name for name, own in spec.get("methods", {}).items() if own.get("diagnostic")}
     for (annotator, method), steps in points.items():
         base = (annotator, "dpo")
         common = sorted(set(seeds[(annotator, method)]) & set(seeds.get(base, ())))
@@ -327,7 +328,13 @@ def make_figure(res: dict, path: Path) -> None:
         "xpo_online": "#bcbd22",
         "sppo_online": "#ff7f0e",
         "inpo_online": "#393b79",
+        "dpo_beta05": "#6baed6",
     }
+    spare = iter(
+        ["#637939", "#843c39", "#7b4173", "#e7ba52", "#31a354", "#3182bd"]
+    )  # a method not named above
+    for method in dict.fromkeys(m for by in res["frontiers"].values() for m in by):  # in the results' order
+        colors.setdefault(method, next(spare, None))
     for ax, annotator in zip(axes.flat, annotators, strict=False):
         for method, f in res["frontiers"][annotator].items():
             pts = f["points"]
@@ -344,8 +351,10 @@ def make_figure(res: dict, path: Path) -> None:
                 ms=4,
                 capsize=2,
                 lw=1.2,
+                ls="--" if f.get("diagnostic") else "-",
                 color=colors.get(method),
-                label=f"{method} ({_of(pts[-1]['seeds'], f.get('seeds_planned'))} seeds)",
+                label=f"{method} ({_of(pts[-1]['seeds'], f.get('seeds_planned'))} seeds"
+                + ("; diagnostic)" if f.get("diagnostic") else ")"),
             )
             for p in pts[1:]:
                 ax.annotate(

@@ -235,6 +235,10 @@ def test_a_diagnostic_method_is_drawn_and_tabled_but_is_no_contrast_and_not_in_t
     res = gold_analysis.gold_results(spec, results, runs)
     assert set(res["frontiers"]["flip30"]) == {"dpo", "iopo", "dpo_beta05"}
     assert res["frontiers"]["flip30"]["dpo_beta05"]["points"][-1]["gold"] == pytest.approx(0.41)
+    assert (
+        res["frontiers"]["flip30"]["dpo_beta05"]["diagnostic"]
+        and not res["frontiers"]["flip30"]["dpo"]["diagnostic"]
+    )
     assert list(res["contrasts"]["flip30"]) == ["iopo - dpo"]
     iopo = res["contrasts"]["flip30"]["iopo - dpo"]
     assert iopo["family"] == 1 and iopo["matched"] == pytest.approx(0.1)
