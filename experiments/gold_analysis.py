@@ -329,12 +329,12 @@ def make_figure(res: dict, path: Path) -> None:
         "sppo_online": "#ff7f0e",
         "inpo_online": "#393b79",
         "dpo_beta05": "#6baed6",
+        "sppo_online_n2": "#ffbb78",
     }
-    spare = iter(
-        ["#637939", "#843c39", "#7b4173", "#e7ba52", "#31a354", "#3182bd"]
-    )  # a method not named above
+    spare = iter(["#637939", "#843c39", "#7b4173", "#e7ba52", "#31a354"])  # for a method not named above
     for method in dict.fromkeys(m for by in res["frontiers"].values() for m in by):  # in the results' order
-        colors.setdefault(method, next(spare, None))
+        if method not in colors:
+            colors[method] = next(spare, None)
     for ax, annotator in zip(axes.flat, annotators, strict=False):
         for method, f in res["frontiers"][annotator].items():
             pts = f["points"]
